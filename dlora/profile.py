@@ -1,0 +1,297 @@
+"""Latency profiles (DESIGN.md section 5): the YAML format, and the LatencyModel that turns a
+batch's shape into seconds. This is the only place in the simulator that knows time.
+
+Step time of one iteration:
+
+    step = linear(total_tokens)                       # every non-attention op, piecewise linear
+         + per_seq_s * sequences                       # sampling and bookkeeping
+         + attention_decode_s_per_token * decode_context_tokens
+         + attention_prefill_s_per_pair * prefill_attention_pairs
+         + [unmerged, >= 1 adapter] lora.fixed_s + lora.per_adapter_s * distinct adapters
+                                   + lora.per_token_rank_s * sum(tokens x rank)
+
+Switching merged state costs `merge.base_s + merge.per_rank_s * rank` (and the same form for
+unmerge); loading an adapter costs its bytes over `adapter_load.bandwidth_bytes_per_s`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import load_into, spec, to_plain
+from .errors import ConfigError, ProfileError
+from .types import BatchMode, BatchShape
+
+FORMAT = "dlora-profile/1"
+LORA_MODULES = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True, slots=True)
+class Provenance:
+    how: str = spec(choices=("measured", "derived", "synthetic"))
+    device: str = spec(nonempty=True)
+    model: str = spec(nonempty=True)
+    dtype: str = "float16"
+    tensor_parallel: int = spec(1, ge=1)
+    date: str = ""
+    git_revision: str = ""
+    torch_version: str = ""
+    triton_version: str = ""
+    command: str = ""
+    sources: tuple[str, ...] = ()
+    notes: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    name: str = spec(nonempty=True)
+    num_layers: int = spec(ge=1)
+    hidden_size: int = spec(ge=1)
+    num_heads: int = spec(ge=1)
+    num_kv_heads: int = spec(ge=1)
+    intermediate_size: int = spec(ge=1)
+    vocab_size: int = spec(ge=1)
+    dtype_bytes: int = spec(2, ge=1)
+    max_context_tokens: int = spec(4096, ge=1)
+    tensor_parallel: int = spec(1, ge=1)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def module_dims(self, module: str) -> tuple[int, int]:
+        """(d_in, d_out) of a LoRA target module (whole model, before tensor parallelism)."""
+        kv_out = self.num_kv_heads * self.head_dim
+        dims = {
+            "q": (self.hidden_size, self.hidden_size),
+            "k": (self.hidden_size, kv_out),
+            "v": (self.hidden_size, kv_out),
+            "o": (self.hidden_size, self.hidden_size),
+            "gate": (self.hidden_size, self.intermediate_size),
+            "up": (self.hidden_size, self.intermediate_size),
+            "down": (self.intermediate_size, self.hidden_size),
+        }
+        if module not in dims:
+            raise ProfileError(f"unknown LoRA target module {module!r} (known: {', '.join(dims)})")
+        return dims[module]
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of all weights (embeddings, layers, LM head), whole model."""
+        per_layer = sum(i * o for i, o in (self.module_dims(m) for m in LORA_MODULES))
+        per_layer += 2 * self.hidden_size
+        total = self.num_layers * per_layer + 2 * self.vocab_size * self.hidden_size + self.hidden_size
+        return total * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes per token, whole model (divide by tensor_parallel per GPU)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    def adapter_bytes(self, rank: int, modules: tuple[str, ...] = LORA_MODULES) -> int:
+        """Bytes of a LoRA adapter of this rank on these modules (its own rank, no padding)."""
+        per_layer = sum(rank * (i + o) for i, o in (self.module_dims(m) for m in modules))
+        return self.num_layers * per_layer * self.dtype_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    device_bytes: int = spec(gt=0, doc="memory of the replica's devices together")
+    reserved_bytes: int = spec(0, ge=0, doc="activations, workspace and runtime overhead")
+    host_swap_bytes: int = spec(0, ge=0, doc="host memory for swapped-out KV per replica")
+
+
+@dataclass(frozen=True, slots=True)
+class Curve:
+    """Piecewise-linear seconds as a function of tokens (linear extrapolation at the ends)."""
+
+    tokens: tuple[int, ...] = spec(nonempty=True)
+    seconds: tuple[float, ...] = spec(nonempty=True, ge=0.0)
+
+    def validate(self, path: str) -> None:
+        if len(self.tokens) != len(self.seconds):
+            raise ConfigError(f"{path}: tokens and seconds must have the same length")
+        if list(self.tokens) != sorted(set(self.tokens)):
+            raise ConfigError(f"{path}.tokens: must be strictly increasing")
+
+    def __call__(self, tokens: float) -> float:
+        xs, ys = self.tokens, self.seconds
+        if len(xs) == 1:
+            return ys[0] * max(tokens, 1) / max(xs[0], 1)
+        i = bisect.bisect_left(xs, tokens)
+        i = min(max(i, 1), len(xs) - 1)
+        x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+        return max(0.0, y0 + (y1 - y0) * (tokens - x0) / (x1 - x0))
+
+
+@dataclass(frozen=True, slots=True)
+class LoraCost:
+    fixed_s: float = spec(0.0, ge=0.0)
+    per_adapter_s: float = spec(0.0, ge=0.0)
+    per_token_rank_s: float = spec(0.0, ge=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RankCost:
+    base_s: float = spec(0.0, ge=0.0)
+    per_rank_s: float = spec(0.0, ge=0.0)
+
+    def __call__(self, rank: int) -> float:
+        return self.base_s + self.per_rank_s * rank
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    bandwidth_bytes_per_s: float = spec(gt=0.0)
+    fixed_s: float = spec(0.0, ge=0.0)
+    overlap: bool = False  # overlapped with compute (layer-by-layer pipelining)
+
+    def seconds(self, num_bytes: float) -> float:
+        return 0.0 if num_bytes <= 0 else self.fixed_s + num_bytes / self.bandwidth_bytes_per_s
+
+
+@dataclass(frozen=True, slots=True)
+class Latency:
+    linear: Curve
+    per_seq_s: float = spec(0.0, ge=0.0)
+    attention_decode_s_per_token: float = spec(0.0, ge=0.0)
+    attention_prefill_s_per_pair: float = spec(0.0, ge=0.0)
+    lora: LoraCost = field(default_factory=LoraCost)
+    merge: RankCost = field(default_factory=RankCost)
+    unmerge: RankCost = field(default_factory=RankCost)
+    adapter_load: Transfer = field(default_factory=lambda: Transfer(bandwidth_bytes_per_s=25e9))
+    swap: Transfer = field(default_factory=lambda: Transfer(bandwidth_bytes_per_s=25e9))
+    kv_transfer: Transfer = field(default_factory=lambda: Transfer(bandwidth_bytes_per_s=12.5e9))
+
+
+@dataclass(frozen=True, slots=True)
+class Range:
+    max_batch_tokens: int = spec(ge=1)
+    max_decode_seqs: int = spec(ge=1)
+    max_context_tokens: int = spec(ge=1)
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    format: str = spec(choices=(FORMAT,))
+    provenance: Provenance = spec()
+    model: ModelShape = spec()
+    memory: Memory = spec()
+    latency: Latency = spec()
+    range: Range = spec()
+    fit_error: dict[str, float] = spec(factory=dict)
+
+    def dump(self) -> str:
+        return yaml.safe_dump(to_plain(self), sort_keys=False, width=100)
+
+
+def load_profile(path: str | Path) -> Profile:
+    """Load and validate a profile YAML; errors name the file and key path."""
+    p = Path(path)
+    if not p.is_file():
+        raise ProfileError(f"profile {p}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"profile {p}: not valid YAML ({exc.__class__.__name__})") from None
+    try:
+        return load_into(Profile, data)
+    except ConfigError as exc:
+        raise ProfileError(f"profile {p}: {exc}") from None
+
+
+class LatencyModel:
+    """Batch shape -> seconds, from a Profile. Raises ProfileError outside the measured range
+    unless `allow_extrapolation`."""
+
+    def __init__(self, profile: Profile, allow_extrapolation: bool = False) -> None:
+        self.profile = profile
+        self.model = profile.model
+        self.latency = profile.latency
+        self.range = profile.range
+        self.allow_extrapolation = allow_extrapolation
+
+    def step_s(self, shape: BatchShape) -> float:
+        """Seconds of one forward iteration of this shape (no switch, load or swap)."""
+        lat = self.latency
+        tokens = shape.total_tokens
+        if tokens == 0:
+            return 0.0
+        if not self.allow_extrapolation:
+            self._check_range(shape)
+        seqs = shape.decode_seqs + (1 if shape.prefill_tokens else 0)
+        t = lat.linear(tokens) + lat.per_seq_s * seqs
+        t += lat.attention_decode_s_per_token * shape.decode_context_tokens
+        t += lat.attention_prefill_s_per_pair * shape.prefill_attention_pairs
+        if shape.mode == BatchMode.UNMERGED and shape.adapter_ranks:
+            t += lat.lora.fixed_s + lat.lora.per_adapter_s * len(shape.adapter_ranks)
+            t += lat.lora.per_token_rank_s * shape.lora_token_rank
+        return t
+
+    def _check_range(self, shape: BatchShape) -> None:
+        r = self.range
+        if shape.total_tokens > r.max_batch_tokens:
+            raise ProfileError(
+                f"batch of {shape.total_tokens} tokens is beyond the profile's measured range "
+                f"({r.max_batch_tokens}); lower cluster.max_batched_tokens or set "
+                "model.allow_extrapolation: true"
+            )
+        if shape.decode_seqs > r.max_decode_seqs:
+            raise ProfileError(
+                f"batch of {shape.decode_seqs} decoding sequences is beyond the profile's measured "
+                f"range ({r.max_decode_seqs}); lower cluster.max_batch_size or set "
+                "model.allow_extrapolation: true"
+            )
+
+    def decode_step_s(self, batch_size: int, context_tokens: int, mode: BatchMode,
+                      num_adapters: int = 1, rank: int = 16) -> float:
+        """A typical decode iteration: `batch_size` sequences of `context_tokens` each."""
+        ranks = tuple([rank] * num_adapters) if mode == BatchMode.UNMERGED else ()
+        shape = BatchShape(
+            prefill_tokens=0, prefill_context_tokens=0, decode_seqs=batch_size,
+            decode_context_tokens=batch_size * context_tokens, mode=mode, adapter_ranks=ranks,
+            lora_tokens=batch_size if ranks else 0, lora_token_rank=batch_size * rank if ranks else 0,
+            prefill_attention_pairs=0,
+        )
+        return self.step_s(shape)
+
+    def switch_s(self, unmerge_rank: int | None, merge_rank: int | None) -> float:
+        t = 0.0
+        if unmerge_rank is not None:
+            t += self.latency.unmerge(unmerge_rank)
+        if merge_rank is not None:
+            t += self.latency.merge(merge_rank)
+        return t
+
+    def load_s(self, num_bytes: int) -> float:
+        return self.latency.adapter_load.seconds(num_bytes)
+
+    def swap_s(self, tokens: int) -> float:
+        return self.latency.swap.seconds(tokens * self.kv_bytes_per_token)
+
+    def kv_transfer_s(self, tokens: int) -> float:
+        return self.latency.kv_transfer.seconds(tokens * self.kv_bytes_per_token)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.model.kv_bytes_per_token
+
+    def kv_capacity_bytes(self) -> int:
+        """Device memory left for KV cache and adapters after weights and reserve."""
+        free = self.profile.memory.device_bytes - self.model.weight_bytes - self.profile.memory.reserved_bytes
+        if free <= 0:
+            raise ProfileError(
+                f"profile {self.profile.provenance.model}: weights ({self.model.weight_bytes} B) and "
+                f"reserve do not fit in device memory ({self.profile.memory.device_bytes} B)"
+            )
+        return free
+
+
+def replace(profile: Profile, **changes: Any) -> Profile:
+    return dataclasses.replace(profile, **changes)
