@@ -118,6 +118,8 @@ def convert(tp: Any, value: Any, path: str, meta: Mapping[str, Any] | None = Non
         _, vtp = typing.get_args(tp)
         return {str(k): convert(vtp, v, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        if isinstance(value, str) and hasattr(tp, "from_string"):
+            value = tp.from_string(value)
         return load_into(tp, value, path)
     if isinstance(tp, type) and issubclass(tp, Enum):
         try:
@@ -207,14 +209,19 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_override(data: dict[str, Any], text: str) -> None:
-    """Set `key.path` in the raw mapping `data` (creating intermediate mappings)."""
+    """`--set key.path=value`: set the field in the raw mapping `data`."""
     parts, value = parse_override(text)
+    set_path(data, parts, value, f"--set {text}")
+
+
+def set_path(data: dict[str, Any], parts: list[str], value: Any, where: str) -> None:
+    """Set `parts` (a key path) in the raw mapping `data`, creating intermediate mappings."""
     node = data
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
         if child is None:
             child = node[part] = {}
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {text}: {'.'.join(parts[: i + 1])} is not a mapping")
+            raise ConfigError(f"{where}: {'.'.join(parts[: i + 1])} is not a mapping")
         node = child
     node[parts[-1]] = value

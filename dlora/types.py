@@ -183,6 +183,8 @@ class Batch:
     swap_out_tokens: int = 0
     swap_in_tokens: int = 0
     free_requests: tuple[int, ...] = ()
+    transfer_in: tuple[int, ...] = ()  # requests whose KV arrives from another replica
+    transfer_in_tokens: int = 0
     load_bytes: int = 0
     forced_by_credit: bool = False
 
@@ -231,12 +233,14 @@ class Batch:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """What executing a batch took. `elapsed_s` includes `switch_s`, `load_s` and `swap_s`."""
+    """What executing a batch took. `elapsed_s` includes `switch_s`, `load_s`, `swap_s` and
+    `transfer_s` (the parts not overlapped with compute)."""
 
     elapsed_s: float
     switch_s: float = 0.0
     load_s: float = 0.0
     swap_s: float = 0.0
+    transfer_s: float = 0.0
     token_ids: tuple[int, ...] | None = None  # live: one per item that samples, in item order
     eos: tuple[bool, ...] | None = None  # live: whether that token ends the request
     error: str | None = None  # the step failed; its requests are requeued

@@ -1,0 +1,77 @@
+"""Build the core objects of a scenario (adapters, memory pools, policies, replicas, cluster).
+
+Both drivers call this, so `simulate` and `run` use the same scheduler objects."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .core.batching import BATCH_POLICIES, PolicyContext
+from .core.cluster import Cluster
+from .core.dispatch import DISPATCHERS
+from .core.memory import MemoryConfig, MemoryPool
+from .core.migration import MIGRATORS, Migrator
+from .core.registries import REGISTRIES  # noqa: F401  (loads every policy)
+from .core.replica import ReplicaConfig, ReplicaScheduler
+from .core.work import OutputLengthEstimate, WorkEstimator
+from .profile import LatencyModel, load_profile
+from .scenario import Scenario, resolve
+from .types import Adapter
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchContext:
+    latency: LatencyModel
+    adapters: dict[int, Adapter]
+    num_replicas: int
+    seed: int
+
+
+def load_latency(scenario: Scenario) -> LatencyModel:
+    profile = load_profile(resolve(scenario, scenario.model.profile))
+    return LatencyModel(profile, allow_extrapolation=scenario.model.allow_extrapolation)
+
+
+def make_adapters(scenario: Scenario, latency: LatencyModel) -> dict[int, Adapter]:
+    sec = scenario.adapters
+    names = sec.adapter_names()
+    out = {}
+    for i, name in enumerate(names):
+        rank = sec.ranks[i % len(sec.ranks)]
+        size = latency.model.adapter_bytes(rank, sec.target_modules) // latency.model.tensor_parallel
+        path = str(resolve(scenario, sec.paths[i])) if sec.paths else None
+        out[i] = Adapter(i, name, rank, size, sec.target_modules, path)
+    return out
+
+
+def memory_config(scenario: Scenario, latency: LatencyModel) -> MemoryConfig:
+    c = scenario.cluster
+    tp = latency.model.tensor_parallel
+    capacity = latency.kv_capacity_bytes()
+    block_bytes = c.block_size * latency.kv_bytes_per_token
+    swap = c.swap_space_bytes if c.swap_space_bytes is not None else latency.profile.memory.host_swap_bytes
+    budget = int(capacity * c.adapter_memory_fraction) if c.adapter_memory == "static" else None
+    del tp  # memory figures in a profile are per replica (all its devices together)
+    return MemoryConfig(
+        capacity_bytes=capacity, block_tokens=c.block_size, block_bytes=block_bytes,
+        max_adapter_slots=c.max_adapter_slots, adapter_budget_bytes=budget, swap_capacity_bytes=swap,
+    )
+
+
+def make_cluster(scenario: Scenario, latency: LatencyModel, adapters: dict[int, Adapter]) -> tuple[Cluster, Migrator]:
+    c = scenario.cluster
+    p = scenario.policies
+    lengths = OutputLengthEstimate(prior=c.expected_output_tokens)
+    ranks = {a.id: a.rank for a in adapters.values()}
+    rconf = ReplicaConfig(c.max_batch_size, c.max_batched_tokens, c.preemption)
+    mconf = memory_config(scenario, latency)
+    replicas = []
+    for i in range(c.replicas):
+        ctx = PolicyContext(latency, ranks, c.max_batch_size, i)
+        policy = BATCH_POLICIES.create(p.batching.name, p.batching.params, "policies.batching", ctx)
+        work = WorkEstimator(latency, c.max_batch_size, lengths)
+        replicas.append(ReplicaScheduler(i, rconf, MemoryPool(mconf), policy, latency, adapters, work))
+    dctx = DispatchContext(latency, adapters, c.replicas, scenario.seed)
+    dispatcher = DISPATCHERS.create(p.dispatch.name, p.dispatch.params, "policies.dispatch", dctx)
+    migrator = MIGRATORS.create(p.migration.name, p.migration.params, "policies.migration", dctx)
+    return Cluster(replicas, dispatcher, lengths), migrator

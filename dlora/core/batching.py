@@ -1,0 +1,116 @@
+"""Batching policies: which requests run in the next iteration, merged or unmerged.
+
+A policy sees the replica's unfinished requests in FCFS order (`QueueView`) and returns a
+`Plan`: the mode, the merged adapter, and the requests to try in priority order (the replica
+admits them subject to memory and token limits). `observe` receives every executed batch.
+The dLoRA credit policy lives in `credit.py`; this module holds the protocol and the simple
+policies (PAPER.md section 2, ablations; section 6, baselines).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ..profile import LatencyModel
+from ..registry import Registry
+from ..types import Batch, BatchMode, Request, StepResult
+
+
+@dataclass(frozen=True, slots=True)
+class QueueView:
+    """What a policy sees. `requests` is read-only: unfinished requests in FCFS order."""
+
+    requests: Sequence[Request]
+    merged_adapter: int | None  # adapter currently merged into the weights
+    max_batch_size: int
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    mode: BatchMode
+    merged_adapter: int | None
+    requests: Sequence[Request]  # priority order, at most max_batch_size
+    forced_by_credit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyContext:
+    """What policies may know about their replica."""
+
+    latency: LatencyModel
+    adapter_ranks: dict[int, int]
+    max_batch_size: int
+    replica: int = 0
+
+
+class BatchPolicy(Protocol):
+    def plan(self, queue: QueueView, now: float) -> Plan: ...
+
+    def observe(self, batch: Batch, result: StepResult) -> None: ...
+
+    def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
+        """True when repeating `plan` for more pure-decode iterations with the same requests
+        gives exactly the decisions `plan` would return again (enables the simulator's fast
+        path)."""
+        ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+BATCH_POLICIES: Registry[BatchPolicy] = Registry("batching policy")
+
+
+class _Simple:
+    def observe(self, batch: Batch, result: StepResult) -> None:
+        return None
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+@BATCH_POLICIES.register("unmerged_only")
+class UnmergedOnly(_Simple):
+    """Strict FCFS, always unmerged: the first `max_batch_size` unfinished requests."""
+
+    def __init__(self, params: Any, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+
+    def plan(self, queue: QueueView, now: float) -> Plan:
+        return Plan(BatchMode.UNMERGED, None, queue.requests[: queue.max_batch_size])
+
+    def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
+        return True
+
+
+def first_of_adapter(requests: Sequence[Request], adapter: int | None, limit: int) -> list[Request]:
+    out: list[Request] = []
+    for r in requests:
+        if r.adapter_id == adapter:
+            out.append(r)
+            if len(out) >= limit:
+                break
+    return out
+
+
+@BATCH_POLICIES.register("merged_only")
+class MergedOnly(_Simple):
+    """Always merged: take the oldest request's adapter and batch its queued requests.
+    Requests of the base model (no adapter) run on clean weights."""
+
+    def __init__(self, params: Any, ctx: PolicyContext) -> None:
+        self.ctx = ctx
+
+    def plan(self, queue: QueueView, now: float) -> Plan:
+        if not queue.requests:
+            return Plan(BatchMode.UNMERGED, None, ())
+        adapter = queue.requests[0].adapter_id
+        chosen = first_of_adapter(queue.requests, adapter, queue.max_batch_size)
+        if adapter is None:
+            return Plan(BatchMode.UNMERGED, None, chosen)
+        return Plan(BatchMode.MERGED, adapter, chosen)
+
+    def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
+        return True

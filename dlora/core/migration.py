@@ -1,0 +1,36 @@
+"""Migrators: periodic checks that move requests (with their adapters) between replicas.
+
+`none` never migrates. The dLoRA reactive co-migration (PAPER.md section 5) registers here too.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ..registry import Registry
+from ..types import Action, ClusterView
+
+
+class Migrator(Protocol):
+    interval_s: float | None  # seconds between checks; None: never called
+
+    def plan(self, view: ClusterView, now: float) -> list[Action]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+MIGRATORS: Registry[Migrator] = Registry("migrator")
+
+
+@MIGRATORS.register("none")
+class NoMigration:
+    interval_s: float | None = None
+
+    def __init__(self, params: Any, ctx: Any = None) -> None:
+        pass
+
+    def plan(self, view: ClusterView, now: float) -> list[Action]:
+        return []
+
+    def stats(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,230 @@
+"""Greedy co-migration and the layout bookkeeping the MILP shares (PAPER.md section 5).
+
+`Layout` tracks one assignment of a `MigrationProblem`'s candidate requests: per replica its
+work (base + requests + migration costs + adapter loads), KV blocks, adapters present (resident
+minus evicted plus loaded) and slot and memory use. `greedy_migration` is the fallback of
+`solve_migration`: repeatedly take a most loaded replica and apply the single move of one of
+its requests (to any replica, loading the adapter there if needed and room allows, evicting
+only evictable adapters with no requests) that most lowers the larger of the two replicas'
+totals, while that stays below the source's total. Each move strictly decreases the sorted
+vector of replica totals, so the makespan never grows and the loop ends.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from .migration_solver import MigrationProblem
+
+_EPS = 1e-12
+
+
+class Layout:
+    """A mutable assignment of candidates to replicas, starting where they are now."""
+
+    def __init__(self, problem: MigrationProblem) -> None:
+        self.problem = problem
+        reps = problem.replicas
+        self.index = {r.id: j for j, r in enumerate(reps)}
+        self.adapter = {a.id: a for a in problem.adapters}
+        self.dest = [self.index[q.replica] for q in problem.requests]
+        self.count: dict[tuple[int, int], int] = {}
+        self.present = [set(r.resident_adapters) for r in reps]
+        self.evicted: set[tuple[int, int]] = set()
+        self.work = [r.base_work_s for r in reps]
+        self.kv = [r.kv_blocks_base for r in reps]
+        for i, q in enumerate(problem.requests):
+            j = self.dest[i]
+            self.work[j] += q.work_s
+            self.kv[j] += q.kv_blocks
+            if q.adapter is not None:
+                self.count[q.adapter, j] = self.count.get((q.adapter, j), 0) + 1
+        self.slots = [len(p) for p in self.present]
+        self.mem = [sum(self.adapter[a].size_bytes for a in p) for p in self.present]
+        self.slot_limit = [max(r.max_adapters, self.slots[j]) for j, r in enumerate(reps)]
+        self.memory_limit = [max(r.adapter_memory_bytes, self.mem[j]) for j, r in enumerate(reps)]
+        self.overflow_limit = [self.overflow(j) for j in range(len(reps))]
+
+    def overflow(self, j: int, kv: int | None = None) -> int:
+        return max(0, (self.kv[j] if kv is None else kv) - self.problem.replicas[j].kv_blocks_total)
+
+    def total(self, j: int, work: float | None = None, kv: int | None = None) -> float:
+        rep = self.problem.replicas[j]
+        return (self.work[j] if work is None else work) + rep.swap_s_per_block * self.overflow(
+            j, kv
+        )
+
+    def makespan(self) -> float:
+        return max(self.total(j) for j in range(len(self.work)))
+
+    def cost(self, i: int, j: int) -> float:
+        q = self.problem.requests[i]
+        return self.problem.migration_cost(q, self.problem.replicas[j].id)[0]
+
+    def is_loaded(self, a: int, j: int) -> bool:
+        return a in self.present[j] and a not in self.problem.replicas[j].resident_adapters
+
+    def move(self, i: int, d: int) -> None:
+        """Move candidate i to replica index d (loading its adapter there if absent)."""
+        q, s = self.problem.requests[i], self.dest[i]
+        if s == d:
+            return
+        self.work[s] -= q.work_s + self.cost(i, s)
+        self.kv[s] -= q.kv_blocks
+        self.work[d] += q.work_s + self.cost(i, d)
+        self.kv[d] += q.kv_blocks
+        self.dest[i] = d
+        a = q.adapter
+        if a is None:
+            return
+        self.count[a, s] -= 1
+        if self.count[a, s] == 0 and self.is_loaded(a, s):
+            self._set_present(a, s, False)
+            self.work[s] -= self.adapter[a].load_s
+        self.count[a, d] = self.count.get((a, d), 0) + 1
+        if a not in self.present[d]:
+            if (a, d) in self.evicted:
+                self.evicted.discard((a, d))
+            else:
+                self.work[d] += self.adapter[a].load_s
+            self._set_present(a, d, True)
+
+    def evict(self, a: int, j: int) -> None:
+        assert a in self.problem.replicas[j].evictable_adapters and not self.count.get((a, j))
+        if a in self.present[j]:
+            self._set_present(a, j, False)
+            self.evicted.add((a, j))
+
+    def _set_present(self, a: int, j: int, on: bool) -> None:
+        sign = 1 if on else -1
+        (self.present[j].add if on else self.present[j].discard)(a)
+        self.slots[j] += sign
+        self.mem[j] += sign * self.adapter[a].size_bytes
+
+    def room_for(self, a: int, d: int) -> list[int] | None:
+        """Evictions needed so adapter `a` fits on d ([] if it does), or None if impossible."""
+        size = self.adapter[a].size_bytes
+        slots, mem, out = self.slots[d], self.mem[d], []
+        spare = sorted(
+            (
+                e
+                for e in self.problem.replicas[d].evictable_adapters
+                if e in self.present[d] and not self.count.get((e, d))
+            ),
+            key=lambda e: (-self.adapter[e].size_bytes, e),
+        )
+        while slots + 1 > self.slot_limit[d] or mem + size > self.memory_limit[d]:
+            if not spare:
+                return None
+            e = spare.pop(0)
+            out.append(e)
+            slots, mem = slots - 1, mem - self.adapter[e].size_bytes
+        return out
+
+    def feasible(self) -> bool:
+        reps = self.problem.replicas
+        for j in range(len(reps)):
+            if self.slots[j] > self.slot_limit[j] or self.mem[j] > self.memory_limit[j]:
+                return False
+            if self.problem.kv_hard_limit and self.overflow(j) > self.overflow_limit[j]:
+                return False
+        return all(
+            q.adapter is None or q.adapter in self.present[self.dest[i]]
+            for i, q in enumerate(self.problem.requests)
+        )
+
+    def loads(self) -> tuple[tuple[int, int], ...]:
+        reps = self.problem.replicas
+        return tuple(
+            sorted(
+                (a, reps[j].id)
+                for j, p in enumerate(self.present)
+                for a in p
+                if a not in reps[j].resident_adapters
+            )
+        )
+
+    def evictions(self) -> tuple[tuple[int, int], ...]:
+        reps = self.problem.replicas
+        return tuple(sorted((a, reps[j].id) for a, j in self.evicted))
+
+
+def _best_move(layout: Layout, s: int) -> tuple[float, int, int, list[int]] | None:
+    """Best single move out of replica index s: (pair total, request, destination, evictions)."""
+    p, num_r = layout.problem, len(layout.work)
+    idx = [i for i, d in enumerate(layout.dest) if d == s]
+    if not idx:
+        return None
+    reqs = [p.requests[i] for i in idx]
+    work = np.array([q.work_s for q in reqs])
+    kv = np.array([q.kv_blocks for q in reqs])
+    cost = np.array([[layout.cost(i, d) for d in range(num_r)] for i in idx])
+    unload = np.array(
+        [
+            layout.adapter[q.adapter].load_s
+            if q.adapter is not None
+            and layout.count[q.adapter, s] == 1
+            and layout.is_loaded(q.adapter, s)
+            else 0.0
+            for q in reqs
+        ]
+    )
+    total_kv = np.array([r.kv_blocks_total for r in p.replicas])
+    swap = np.array([r.swap_s_per_block for r in p.replicas])
+    src_kv = layout.kv[s] - kv
+    src_total = (
+        layout.work[s] - work - cost[:, s] - unload + swap[s] * np.maximum(0, src_kv - total_kv[s])
+    )
+    extra = np.zeros((len(idx), num_r))
+    evict: dict[tuple[int, int], list[int]] = {}
+    for a in {q.adapter for q in reqs if q.adapter is not None}:
+        rows = [n for n, q in enumerate(reqs) if q.adapter == a]
+        for d in range(num_r):
+            if a in layout.present[d]:
+                continue
+            room = layout.room_for(a, d)
+            if room is None:
+                extra[rows, d] = np.inf
+                continue
+            evict[a, d] = room
+            extra[rows, d] = 0.0 if (a, d) in layout.evicted else layout.adapter[a].load_s
+    dst_kv = np.array(layout.kv)[None, :] + kv[:, None]
+    over = np.maximum(0, dst_kv - total_kv[None, :])
+    if p.kv_hard_limit:
+        extra[over > np.array(layout.overflow_limit)[None, :]] = np.inf
+    dst_total = np.array(layout.work)[None, :] + work[:, None] + cost + extra + swap[None, :] * over
+    pair = np.maximum(src_total[:, None], dst_total)
+    pair[:, s] = np.inf
+    n, d = np.unravel_index(int(np.argmin(pair)), pair.shape)
+    if not np.isfinite(pair[n, d]):
+        return None
+    adapter = reqs[n].adapter
+    return (
+        float(pair[n, d]),
+        idx[n],
+        int(d),
+        evict.get((adapter, int(d)), []) if adapter is not None else [],
+    )
+
+
+def greedy_migration(problem: MigrationProblem) -> Layout:
+    """The fallback plan (module docstring) as a `Layout`."""
+    layout = Layout(problem)
+    num_r = len(problem.replicas)
+    for _ in range(len(problem.requests) * num_r + 1):
+        top = layout.makespan()
+        order = sorted(range(num_r), key=lambda j: (-layout.total(j), j))
+        for s in (j for j in order if layout.total(j) >= top - 1e-9 * max(1.0, top)):
+            best = _best_move(layout, s)
+            if best is not None and best[0] < layout.total(s) - _EPS:
+                _, i, d, evictions = best
+                for e in evictions:
+                    layout.evict(e, d)
+                layout.move(i, d)
+                break
+        else:
+            return layout
+    return layout

@@ -1,0 +1,334 @@
+"""Request-adapter co-migration as a MILP with a greedy fallback (PAPER.md section 5).
+
+Owns the pure decision: given the replicas involved, the candidate requests (the ones that may
+move) and the adapters, where should each candidate run, which adapters must be loaded (or may
+be evicted), and is each move a recompute or a KV transfer. No clock (only the solver's own
+wall time is measured), no simpy, no torch. `dlora.core.migration` wires it to the cluster.
+
+Model (`x[i,j]` request i on replica j, `y[k,j]` adapter k on j, binary; `ov_j >= 0` KV blocks
+over capacity and `T` continuous):
+
+    minimise   T + move_penalty * #moves + load_penalty * #loads - keep_reward * #kept evictables
+    s.t.       sum_j x[i,j] = 1                                          every request once
+               x[i,j] <= y[k(i),j]                                       adapter present
+               sum_k y[k,j] <= slots_j,  sum_k bytes_k y[k,j] <= memory_j
+               kv_base_j + sum_i kv_i x[i,j] - ov_j <= kv_total_j      (ov_j <= today's if hard)
+               T >= base_j + sum_i (work_i + c_ij) x[i,j] + sum_{k new on j} load_k y[k,j]
+                         + swap_s_per_block_j * ov_j
+
+with `c_ij = 0` at the request's own replica and otherwise `min(recompute_s, transfer_s)`, the
+chosen mode reported per move. Resident adapters cost nothing; only `evictable_adapters` (which
+no request outside the problem needs) may leave. Slot and memory limits are hard (never below
+today's use, so doing nothing is always feasible and the result is never worse than that).
+Beyond the artifact: any number of replicas, adapter load cost, memory and slot limits, KV
+overflow priced at swap bandwidth, and the mode choice. Solved with HiGHS (`scipy.optimize.milp`)
+under a time limit; the greedy of `greedy_migration` runs when the instance is above `max_size`
+(requests x replicas), when the solver finds no solution, and next to a time-limited incumbent
+(the better plan wins).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+import numpy as np
+from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.sparse import coo_array
+
+from ..types import Action, DropAdapter, LoadAdapter, MigrateMode, MigrateRequest
+from .migration_greedy import Layout, greedy_migration
+
+log = logging.getLogger(__name__)
+KEEP_REWARD_S = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaState:
+    id: int
+    base_work_s: float  # estimated work of the requests NOT in the problem
+    kv_blocks_total: int
+    kv_blocks_base: int  # blocks held by requests not in the problem
+    max_adapters: int  # adapter slots
+    adapter_memory_bytes: int
+    resident_adapters: frozenset[int]
+    evictable_adapters: frozenset[int] = frozenset()  # resident, needed by no outside request
+    swap_s_per_block: float = 0.0  # seconds per KV block over capacity (swap out and back in)
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateRequest:
+    id: int
+    adapter: int | None  # None: base model, needs no adapter
+    replica: int  # where it is now
+    work_s: float  # estimated remaining work (the same on every replica)
+    kv_blocks: int  # blocks it holds (or will need) wherever it runs
+    recompute_s: float  # re-prefill prompt + generated tokens at a destination
+    transfer_s: float  # move its KV over the link instead
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterCost:
+    id: int
+    size_bytes: int
+    load_s: float  # host -> device load time
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationProblem:
+    replicas: tuple[ReplicaState, ...]
+    requests: tuple[CandidateRequest, ...]
+    adapters: tuple[AdapterCost, ...]  # every candidate's and every resident adapter
+    kv_hard_limit: bool = False  # True: no replica's KV overflow may grow
+    move_penalty_s: float = 1e-3  # per migration, so pointless moves are avoided
+    load_penalty_s: float = 1e-4  # per adapter load, on top of its load time
+
+    def __post_init__(self) -> None:
+        rids = {r.id for r in self.replicas}
+        kids = {a.id for a in self.adapters}
+        if len(rids) != len(self.replicas) or len(kids) != len(self.adapters):
+            raise ValueError("replica and adapter ids must be unique")
+        if len({q.id for q in self.requests}) != len(self.requests):
+            raise ValueError("request ids must be unique")
+        for r in self.replicas:
+            if not r.resident_adapters <= kids:
+                raise ValueError(f"replica {r.id}: resident adapters missing from `adapters`")
+            if not r.evictable_adapters <= r.resident_adapters:
+                raise ValueError(f"replica {r.id}: evictable adapters must be resident")
+        by_id = {r.id: r for r in self.replicas}
+        for q in self.requests:
+            if q.replica not in rids:
+                raise ValueError(f"request {q.id}: replica {q.replica} is not in the problem")
+            if q.adapter is not None and q.adapter not in by_id[q.replica].resident_adapters:
+                raise ValueError(
+                    f"request {q.id}: adapter {q.adapter} is not resident on its replica "
+                    f"{q.replica}; list it in resident_adapters"
+                )
+
+    def migration_cost(self, request: CandidateRequest, replica: int) -> tuple[float, MigrateMode]:
+        """Seconds and mode of running `request` on `replica` (0 at its own replica)."""
+        if replica == request.replica:
+            return 0.0, MigrateMode.RECOMPUTE
+        if request.transfer_s < request.recompute_s:
+            return request.transfer_s, MigrateMode.TRANSFER
+        return request.recompute_s, MigrateMode.RECOMPUTE
+
+
+class SolveStatus(StrEnum):
+    OPTIMAL = "optimal"
+    TIME_LIMIT = "time_limit"  # solver stopped at its limit with a feasible solution
+    NO_SOLUTION = "no_solution"  # solver stopped without one
+    FAILED = "failed"  # solver reported infeasible / error (should not happen)
+    TOO_LARGE = "too_large"  # above max_size: solver skipped
+    TRIVIAL = "trivial"  # fewer than two replicas or no candidates
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    request_id: int
+    source: int
+    destination: int
+    mode: MigrateMode
+    cost_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationPlan:
+    moves: tuple[Move, ...]
+    adapter_loads: tuple[tuple[int, int], ...]  # (adapter, replica)
+    adapter_evictions: tuple[tuple[int, int], ...]  # (adapter, replica)
+    makespan_before_s: float
+    makespan_after_s: float
+    status: SolveStatus
+    used_fallback: bool
+    solve_s: float  # wall seconds spent in the solver and the fallback
+
+    def actions(self) -> list[Action]:
+        """Evictions, then loads, then migrations, as cluster actions."""
+        out: list[Action] = [DropAdapter(r, k) for k, r in self.adapter_evictions]
+        out += [LoadAdapter(r, k) for k, r in self.adapter_loads]
+        out += [MigrateRequest(m.request_id, m.source, m.destination, m.mode) for m in self.moves]
+        return out
+
+
+def _plan(
+    problem: MigrationProblem,
+    layout: Layout,
+    before_s: float,
+    status: SolveStatus,
+    fallback: bool,
+    t0: float,
+) -> MigrationPlan:
+    moves = []
+    for i, q in enumerate(problem.requests):
+        dst = problem.replicas[layout.dest[i]].id
+        if dst != q.replica:
+            cost, mode = problem.migration_cost(q, dst)
+            moves.append(Move(q.id, q.replica, dst, mode, cost))
+    return MigrationPlan(
+        moves=tuple(moves),
+        adapter_loads=layout.loads(),
+        adapter_evictions=layout.evictions(),
+        makespan_before_s=before_s,
+        makespan_after_s=layout.makespan(),
+        status=status,
+        used_fallback=fallback,
+        solve_s=time.perf_counter() - t0,
+    )
+
+
+def solve_migration(
+    problem: MigrationProblem,
+    time_limit_s: float = 1.0,
+    max_size: int = 4096,
+    mip_rel_gap: float = 1e-3,
+) -> MigrationPlan:
+    """Plan the co-migration: MILP of the module docstring, greedy when it cannot answer.
+
+    `max_size` bounds `len(requests) * len(replicas)` for the MILP; above it only the greedy
+    runs. The plan never has a larger makespan than doing nothing.
+    """
+    t0 = time.perf_counter()
+    stay = Layout(problem)
+    before_s = stay.makespan()
+    size = len(problem.requests) * len(problem.replicas)
+    if len(problem.replicas) < 2 or not problem.requests:
+        return _plan(problem, stay, before_s, SolveStatus.TRIVIAL, False, t0)
+    if size > max_size:
+        log.info("migration instance %d > max_size %d: greedy only", size, max_size)
+        return _plan(problem, greedy_migration(problem), before_s, SolveStatus.TOO_LARGE, True, t0)
+    status, layout = _solve_milp(problem, time_limit_s, mip_rel_gap)
+    if layout is None or not layout.feasible():
+        log.info("migration MILP gave no usable solution (%s): greedy fallback", status)
+        return _plan(problem, greedy_migration(problem), before_s, status, True, t0)
+    if status == SolveStatus.TIME_LIMIT:
+        greedy = greedy_migration(problem)
+        if greedy.makespan() < layout.makespan() - 1e-12:
+            return _plan(problem, greedy, before_s, status, True, t0)
+    if layout.makespan() > before_s:  # a gap-limited answer worse than staying put
+        layout = stay
+    return _plan(problem, layout, before_s, status, False, t0)
+
+
+def _solve_milp(
+    problem: MigrationProblem, time_limit_s: float, mip_rel_gap: float
+) -> tuple[SolveStatus, Layout | None]:
+    reqs, reps, ads = problem.requests, problem.replicas, problem.adapters
+    n, r, k = len(reqs), len(reps), len(ads)
+    kidx = {a.id: a_i for a_i, a in enumerate(ads)}
+    xi = lambda i, j: i * r + j  # noqa: E731
+    yi = lambda a, j: n * r + a * r + j  # noqa: E731
+    oi = lambda j: n * r + k * r + j  # noqa: E731
+    t_var = n * r + k * r + r
+    nv = t_var + 1
+    cost = np.zeros(nv)
+    lb, ub = np.zeros(nv), np.ones(nv)
+    integrality = np.ones(nv)
+    integrality[oi(0) :] = 0
+    cost[t_var] = 1.0
+    ub[oi(0) :] = np.inf
+    stay = Layout(problem)
+    needed = {q.adapter for q in reqs if q.adapter is not None}
+    rows: list[tuple[int, int, float]] = []
+    row_lb: list[float] = []
+    row_ub: list[float] = []
+
+    def add_row(entries: list[tuple[int, float]], lo: float, hi: float) -> None:
+        row = len(row_lb)
+        rows.extend((row, c, v) for c, v in entries)
+        row_lb.append(lo)
+        row_ub.append(hi)
+
+    for i, q in enumerate(reqs):
+        add_row([(xi(i, j), 1.0) for j in range(r)], 1.0, 1.0)
+        for j, rep in enumerate(reps):
+            if rep.id != q.replica:
+                cost[xi(i, j)] = problem.move_penalty_s
+            if q.adapter is not None:
+                add_row([(xi(i, j), 1.0), (yi(kidx[q.adapter], j), -1.0)], -np.inf, 0.0)
+    for j, rep in enumerate(reps):
+        for a_i, a in enumerate(ads):
+            resident = a.id in rep.resident_adapters
+            if resident and a.id not in rep.evictable_adapters:
+                lb[yi(a_i, j)] = 1.0
+            elif resident:
+                cost[yi(a_i, j)] = -KEEP_REWARD_S
+            elif a.id in needed and a.size_bytes <= rep.adapter_memory_bytes:
+                cost[yi(a_i, j)] = problem.load_penalty_s
+            else:
+                ub[yi(a_i, j)] = 0.0
+        add_row([(yi(a_i, j), 1.0) for a_i in range(k)], -np.inf, stay.slot_limit[j])
+        add_row(
+            [(yi(a_i, j), float(a.size_bytes)) for a_i, a in enumerate(ads)],
+            -np.inf,
+            stay.memory_limit[j],
+        )
+        kv = [(xi(i, j), float(q.kv_blocks)) for i, q in enumerate(reqs)]
+        add_row(kv + [(oi(j), -1.0)], -np.inf, float(rep.kv_blocks_total - rep.kv_blocks_base))
+        if problem.kv_hard_limit:
+            ub[oi(j)] = stay.overflow(j)
+        span = [
+            (xi(i, j), q.work_s + problem.migration_cost(q, rep.id)[0]) for i, q in enumerate(reqs)
+        ]
+        span += [
+            (yi(a_i, j), a.load_s)
+            for a_i, a in enumerate(ads)
+            if a.id not in rep.resident_adapters and ub[yi(a_i, j)] > 0
+        ]
+        span += [(oi(j), rep.swap_s_per_block), (t_var, -1.0)]
+        add_row(span, -np.inf, -rep.base_work_s)
+    r_idx, c_idx, vals = zip(*rows, strict=True)
+    a_mat = coo_array((vals, (r_idx, c_idx)), shape=(len(row_lb), nv)).tocsr()
+    res = milp(
+        cost,
+        integrality=integrality,
+        bounds=Bounds(lb, ub),
+        constraints=LinearConstraint(a_mat, row_lb, row_ub),
+        options={"time_limit": max(time_limit_s, 1e-3), "mip_rel_gap": mip_rel_gap, "disp": False},
+    )
+    if res.x is None:
+        status = SolveStatus.NO_SOLUTION if res.status == 1 else SolveStatus.FAILED
+        return status, None
+    status = SolveStatus.OPTIMAL if res.status == 0 else SolveStatus.TIME_LIMIT
+    x = res.x[: n * r].reshape(n, r)
+    y = res.x[n * r : n * r + k * r].reshape(k, r)
+    layout = Layout(problem)
+    for i in range(n):
+        layout.move(i, int(np.argmax(x[i])))
+    for j, rep in enumerate(reps):
+        for a_id in rep.evictable_adapters:
+            if y[kidx[a_id], j] < 0.5 and layout.count.get((a_id, j), 0) == 0:
+                layout.evict(a_id, j)
+    return status, layout
+
+
+def choose_replicas(
+    work_s: Mapping[int, float], max_replicas: int = 4, imbalance: float = 0.1
+) -> tuple[int, ...]:
+    """Replicas to include when migration triggers, most loaded first then least loaded.
+
+    Empty when the busiest replica is within `imbalance` (relative) of the mean. Otherwise the
+    busiest and the idlest, then, alternately, further replicas above `mean * (1 + imbalance)`
+    and below `mean * (1 - imbalance)` while they exist and fewer than `max_replicas` are in:
+    more than two replicas are worth solving for exactly when several are out of balance.
+    """
+    if len(work_s) < 2 or max_replicas < 2:
+        return ()
+    order = sorted(work_s, key=lambda rid: (-work_s[rid], rid))
+    mean = sum(work_s.values()) / len(work_s)
+    top, bottom = order[0], order[-1]
+    if work_s[top] <= mean * (1 + imbalance) or math.isclose(work_s[top], work_s[bottom]):
+        return ()
+    hot = [rid for rid in order[1:-1] if work_s[rid] > mean * (1 + imbalance)]
+    cold = [rid for rid in reversed(order[1:-1]) if work_s[rid] < mean * (1 - imbalance)]
+    chosen_hot, chosen_cold = [top], [bottom]
+    while len(chosen_hot) + len(chosen_cold) < max_replicas and (hot or cold):
+        if hot and (len(chosen_hot) <= len(chosen_cold) or not cold):
+            chosen_hot.append(hot.pop(0))
+        else:
+            chosen_cold.append(cold.pop(0))
+    return tuple(chosen_hot + chosen_cold)

@@ -1,0 +1,328 @@
+"""Adapter placement across replicas from popularity history (PAPER.md section 4, proactive).
+
+Owns: `DecayedRates` (per-adapter arrival history -> popularity shares), `place_adapters` (the
+greedy that decides which replica holds which adapter), `placement_ratios` (its objective),
+`diff_placement` (old -> new as loads and drops) and the static `round_robin_placement`.
+Pure: no clock (callers pass `now_s`), no simpy, no torch.
+
+Objective. Let `s_k` be adapter k's share of requests (normalised to sum 1), `C_j` replica j's
+capacity (KV memory, any unit shared by all replicas) and `n_k` the number of replicas holding
+k. Dispatch is assumed to spread k's requests evenly over its holders, so each copy carries
+`s_k / n_k` and replica j's load is `L_j = sum_{k on j} s_k / n_k`. Replica j's capacity is
+split among its adapters in proportion to that load, so adapter k is served
+`served_k = sum_{j holds k} C_j * (s_k / n_k) / L_j` and its ratio is
+
+    ratio_k = served_k / s_k = (1 / n_k) * sum_{j holds k} C_j / L_j.
+
+The placement maximises `min_k ratio_k` over adapters with a positive share (leximin on ties:
+the sorted vector of ratios). Since `sum_k s_k ratio_k = sum_j C_j`, every ratio equal to
+`C_total` is the ideal; replication is how a hot adapter whose share exceeds one replica's
+capacity fraction gets there.
+
+Greedy. (1) Plan `n_k = ceil(s_k / (C_max / C_total))` copies (capped by replicas and
+`max_copies`). (2) Cover: place one copy of every adapter, in decreasing per-copy share, on the
+replica with room whose resulting relative load `L_j / C_j` is lowest (first-fit-decreasing by
+size as a fallback when memory makes that fail). (3) Place the planned extra copies the same
+way while room remains. (4) Add the copy that most improves the leximin ratios while it does
+and the worst ratio is below `target_fraction * C_total`. Ties prefer replicas that already hold
+the adapter in `current`, then lower replica ids, to keep churn low.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..errors import ConfigError
+
+_TIE = 1e-9  # relative tolerance under which two scores count as equal
+
+
+class DecayedRates:
+    """Per-adapter arrival rates with exponential decay (half-life `half_life_s`).
+
+    The decayed count is `c_k(t) = sum_a exp(-(t - t_a) / tau)` over k's arrivals, with
+    `tau = half_life_s / ln 2`; for a steady rate `r` its mean is `r * tau`, so `rate` returns
+    `c_k / tau`. Arrivals may be recorded slightly out of order. Holds state but reads no clock.
+    """
+
+    def __init__(self, half_life_s: float) -> None:
+        if not half_life_s > 0:
+            raise ValueError(f"half_life_s must be > 0, got {half_life_s}")
+        self.tau_s = half_life_s / math.log(2.0)
+        self._count: dict[int, float] = {}
+        self._at_s: dict[int, float] = {}
+
+    def record(self, adapter_id: int, now_s: float, count: float = 1.0) -> None:
+        """Record `count` arrivals of `adapter_id` at time `now_s`."""
+        if adapter_id not in self._count:
+            self._count[adapter_id], self._at_s[adapter_id] = count, now_s
+            return
+        last_s = self._at_s[adapter_id]
+        if now_s >= last_s:
+            decay = math.exp(-(now_s - last_s) / self.tau_s)
+            self._count[adapter_id] = self._count[adapter_id] * decay + count
+            self._at_s[adapter_id] = now_s
+        else:  # late arrival: decay it to the stored time instead
+            self._count[adapter_id] += count * math.exp(-(last_s - now_s) / self.tau_s)
+
+    def rate(self, adapter_id: int, now_s: float) -> float:
+        """Estimated arrivals per second of `adapter_id` at `now_s`."""
+        if adapter_id not in self._count:
+            return 0.0
+        age_s = max(0.0, now_s - self._at_s[adapter_id])
+        return self._count[adapter_id] * math.exp(-age_s / self.tau_s) / self.tau_s
+
+    def shares(
+        self, now_s: float, adapter_ids: Iterable[int], prior: float = 0.0
+    ) -> dict[int, float]:
+        """Shares of requests (summing to 1) over `adapter_ids`; `prior` is a rate added to
+        every adapter so unseen ones keep some weight. Uniform when nothing was seen."""
+        ids = list(adapter_ids)
+        rates = {k: self.rate(k, now_s) + prior for k in ids}
+        total = sum(rates.values())
+        if total <= 0:
+            return {k: 1.0 / len(ids) for k in ids} if ids else {}
+        return {k: r / total for k, r in rates.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterDemand:
+    id: int
+    share: float  # expected share of requests (any non-negative scale; normalised inside)
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaCapacity:
+    id: int
+    capacity: float  # KV memory (blocks, tokens or bytes: the same unit for all replicas)
+    adapter_memory_bytes: int  # budget for resident adapters
+    max_adapters: int  # adapter slots
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Which replica holds which adapter, as a set of `(replica, adapter)` pairs."""
+
+    pairs: frozenset[tuple[int, int]]
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[int, Iterable[int]]) -> Placement:
+        """From `{replica: adapters}`."""
+        return cls(frozenset((r, k) for r, ks in mapping.items() for k in ks))
+
+    def adapters_on(self, replica: int) -> tuple[int, ...]:
+        return tuple(sorted(k for r, k in self.pairs if r == replica))
+
+    def holders(self, adapter: int) -> tuple[int, ...]:
+        return tuple(sorted(r for r, k in self.pairs if k == adapter))
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementProblem:
+    adapters: tuple[AdapterDemand, ...]
+    replicas: tuple[ReplicaCapacity, ...]
+    current: Placement | None = None  # preferred on ties (less churn)
+    max_copies: int | None = None  # per adapter; None: up to every replica
+    target_fraction: float = 0.9  # stop replicating once min ratio >= this * ideal
+    min_relative_gain: float = 1e-6  # a copy must improve the leximin ratios by this much
+
+    def __post_init__(self) -> None:
+        if len({a.id for a in self.adapters}) != len(self.adapters):
+            raise ValueError("adapter ids must be unique")
+        if len({r.id for r in self.replicas}) != len(self.replicas):
+            raise ValueError("replica ids must be unique")
+        if not self.replicas:
+            raise ConfigError("placement needs at least one replica")
+        if any(not (a.share >= 0 and math.isfinite(a.share)) for a in self.adapters):
+            raise ValueError("adapter shares must be finite and >= 0")
+        if any(not r.capacity > 0 for r in self.replicas):
+            raise ValueError("replica capacities must be > 0")
+
+
+class _State:
+    """Mutable working state of one `place_adapters` call (matrix form for the objective)."""
+
+    def __init__(self, problem: PlacementProblem) -> None:
+        self.adapters = sorted(problem.adapters, key=lambda a: a.id)
+        self.replicas = sorted(problem.replicas, key=lambda r: r.id)
+        shares = np.array([a.share for a in self.adapters], dtype=float)
+        total = shares.sum()
+        self.share = (
+            shares / total if total > 0 else np.full(len(shares), 1.0 / max(1, len(shares)))
+        )
+        self.size = np.array([a.size_bytes for a in self.adapters], dtype=float)
+        self.cap = np.array([r.capacity for r in self.replicas], dtype=float)
+        self.mem = np.array([r.adapter_memory_bytes for r in self.replicas], dtype=float)
+        self.slots = np.array([r.max_adapters for r in self.replicas], dtype=int)
+        self.x = np.zeros((len(self.adapters), len(self.replicas)), dtype=bool)
+        cur = problem.current.pairs if problem.current else frozenset()
+        self.kept = np.array(
+            [[(r.id, a.id) in cur for r in self.replicas] for a in self.adapters], dtype=bool
+        ).reshape(self.x.shape)
+
+    def fits(self, k: int, j: int) -> bool:
+        return (
+            not self.x[k, j]
+            and self.x[:, j].sum() < self.slots[j]
+            and self.size[self.x[:, j]].sum() + self.size[k] <= self.mem[j]
+        )
+
+    def pick(self, k: int, weight: float) -> int | None:
+        """Replica with room for `k` whose relative load after adding `weight` is lowest."""
+        best, best_score = None, math.inf
+        load = self.load()
+        for j in range(len(self.replicas)):
+            if not self.fits(k, j):
+                continue
+            score = (load[j] + weight) / self.cap[j]
+            tie = abs(score - best_score) <= _TIE * max(abs(best_score), 1e-300)
+            if (
+                best is None
+                or (score < best_score and not tie)
+                or (tie and self.kept[k, j] and not self.kept[k, best])
+            ):
+                best, best_score = j, score
+        return best
+
+    def load(self, x: np.ndarray | None = None) -> np.ndarray:
+        x = self.x if x is None else x
+        n = np.maximum(x.sum(axis=1), 1)
+        return x.T.astype(float) @ (self.share / n)
+
+    def ratios(self, x: np.ndarray | None = None) -> np.ndarray:
+        """ratio_k for adapters with a positive share (module docstring)."""
+        x = self.x if x is None else x
+        load = self.load(x)
+        with np.errstate(divide="ignore"):
+            inv = np.where(load > 0, self.cap / np.where(load > 0, load, 1.0), np.inf)
+        n = np.maximum(x.sum(axis=1), 1)
+        return ((x.astype(float) @ inv) / n)[self.share > 0]
+
+
+def _leximin_better(new: np.ndarray, old: np.ndarray, tol: float) -> bool:
+    diff = new - old
+    differs = np.abs(diff) > tol * np.maximum(np.abs(old), 1e-300)
+    return bool(differs.any() and diff[int(np.argmax(differs))] > 0)
+
+
+def _cover(st: _State, order: list[int], planned: np.ndarray) -> list[int]:
+    """Place one copy of each adapter in `order`; return those that found no room."""
+    missing = []
+    for k in order:
+        j = st.pick(k, st.share[k] / planned[k])
+        if j is None:
+            missing.append(k)
+        else:
+            st.x[k, j] = True
+    return missing
+
+
+def place_adapters(problem: PlacementProblem) -> Placement:
+    """Decide which replica holds which adapter (greedy of the module docstring).
+
+    Every adapter is placed at least once; raises `ConfigError` when slots or memory make
+    that impossible for the greedy (including first-fit-decreasing by size).
+    """
+    st = _State(problem)
+    num_k, num_r = st.x.shape
+    total_slots = int(st.slots.sum())
+    if num_k > total_slots:
+        raise ConfigError(
+            f"cannot place {num_k} adapters in {total_slots} adapter slots over {num_r} replicas: "
+            "raise max_adapters per replica, add replicas or use fewer adapters"
+        )
+    too_big = [a.id for a in st.adapters if a.size_bytes > st.mem.max()]
+    if too_big:
+        raise ConfigError(
+            f"adapters {too_big} are larger than every replica's adapter memory "
+            f"({int(st.mem.max())} bytes): raise adapter memory or use smaller adapters"
+        )
+    max_copies = min(num_r, problem.max_copies or num_r)
+    frac = st.cap.max() / st.cap.sum()
+    planned = np.clip(np.ceil(st.share / frac - 1e-9), 1, max_copies)
+    order = sorted(range(num_k), key=lambda k: (-st.share[k] / planned[k], st.adapters[k].id))
+    if _cover(st, order, planned):
+        st.x[:] = False
+        by_size = sorted(range(num_k), key=lambda k: (-st.size[k], -st.share[k], st.adapters[k].id))
+        missing = _cover(st, by_size, planned)
+        if missing:
+            ids = [st.adapters[k].id for k in missing]
+            raise ConfigError(
+                f"cannot place adapters {ids}: adapter slots or memory are full on every "
+                "replica; raise max_adapters or adapter memory, add replicas or use fewer adapters"
+            )
+    extra = [(k, c) for k in order for c in range(1, int(planned[k]))]
+    for k, _ in sorted(extra, key=lambda kc: (-st.share[kc[0]] / planned[kc[0]], kc[1])):
+        j = st.pick(k, st.share[k] / planned[k])
+        if j is not None:
+            st.x[k, j] = True
+    _replicate(st, problem, max_copies)
+    return Placement(
+        frozenset(
+            (st.replicas[j].id, st.adapters[k].id) for k, j in zip(*np.nonzero(st.x), strict=True)
+        )
+    )
+
+
+def _replicate(st: _State, problem: PlacementProblem, max_copies: int) -> None:
+    """Step (4): add leximin-improving copies until the target or no room."""
+    positive = np.nonzero(st.share > 0)[0]
+    ideal = st.cap.sum()
+    for _ in range(int(st.slots.sum())):
+        ratios = st.ratios()
+        if ratios.size == 0 or ratios.min() >= problem.target_fraction * ideal:
+            return
+        old = np.sort(ratios)
+        worst = positive[ratios <= ratios.min() * (1 + 1e-9)]
+        on_worst = st.x[worst].any(axis=0)
+        cands = set(worst.tolist()) | set(np.nonzero(st.x[:, on_worst].any(axis=1))[0].tolist())
+        cands = {k for k in cands if st.share[k] > 0 and st.x[k].sum() < max_copies}
+        best: tuple[int, int] | None = None
+        best_vec = old
+        for k in sorted(cands):
+            for j in range(st.x.shape[1]):
+                if not st.fits(k, j):
+                    continue
+                st.x[k, j] = True
+                vec = np.sort(st.ratios())
+                st.x[k, j] = False
+                if best is None:
+                    if _leximin_better(vec, old, problem.min_relative_gain):
+                        best, best_vec = (k, j), vec
+                elif _leximin_better(vec, best_vec, _TIE) or (
+                    not _leximin_better(best_vec, vec, _TIE) and st.kept[k, j] and not st.kept[best]
+                ):
+                    best, best_vec = (k, j), vec
+        if best is None:
+            return
+        st.x[best] = True
+
+
+def placement_ratios(problem: PlacementProblem, placement: Placement) -> dict[int, float]:
+    """`ratio_k` of the module docstring for every adapter with a positive share."""
+    st = _State(problem)
+    rid = {r.id: j for j, r in enumerate(st.replicas)}
+    kid = {a.id: k for k, a in enumerate(st.adapters)}
+    for r, a in placement.pairs:
+        st.x[kid[a], rid[r]] = True
+    ids = [a.id for k, a in enumerate(st.adapters) if st.share[k] > 0]
+    return dict(zip(ids, st.ratios().tolist(), strict=True))
+
+
+def diff_placement(
+    old: Placement, new: Placement
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """`(loads, drops)`: sorted `(replica, adapter)` pairs to load and to drop."""
+    return sorted(new.pairs - old.pairs), sorted(old.pairs - new.pairs)
+
+
+def round_robin_placement(num_adapters: int, num_replicas: int) -> Placement:
+    """Static baseline: adapter k (ids 0..num_adapters-1) on replica k % num_replicas."""
+    if num_replicas < 1:
+        raise ConfigError(f"round-robin placement needs at least one replica, got {num_replicas}")
+    return Placement(frozenset((k % num_replicas, k) for k in range(num_adapters)))

@@ -1,0 +1,85 @@
+"""Estimated seconds of work a replica holds, from the profile (used by dispatch and migration).
+
+Output lengths are unknown to a real system (PAPER.md section 4, insight 2): the estimate uses a
+shared expected output length (the mean of finished requests so far), never the true one.
+Sums are kept incrementally so a view costs O(1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..profile import LatencyModel
+from ..types import BatchMode, BatchShape, Request
+
+
+@dataclass(slots=True)
+class OutputLengthEstimate:
+    """Mean output tokens of finished requests, shared by a cluster's replicas (`prior` until
+    the first finishes). Integer sums keep it independent of the order of observations."""
+
+    prior: float = 128.0
+    total_tokens: int = 0
+    count: int = 0
+
+    def observe(self, output_tokens: int) -> None:
+        self.count += 1
+        self.total_tokens += output_tokens
+
+    @property
+    def mean_output_tokens(self) -> float:
+        return self.total_tokens / self.count if self.count else self.prior
+
+
+class WorkEstimator:
+    """Seconds to drain a replica: pending prefill tokens at the profile's prefill rate plus
+    expected remaining decode tokens at the decode rate of a batch of the replica's size."""
+
+    TYPICAL_CONTEXT = 512
+
+    def __init__(self, latency: LatencyModel, max_batch_size: int,
+                 lengths: OutputLengthEstimate | None = None) -> None:
+        self.latency = latency
+        self.max_batch_size = max_batch_size
+        self.lengths = lengths or OutputLengthEstimate()
+        self.prefill_tokens = 0
+        self.generated_tokens = 0
+        self.count = 0
+        n = min(latency.range.max_batch_tokens, 512)
+        shape = BatchShape(n, n, 0, 0, BatchMode.UNMERGED, (16,), n, 16 * n, n * (n + 1) // 2)
+        self.prefill_s_per_token = latency.step_s(shape) / n
+        self._decode_per_token: dict[int, float] = {}
+
+    def add(self, r: Request) -> None:
+        self.count += 1
+        self.generated_tokens += r.generated_tokens
+        if r.uncomputed_tokens > 1:
+            self.prefill_tokens += r.uncomputed_tokens
+
+    def remove(self, r: Request) -> None:
+        self.count -= 1
+        self.generated_tokens -= r.generated_tokens
+        if r.uncomputed_tokens > 1:
+            self.prefill_tokens -= r.uncomputed_tokens
+
+    def decode_s_per_token(self, batch_size: int) -> float:
+        b = max(1, min(batch_size, self.max_batch_size))
+        t = self._decode_per_token.get(b)
+        if t is None:
+            lat = self.latency
+            ctx = min(self.TYPICAL_CONTEXT, lat.range.max_context_tokens)
+            t = lat.decode_step_s(b, ctx, BatchMode.UNMERGED, num_adapters=min(b, 4)) / b
+            self._decode_per_token[b] = t
+        return t
+
+    def seconds(self, num_requests: int) -> float:
+        if self.count <= 0:
+            return 0.0
+        remaining = max(self.count * self.lengths.mean_output_tokens - self.generated_tokens, self.count)
+        return (self.prefill_tokens * self.prefill_s_per_token
+                + remaining * self.decode_s_per_token(num_requests))
+
+    def seconds_for(self, r: Request) -> float:
+        """Estimated seconds of one request's remaining work on a busy replica."""
+        remaining = max(self.lengths.mean_output_tokens - r.generated_tokens, 1.0)
+        prefill = r.uncomputed_tokens if r.uncomputed_tokens > 1 else 0
+        return prefill * self.prefill_s_per_token + remaining * self.decode_s_per_token(self.max_batch_size)

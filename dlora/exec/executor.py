@@ -1,0 +1,304 @@
+"""TorchExecutor: runs one `Batch` on the real model and returns a measured `StepResult`.
+
+One instance per replica, no global state. `execute` first applies the batch's memory actions
+(free, evict, load, swap, unmerge / merge), then one forward over the flattened tokens of all
+items: merged mode runs the base weights with the merged adapter folded in; unmerged mode runs
+the clean base weights plus each token's LoRA side path through `dlora.kernels` (PAPER.md
+section 1). Items with `samples=True` get one sampled token each.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from dlora.errors import AdapterError, DloraError
+from dlora.exec.adapters import LoraAdapter, load_adapter
+from dlora.exec.kv_cache import PagedKVCache
+from dlora.exec.lora_slots import AdapterSlots, MergeState
+from dlora.exec.model import LlamaModel, StepInputs, build_group
+from dlora.exec.sampling import sample
+from dlora.types import Batch, BatchItem, BatchMode, Request, StepResult
+
+log = logging.getLogger(__name__)
+
+
+class StepError(DloraError):
+    """The batch cannot run as given; reported in `StepResult.error`."""
+
+
+class TorchExecutor:
+    """The real executor of one replica.
+
+    `model`: a Hugging Face Llama folder or a loaded `LlamaModel`. `adapters`: adapter id ->
+    PEFT folder (or a loaded `LoraAdapter`). Invalid adapters are logged and remembered
+    (`adapter_errors`); batches that use them fail with that message while the rest is served.
+    KV: `num_kv_blocks` blocks of `block_size` tokens (default 1024 blocks).
+    `max_device_adapters`: slot capacity (None: unbounded). `merge_backup`: where pristine copies
+    of merged weights live, "device" (fast switches) or "host" (saves device memory).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | LlamaModel,
+        adapters: Mapping[int, str | Path | LoraAdapter] | None = None,
+        *,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        block_size: int = 16,
+        num_kv_blocks: int = 1024,
+        max_device_adapters: int | None = None,
+        merge_backup: str = "device",
+        seed: int = 0,
+        lora_backend: str | None = None,
+        preload_adapters: bool = True,
+    ) -> None:
+        self.model = (
+            model if isinstance(model, LlamaModel)
+            else LlamaModel.from_folder(model, device=device, dtype=dtype)
+        )
+        c = self.model.config
+        self.device = self.model.device
+        self.kv = PagedKVCache(
+            num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+            num_blocks=num_kv_blocks, block_size=block_size, dtype=self.model.dtype,
+            device=self.device,
+        )
+        self.slots = AdapterSlots(self.model, max_device_adapters)
+        self.merge_state = MergeState(
+            self.model, self.device if merge_backup == "device" else "cpu"
+        )
+        self.seed = seed
+        self.lora_backend = lora_backend
+        self._sources: dict[int, str | Path | LoraAdapter] = {}
+        self._host: dict[int, LoraAdapter] = {}
+        self.adapter_errors: dict[int, str] = {}
+        self.last_logits: torch.Tensor | None = None  # (sampling items, vocab) of the last step
+        for aid, src in (adapters or {}).items():
+            self._sources[aid] = src
+            if preload_adapters:
+                try:
+                    self._host_adapter(aid)
+                except AdapterError as e:
+                    log.error("%s (adapter id %d is disabled)", e, aid)
+
+    # ---- adapters ----
+    def register_adapter(self, adapter_id: int, source: str | Path | LoraAdapter) -> LoraAdapter:
+        """Add (or replace) an adapter at run time; raises `AdapterError` if it is invalid."""
+        self.unregister_adapter(adapter_id)
+        self._sources[adapter_id] = source
+        return self._host_adapter(adapter_id)
+
+    def unregister_adapter(self, adapter_id: int) -> None:
+        if self.merge_state.merged == adapter_id:
+            self.merge_state.unmerge()
+        self.slots.evict(adapter_id)
+        for d in (self._sources, self._host, self.adapter_errors):
+            d.pop(adapter_id, None)  # type: ignore[attr-defined]
+
+    def has_adapter(self, adapter_id: int) -> bool:
+        """Whether this executor can serve the adapter (registered and valid)."""
+        if adapter_id not in self._sources or adapter_id in self.adapter_errors:
+            return False
+        try:
+            self._host_adapter(adapter_id)
+        except AdapterError:
+            return False
+        return True
+
+    @property
+    def resident_adapters(self) -> tuple[int, ...]:
+        return self.slots.resident
+
+    @property
+    def merged_adapter(self) -> int | None:
+        return self.merge_state.merged
+
+    def _host_adapter(self, adapter_id: int) -> LoraAdapter:
+        if adapter_id in self._host:
+            return self._host[adapter_id]
+        if adapter_id in self.adapter_errors:
+            raise AdapterError(self.adapter_errors[adapter_id])
+        src = self._sources.get(adapter_id)
+        if src is None:
+            raise AdapterError(f"adapter id {adapter_id} is not registered with this executor")
+        try:
+            if isinstance(src, LoraAdapter):
+                adapter = src
+            else:
+                adapter = load_adapter(src, self.model.config, dtype=self.model.dtype)
+        except AdapterError as e:
+            self.adapter_errors[adapter_id] = str(e)
+            raise
+        self._host[adapter_id] = adapter
+        return adapter
+
+    def _load(self, adapter_id: int) -> None:
+        self.slots.load(adapter_id, self._host_adapter(adapter_id))
+
+    def _switch(self, batch: Batch) -> None:
+        ms = self.merge_state
+        if batch.unmerge_adapter is not None and ms.merged is not None:
+            if ms.merged != batch.unmerge_adapter:
+                log.warning("batch unmerges adapter %s but %s is merged", batch.unmerge_adapter,
+                            ms.merged)
+            ms.unmerge()
+        want = batch.merged_adapter if batch.mode == BatchMode.MERGED else None
+        if batch.merge_adapter is not None and batch.merge_adapter != want:
+            raise StepError(f"batch merges adapter {batch.merge_adapter} but runs {batch.mode} "
+                            f"with merged adapter {want}")
+        if ms.merged != want:
+            if batch.merge_adapter is None and batch.unmerge_adapter is None:
+                log.warning("merged state is %s but the batch needs %s; switching", ms.merged,
+                            want)
+            if ms.merged is not None:
+                ms.unmerge()
+            if want is not None:
+                src = self.slots.get(want) if want in self.slots else self._host_adapter(want)
+                ms.merge(want, src)
+
+    # ---- KV ----
+    @property
+    def kv_capacity_blocks(self) -> int:
+        return self.kv.num_blocks
+
+    @property
+    def kv_free_blocks(self) -> int:
+        return self.kv.free_blocks
+
+    def export_kv(self, request_id: int) -> torch.Tensor:
+        """The request's KV, CPU tensor (layers, 2, tokens, kv_heads, head_dim)."""
+        return self.kv.export(request_id)
+
+    def import_kv(self, request_id: int, kv: torch.Tensor) -> None:
+        self.kv.import_(request_id, kv)
+
+    def free_request(self, request_id: int) -> None:
+        self.kv.free(request_id)
+
+    # ---- the step ----
+    def _sync(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def execute(self, batch: Batch) -> StepResult:
+        start = self._sync()
+        switch_s = load_s = swap_s = 0.0
+        try:
+            for rid in batch.free_requests:
+                self.kv.free(rid)
+            t = self._sync()
+            for aid in batch.evict_adapters:
+                self.slots.evict(aid)
+            for aid in batch.load_adapters:
+                self._load(aid)
+            if batch.mode == BatchMode.UNMERGED:
+                for aid in {it.adapter_id for it in batch.items} - {None}:
+                    if aid not in self.slots:
+                        log.debug("adapter %s used without a load action; loading", aid)
+                        self._load(aid)  # type: ignore[arg-type]
+            t, load_s = self._sync(), time.perf_counter() - t
+            for rid in batch.swap_out:
+                self.kv.swap_out(rid)
+            for rid in batch.swap_in:
+                self.kv.swap_in(rid)
+            t, swap_s = self._sync(), time.perf_counter() - t
+            self._switch(batch)
+            t, switch_s = self._sync(), time.perf_counter() - t
+            tokens, eos = self._run(batch) if batch.items else ((), ())
+        except DloraError as e:
+            log.error("replica %d step %d failed: %s", batch.replica, batch.step, e)
+            return StepResult(elapsed_s=self._sync() - start, switch_s=switch_s, load_s=load_s,
+                              swap_s=swap_s, error=str(e))
+        return StepResult(elapsed_s=self._sync() - start, switch_s=switch_s, load_s=load_s,
+                          swap_s=swap_s, token_ids=tokens, eos=eos)
+
+    def _run(self, batch: Batch) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+        unmerged = batch.mode == BatchMode.UNMERGED
+        order = list(range(len(batch.items)))
+        if unmerged:  # tokens of one adapter contiguous: one kernel segment per adapter
+            order.sort(key=lambda j: -1 if batch.items[j].adapter_id is None
+                       else batch.items[j].adapter_id)  # type: ignore[arg-type,return-value]
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_map: list[int] = []
+        per_token: list[int | None] = []
+        decode: list[tuple[int, int, int, list[int]]] = []
+        prefill: list[tuple[int, int, int, list[int]]] = []
+        last: dict[int, int] = {}  # item index -> flat index of its last token
+        for j in order:
+            it, req = batch.items[j], batch.requests[j]
+            new_ids = self._item_tokens(it, req)
+            end = it.computed_tokens + it.new_tokens
+            self.kv.reserve(it.request_id, end)
+            slots = self.kv.slots(it.request_id, 0, end)
+            span = (len(ids), it.computed_tokens, it.new_tokens, slots)
+            (decode if it.new_tokens == 1 else prefill).append(span)
+            ids.extend(new_ids)
+            positions.extend(range(it.computed_tokens, end))
+            slot_map.extend(slots[it.computed_tokens:])
+            per_token.extend([it.adapter_id if unmerged else None] * it.new_tokens)
+            last[j] = len(ids) - 1
+        dev = self.device
+        step = StepInputs(
+            token_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            slot_mapping=torch.tensor(slot_map, dtype=torch.long, device=dev),
+            groups=tuple(build_group(g, dev) for g in (decode, prefill) if g),
+        )
+        hook = self.slots.hook(per_token) if unmerged else None
+        if hook is not None:
+            hook._backend = self.lora_backend
+        hidden = self.model.forward(step, self.kv.pool, hook)
+        for it in batch.items:
+            self.kv.mark_written(it.request_id, it.computed_tokens + it.new_tokens)
+        sampling = [j for j, it in enumerate(batch.items) if it.samples]
+        if not sampling:
+            return (), ()
+        logits = self.model.logits(hidden[torch.tensor([last[j] for j in sampling], device=dev)])
+        self.last_logits = logits
+        reqs = [batch.requests[j] for j in sampling]
+        tokens = sample(
+            logits,
+            [r.sampling for r in reqs],
+            [self._seed(r) for r in reqs],
+            [len(r.output_token_ids) for r in reqs],
+        )
+        return tuple(tokens), tuple(self._ends(r, t) for r, t in zip(reqs, tokens, strict=True))
+
+    def _seed(self, req: Request) -> int:
+        if req.sampling is not None and req.sampling.seed is not None:
+            return req.sampling.seed
+        return self.seed * 1_000_003 + req.id
+
+    def _item_tokens(self, it: BatchItem, req: Request) -> list[int]:
+        if req.prompt_token_ids is None:
+            raise StepError(f"request {req.id} has no prompt_token_ids; live mode needs tokens")
+        if req.id != it.request_id:
+            raise StepError(f"batch item {it.request_id} is paired with request {req.id}")
+        have = self.kv.lengths.get(it.request_id, 0)
+        if it.computed_tokens > have:
+            raise StepError(f"request {req.id}: the batch assumes {it.computed_tokens} computed "
+                            f"tokens but this replica holds KV for {have}")
+        context = req.prompt_token_ids + tuple(req.output_token_ids)
+        end = it.computed_tokens + it.new_tokens
+        if it.new_tokens < 1 or end > len(context):
+            raise StepError(f"request {req.id}: tokens {it.computed_tokens}..{end} requested "
+                            f"but its context has {len(context)}")
+        return list(context[it.computed_tokens:end])
+
+    def _ends(self, req: Request, token: int) -> bool:
+        """Whether `token` ends the request: a stop token, EOS (unless ignore_eos), or the
+        request's output_tokens reached."""
+        if len(req.output_token_ids) + 1 >= req.output_tokens:
+            return True
+        sp = req.sampling
+        if sp is not None and token in sp.stop_token_ids:
+            return True
+        ignore = sp.ignore_eos if sp is not None else True
+        return not ignore and token in self.model.config.eos_token_ids

@@ -1,0 +1,188 @@
+"""Adapters on the device: slots packed per (layer, module) for the batched LoRA kernels,
+the per-iteration LoRA hook of unmerged mode, and merge / unmerge of one adapter into the base
+weights (PAPER.md section 1).
+
+Exact restore guarantee: the first time `merge` touches a base weight it copies that weight,
+bytes unchanged, to `backup_device`; `unmerge` copies the saved bytes back (`copy_`, never a
+subtraction). Base weights change only through `merge`, and only one adapter is merged at a
+time, so every backup is the pristine original and any number of merge / unmerge cycles leaves
+the weights bit for bit as loaded. Cost: one copy of each targeted weight on `backup_device`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dlora.errors import DloraError
+from dlora.exec.adapters import LoraAdapter
+from dlora.exec.model import TARGET_MODULES, LlamaModel
+
+
+def _kernels() -> tuple[Any, Any]:
+    """`dlora.kernels.lora_apply` / `make_segments`, imported lazily (torch-only import path)."""
+    from dlora.kernels import lora_apply, make_segments
+
+    return lora_apply, make_segments
+
+
+class SlotsFullError(DloraError):
+    """Every device adapter slot is taken."""
+
+
+@dataclass(frozen=True, slots=True)
+class PackedModule:
+    """All resident adapters' weights of one (layer, module), in the kernel's layout."""
+
+    a_packed: torch.Tensor  # (sum_r, d_in)
+    bt_packed: torch.Tensor  # (sum_r, d_out)
+    rank_offsets: torch.Tensor  # (K + 1,) int64
+    scales: torch.Tensor  # (K,) float32
+    max_rank: int
+
+
+class AdapterSlots:
+    """Device copies of resident adapters, packed per (layer, module) on demand."""
+
+    def __init__(self, model: LlamaModel, capacity: int | None = None) -> None:
+        self.model = model
+        self.capacity = capacity
+        self._resident: dict[int, LoraAdapter] = {}  # id -> adapter with device tensors
+        self._packs: dict[tuple[int, str], PackedModule] | None = None
+        self._index: dict[str, dict[int, int]] = {}  # module -> adapter id -> k
+
+    @property
+    def resident(self) -> tuple[int, ...]:
+        return tuple(self._resident)
+
+    def __contains__(self, adapter_id: object) -> bool:
+        return adapter_id in self._resident
+
+    def get(self, adapter_id: int) -> LoraAdapter:
+        return self._resident[adapter_id]
+
+    def load(self, adapter_id: int, adapter: LoraAdapter) -> None:
+        """Copy a host adapter into a device slot (no-op if resident)."""
+        if adapter_id in self._resident:
+            return
+        if self.capacity is not None and len(self._resident) >= self.capacity:
+            raise SlotsFullError(f"all {self.capacity} adapter slots are full; the batch must "
+                                 f"evict an adapter before loading adapter {adapter_id}")
+        dev, dtype = self.model.device, self.model.dtype
+        modules = {
+            key: type(m)(a=m.a.to(dev, dtype), b=m.b.to(dev, dtype), scale=m.scale)
+            for key, m in adapter.modules.items()
+        }
+        self._resident[adapter_id] = LoraAdapter(
+            name=adapter.name, rank=adapter.rank, target_modules=adapter.target_modules,
+            modules=modules, path=adapter.path,
+        )
+        self._packs = None
+
+    def evict(self, adapter_id: int) -> None:
+        if self._resident.pop(adapter_id, None) is not None:
+            self._packs = None
+
+    def packs(self) -> dict[tuple[int, str], PackedModule]:
+        """Rebuilt only after a load or evict."""
+        if self._packs is not None:
+            return self._packs
+        dev = self.model.device
+        packs: dict[tuple[int, str], PackedModule] = {}
+        self._index = {}
+        for module in TARGET_MODULES:
+            ids = [i for i, a in self._resident.items() if module in a.target_modules]
+            self._index[module] = {aid: k for k, aid in enumerate(ids)}
+            if not ids:
+                continue
+            for layer in range(self.model.config.num_layers):
+                mods = [self._resident[i].modules[(layer, module)] for i in ids]
+                offsets = [0]
+                for m in mods:
+                    offsets.append(offsets[-1] + m.rank)
+                packs[(layer, module)] = PackedModule(
+                    a_packed=torch.cat([m.a for m in mods]).contiguous(),
+                    bt_packed=torch.cat([m.b.t() for m in mods]).contiguous(),
+                    rank_offsets=torch.tensor(offsets, dtype=torch.int64, device=dev),
+                    scales=torch.tensor([m.scale for m in mods], dtype=torch.float32, device=dev),
+                    max_rank=max(m.rank for m in mods),
+                )
+        self._packs = packs
+        return packs
+
+    def hook(self, adapter_per_token: Sequence[int | None]) -> LoraBatchHook | None:
+        """The LoRA side path for one iteration whose tokens use these adapters (None: base).
+        Tokens of one adapter should be contiguous (segments are runs of equal adapters)."""
+        packs = self.packs()
+        _, make_segments = _kernels()
+        segments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for module, index in self._index.items():
+            per_token = [-1 if a is None else index.get(a, -1) for a in adapter_per_token]
+            if any(k >= 0 for k in per_token):
+                segments[module] = make_segments(per_token, device=self.model.device)
+        return LoraBatchHook(packs, segments) if segments else None
+
+
+class LoraBatchHook:
+    """Adds `scale_k * B_k A_k x` per token through `dlora.kernels.lora_apply`."""
+
+    def __init__(
+        self,
+        packs: dict[tuple[int, str], PackedModule],
+        segments: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        backend: str | None = None,
+    ) -> None:
+        self._packs = packs
+        self._segments = segments
+        self._lora_apply = _kernels()[0]
+        self._backend = backend
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        seg = self._segments.get(module)
+        if seg is None:
+            return
+        p = self._packs[(layer, module)]
+        self._lora_apply(
+            x, y, p.a_packed, p.bt_packed, p.rank_offsets, seg[0], seg[1], p.scales,
+            backend=self._backend, max_rank=p.max_rank,
+        )
+
+
+class MergeState:
+    """Which adapter is folded into the base weights, and the pristine backups."""
+
+    def __init__(self, model: LlamaModel, backup_device: str | torch.device = "cpu") -> None:
+        self.model = model
+        self.backup_device = torch.device(backup_device)
+        self.merged: int | None = None
+        self._merged_keys: tuple[tuple[int, str], ...] = ()
+        self._backups: dict[tuple[int, str], torch.Tensor] = {}
+
+    def merge(self, adapter_id: int, adapter: LoraAdapter) -> None:
+        """W <- W + scale * B @ A for every module the adapter targets (computed in float32)."""
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.merged} is merged; unmerge it first")
+        for key, m in adapter.modules.items():
+            w = self.model.weight(*key)
+            if key not in self._backups:
+                self._backups[key] = w.to(self.backup_device, copy=True)
+            a = m.a.to(w.device, torch.float32)
+            b = m.b.to(w.device, torch.float32)
+            if w.dtype == torch.float32:
+                w.addmm_(b, a, alpha=m.scale)
+            else:
+                w.copy_(torch.addmm(w.float(), b, a, alpha=m.scale))
+        self.merged = adapter_id
+        self._merged_keys = tuple(adapter.modules)
+
+    def unmerge(self) -> int | None:
+        """Restore the saved original bytes of every weight the merged adapter touched."""
+        merged = self.merged
+        for key in self._merged_keys:
+            self.model.weight(*key).copy_(self._backups[key])
+        self.merged = None
+        self._merged_keys = ()
+        return merged

@@ -1,0 +1,83 @@
+"""Fast plain-torch path of the batched LoRA ops (CPU, or any device without Triton).
+
+One BLAS call per segment on views of the packed weights (no copies, no per-token Python, no
+padding to the largest rank); ``addmm_`` adds the scaled product straight into the base output.
+Semantics are those of ``dlora.kernels.reference`` (PAPER.md section 1, unmerged mode); the
+matmuls run in the tensors' dtype (torch's CPU kernels accumulate half types in float32).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def _segments(
+    rank_offsets: torch.Tensor, seg_starts: torch.Tensor, seg_adapters: torch.Tensor
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(token_start, token_end, adapter, row_start, row_end)`` of non-empty LoRA segments."""
+    offsets = rank_offsets.tolist()
+    starts = seg_starts.tolist()
+    for seg, adapter in enumerate(seg_adapters.tolist()):
+        if adapter < 0:
+            continue
+        start, end = starts[seg], starts[seg + 1]
+        row_start, row_end = offsets[adapter], offsets[adapter + 1]
+        if end > start and row_end > row_start:
+            yield start, end, adapter, row_start, row_end
+
+
+def lora_shrink(
+    x: torch.Tensor,
+    a_packed: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_adapters: torch.Tensor,
+    max_rank: int,
+) -> torch.Tensor:
+    """``v[t, :r_k] = x[t] @ A_k^T``; ``x (T, d_in)`` -> ``v (T, max_rank)`` in ``x.dtype``."""
+    v = torch.zeros(x.shape[0], max_rank, dtype=x.dtype, device=x.device)
+    for start, end, _, row_start, row_end in _segments(rank_offsets, seg_starts, seg_adapters):
+        rank = row_end - row_start
+        torch.mm(x[start:end], a_packed[row_start:row_end].t(), out=v[start:end, :rank])
+    return v
+
+
+def lora_expand(
+    v: torch.Tensor,
+    bt_packed: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_adapters: torch.Tensor,
+    scales: torch.Tensor,
+    y: torch.Tensor,
+) -> None:
+    """``y[t] += scales[k] * v[t, :r_k] @ B_k^T`` in place; ``y (T, d_out)``."""
+    scale_list = scales.tolist()
+    for start, end, adapter, row_start, row_end in _segments(
+        rank_offsets, seg_starts, seg_adapters
+    ):
+        rank = row_end - row_start
+        y[start:end].addmm_(
+            v[start:end, :rank], bt_packed[row_start:row_end], alpha=float(scale_list[adapter])
+        )
+
+
+def lora_apply(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    a_packed: torch.Tensor,
+    bt_packed: torch.Tensor,
+    rank_offsets: torch.Tensor,
+    seg_starts: torch.Tensor,
+    seg_adapters: torch.Tensor,
+    scales: torch.Tensor,
+) -> None:
+    """Shrink and expand fused per segment: ``y[t] += scales[k] * (x[t] @ A_k^T) @ B_k^T``."""
+    scale_list = scales.tolist()
+    for start, end, adapter, row_start, row_end in _segments(
+        rank_offsets, seg_starts, seg_adapters
+    ):
+        v = torch.mm(x[start:end], a_packed[row_start:row_end].t())
+        y[start:end].addmm_(v, bt_packed[row_start:row_end], alpha=float(scale_list[adapter]))

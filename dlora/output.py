@@ -1,0 +1,92 @@
+"""Writing a run's outputs: report.json, requests.csv, PNG plots, and the rich summary table.
+
+Used by every command that produces a report (simulate, run, validate, sweeps)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .metrics import Report, write_requests_csv
+from .types import Request
+
+
+def write_outputs(out_dir: Path, report: Report, requests: Sequence[Request], adapter_names: Sequence[str],
+                  queue_samples: Sequence[Sequence[tuple[float, int]]] | None = None) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / "report.json", out_dir / "requests.csv"]
+    paths[0].write_text(report.to_json())
+    write_requests_csv(paths[1], requests, adapter_names)
+    from .plots import plot_latency_cdf, plot_queue_lengths
+
+    paths.append(plot_latency_cdf(out_dir / "latency_cdf.png", {report.scenario: requests}))
+    if queue_samples:
+        paths.append(plot_queue_lengths(out_dir / "queue_length.png", queue_samples))
+    return paths
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.1f}"
+
+
+def summary_table(report: Report) -> Table:
+    s = report.summary
+    t = Table(title=f"dlora: {report.scenario}", show_header=True, header_style="bold")
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    t.add_row("requests completed / rejected / unfinished", f"{s['completed']} / {s['rejected']} / {s['unfinished']}")
+    t.add_row("throughput (req/s)", f"{s['throughput_rps']:.3f}")
+    t.add_row("throughput (output tokens/s)", f"{s['throughput_output_tokens_per_s']:.1f}")
+    for key, label in (("latency_s", "end-to-end latency (ms)"), ("latency_per_token_s", "latency per output token (ms)"),
+                       ("ttft_s", "TTFT (ms)"), ("tpot_s", "TPOT (ms)"), ("queueing_s", "queueing (ms)")):
+        st = s[key]
+        t.add_row(label, f"mean {_ms(st['mean'])}  p50 {_ms(st['p50'])}  p90 {_ms(st['p90'])}  p99 {_ms(st['p99'])}")
+    slo = s["slo"]
+    att = slo["attainment"]
+    t.add_row(f"SLO attainment (<= {slo['latency_per_token_s']} s/token)", "-" if att is None else f"{att * 100:.1f}%")
+    t.add_row("mean latency/token within SLO", "yes" if slo["mean_within_slo"] else "no")
+    t.add_row("preemptions / migrations", f"{s['preemptions']} / {s['migrations']}")
+    return t
+
+
+def replica_table(report: Report) -> Table:
+    t = Table(title="per replica", header_style="bold")
+    cols = ("replica", "completed", "utilisation", "queueing_share", "iterations", "merged_iterations",
+            "unmerged_iterations", "switches", "credit_forced_batches", "adapter_loads", "recomputes", "swaps")
+    for c in cols:
+        t.add_column(c.replace("_", " "), justify="right")
+    for row in report.replicas:
+        cells = []
+        for c in cols:
+            v = row.get(c, 0)
+            cells.append(f"{v * 100:.1f}%" if c in ("utilisation", "queueing_share") else str(v))
+        t.add_row(*cells)
+    return t
+
+
+def print_report(report: Report, console: Console | None = None, per_replica: bool = True) -> None:
+    console = console or Console()
+    console.print(summary_table(report))
+    if per_replica and len(report.replicas) <= 32:
+        console.print(replica_table(report))
+
+
+def comparison_table(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> Table:
+    t = Table(title=title, header_style="bold")
+    for c in columns:
+        t.add_column(c, justify="right")
+    for row in rows:
+        t.add_row(*[_fmt(row.get(c)) for c in columns])
+    return t
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

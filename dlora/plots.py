@@ -1,0 +1,70 @@
+"""PNG plots with matplotlib (Agg backend, no display)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .types import Request, RequestStatus  # noqa: E402
+
+
+def plot_latency_cdf(path: Path, runs: Mapping[str, Sequence[Request]]) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, reqs in runs.items():
+        vals = np.sort([r.latency_per_token_s for r in reqs
+                        if r.status == RequestStatus.FINISHED and r.latency_per_token_s is not None])
+        if len(vals):
+            ax.plot(vals, np.arange(1, len(vals) + 1) / len(vals), label=label)
+    ax.set_xlabel("latency per output token (s)")
+    ax.set_ylabel("CDF")
+    ax.set_xscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_queue_lengths(path: Path, samples: Sequence[Sequence[tuple[float, int]]]) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, s in enumerate(samples):
+        if s:
+            t, n = zip(*s, strict=True)
+            ax.step(t, n, where="post", label=f"replica {i}", linewidth=0.8)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("unfinished requests")
+    ax.grid(alpha=0.3)
+    if len(samples) <= 12:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_sweep(path: Path, x_label: str, xs: Sequence[Any], series: Mapping[str, Sequence[float | None]],
+               y_label: str, log_y: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, ys in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
+        if pts:
+            px, py = zip(*pts, strict=True)
+            ax.plot([str(x) for x in px] if isinstance(px[0], str) else px, py, marker="o", label=label)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,1 @@
+"""The simulator: the core on virtual time (SimPy), with the profiled executor."""
