@@ -55,10 +55,12 @@ def summary_table(report: Report) -> Table:
 
 def replica_table(report: Report) -> Table:
     t = Table(title="per replica", header_style="bold")
-    cols = ("replica", "completed", "utilisation", "queueing_share", "iterations", "merged_iterations",
-            "unmerged_iterations", "switches", "credit_forced_batches", "adapter_loads", "recomputes", "swaps")
-    for c in cols:
-        t.add_column(c.replace("_", " "), justify="right")
+    cols = {"replica": "rep", "completed": "done", "utilisation": "util", "queueing_share": "queue",
+            "iterations": "iters", "merged_iterations": "merged", "unmerged_iterations": "unmerged",
+            "switches": "switch", "credit_forced_batches": "credit", "adapter_loads": "loads",
+            "recomputes": "recomp", "swaps": "swaps", "migrated_in": "mig in"}
+    for label in cols.values():
+        t.add_column(label, justify="right")
     for row in report.replicas:
         cells = []
         for c in cols:

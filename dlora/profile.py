@@ -225,13 +225,20 @@ class LatencyModel:
             return 0.0
         if not self.allow_extrapolation:
             self._check_range(shape)
-        seqs = shape.decode_seqs + (1 if shape.prefill_tokens else 0)
+        num_adapters = len(shape.adapter_ranks) if shape.mode == BatchMode.UNMERGED else 0
+        return self.step_terms_s(tokens, shape.decode_seqs + shape.prefill_seqs, shape.decode_context_tokens,
+                                 shape.prefill_attention_pairs, num_adapters, shape.lora_token_rank)
+
+    def step_terms_s(self, tokens: int, seqs: int, decode_context_tokens: int, prefill_pairs: int,
+                     num_adapters: int, lora_token_rank: int) -> float:
+        """`step_s` from the shape's numbers (no range check); the fast path calls it directly."""
+        lat = self.latency
         t = lat.linear(tokens) + lat.per_seq_s * seqs
-        t += lat.attention_decode_s_per_token * shape.decode_context_tokens
-        t += lat.attention_prefill_s_per_pair * shape.prefill_attention_pairs
-        if shape.mode == BatchMode.UNMERGED and shape.adapter_ranks:
-            t += lat.lora.fixed_s + lat.lora.per_adapter_s * len(shape.adapter_ranks)
-            t += lat.lora.per_token_rank_s * shape.lora_token_rank
+        t += lat.attention_decode_s_per_token * decode_context_tokens
+        t += lat.attention_prefill_s_per_pair * prefill_pairs
+        if num_adapters:
+            t += lat.lora.fixed_s + lat.lora.per_adapter_s * num_adapters
+            t += lat.lora.per_token_rank_s * lora_token_rank
         return t
 
     def _check_range(self, shape: BatchShape) -> None:
@@ -254,7 +261,7 @@ class LatencyModel:
         """A typical decode iteration: `batch_size` sequences of `context_tokens` each."""
         ranks = tuple([rank] * num_adapters) if mode == BatchMode.UNMERGED else ()
         shape = BatchShape(
-            prefill_tokens=0, prefill_context_tokens=0, decode_seqs=batch_size,
+            prefill_tokens=0, prefill_seqs=0, prefill_context_tokens=0, decode_seqs=batch_size,
             decode_context_tokens=batch_size * context_tokens, mode=mode, adapter_ranks=ranks,
             lora_tokens=batch_size if ranks else 0, lora_token_rank=batch_size * rank if ranks else 0,
             prefill_attention_pairs=0,

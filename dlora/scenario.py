@@ -13,7 +13,7 @@ import yaml
 
 from .config import apply_override, load_into, set_path, spec
 from .errors import ConfigError
-from .workload import WorkloadConfig
+from .workload import WorkloadConfig, check_workload
 
 PREEMPTION = ("recompute", "swap", "auto")
 ADAPTER_MEMORY = ("unified", "static")
@@ -161,6 +161,7 @@ def scenario_from_dict(data: dict[str, Any], base_dir: Path, overrides: list[str
         apply_override(data, text)
     data["base_dir"] = str(base_dir)
     scenario = load_into(Scenario, data)
+    check_workload(scenario.workload, scenario.adapters.adapter_names(), base_dir)
     if scenario.sweep is not None:
         for point in sweep_points(scenario, data):
             load_into(Scenario, point.data)  # every point must be valid before any work

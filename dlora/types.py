@@ -151,6 +151,7 @@ class BatchShape:
     lora_tokens: int  # tokens that go through a LoRA side path (unmerged)
     lora_token_rank: int  # sum over those tokens of their adapter's rank
     prefill_attention_pairs: int  # sum over prefill items of new * (computed + (new + 1) / 2)
+    prefill_seqs: int = 0  # requests in prefill
 
     @property
     def total_tokens(self) -> int:
@@ -203,7 +204,7 @@ class Batch:
 
     def shape(self, ranks: dict[int, int]) -> BatchShape:
         """The batch's shape; `ranks` maps adapter id to rank."""
-        prefill_tokens = prefill_ctx = decode_seqs = decode_ctx = 0
+        prefill_tokens = prefill_seqs = prefill_ctx = decode_seqs = decode_ctx = 0
         adapters: set[int] = set()
         lora_tokens = lora_token_rank = pairs = 0
         for it in self.items:
@@ -212,6 +213,7 @@ class Batch:
                 decode_ctx += it.computed_tokens + 1
             else:
                 prefill_tokens += it.new_tokens
+                prefill_seqs += 1
                 prefill_ctx += it.computed_tokens + it.new_tokens
                 pairs += it.new_tokens * (2 * it.computed_tokens + it.new_tokens + 1) // 2
             if self.mode == BatchMode.UNMERGED and it.adapter_id is not None:
@@ -220,6 +222,7 @@ class Batch:
                 lora_token_rank += it.new_tokens * ranks[it.adapter_id]
         return BatchShape(
             prefill_tokens=prefill_tokens,
+            prefill_seqs=prefill_seqs,
             prefill_context_tokens=prefill_ctx,
             decode_seqs=decode_seqs,
             decode_context_tokens=decode_ctx,

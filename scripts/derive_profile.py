@@ -26,8 +26,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dlora.profile import (  # noqa: E402
-    FORMAT, LORA_MODULES, Curve, Latency, LatencyModel, LoraCost, Memory, ModelShape, Profile,
-    Provenance, Range, RankCost, Transfer, load_profile,
+    FORMAT,
+    LORA_MODULES,
+    Curve,
+    Latency,
+    LatencyModel,
+    LoraCost,
+    Memory,
+    ModelShape,
+    Profile,
+    Provenance,
+    Range,
+    RankCost,
+    Transfer,
+    load_profile,
 )
 from dlora.types import BatchMode  # noqa: E402
 
@@ -38,6 +50,7 @@ OPS = ("input_layernorm", "attn_pre_proj", "attn_rope", "attn_post_proj",
 GEMM_OPS = ("attn_pre_proj", "attn_post_proj", "mlp_up_proj", "mlp_down_proj")
 SMALL_OPS = ("input_layernorm", "attn_rope", "post_attention_layernorm", "mlp_act", "add")
 NUM_KNOTS = 25
+VIDUR_MODELS = ("Llama-2-7b-hf", "Llama-2-70b-hf")
 RANK = 16  # the paper's adapters (PAPER.md section 7)
 # Named constants (sources in SOURCES):
 A100_FP16_PEAK_FLOPS = 312e12     # NVIDIA A100 datasheet, dense fp16 tensor core
@@ -46,7 +59,7 @@ FA2_FRACTION = 0.50               # FlashAttention-2 fwd reaches 50-73% of A100 
 PCIE_BYTES = 25e9                 # PCIe 4.0 x16 host->device, pinned (31.5 GB/s raw)
 NIC_BYTES = 0.92 * 12.5e9         # 100 Gb/s RDMA link at ~92% (perftest ib_write_bw class)
 AR_LATENCY_S = 40e-6              # Vidur a100_dgx all_reduce.csv, 4 GPUs, <=1 MiB medians
-AR_ALGBW_A100 = 110e9             # same file, slope between 12.2 MB (0.158 ms) and 16.8 MB (0.200 ms)
+AR_ALGBW_A100 = 110e9             # same file: slope from 12.2 MB (0.158 ms) to 16.8 MB (0.200 ms)
 NVLINK_A800_OVER_A100 = 400 / 600  # A800 NVLink 400 GB/s vs A100 600 GB/s (datasheets)
 GPU_MEMORY_UTILIZATION = 0.9      # vLLM default: 10% of device memory left unused
 HOST_SWAP_BYTES = 64 * GIB        # assumption: the paper does not state host memory
@@ -160,7 +173,8 @@ def derive_hardware(tables: dict[str, dict[int, dict[str, float]]]) -> Hardware:
     for name, table in tables.items():
         shape = shapes[name]
         for n in (1, 2, 4, 8, 16):
-            weights = sum(2 * d_in * d_out for d_in, d_out in (gemm_dims(shape, op, 1) for op in GEMM_OPS))
+            dims = [gemm_dims(shape, op, 1) for op in GEMM_OPS]
+            weights = sum(2 * d_in * d_out for d_in, d_out in dims)
             bws.append(weights / sum(table[n][op] for op in GEMM_OPS))
         for op in GEMM_OPS:
             d_in, d_out = gemm_dims(shape, op, 1)
@@ -209,7 +223,8 @@ def isotonic(ys: list[float]) -> list[float]:
     return [m for m, w in blocks for _ in range(int(w))]
 
 
-def fit_curve(target: dict[int, float], num_knots: int = NUM_KNOTS) -> tuple[Curve, dict[str, float]]:
+def fit_curve(target: dict[int, float], num_knots: int = NUM_KNOTS
+              ) -> tuple[Curve, dict[str, float]]:
     """Greedy knot insertion on the isotonic target; error against the raw target."""
     xs = sorted(target)
     smooth = dict(zip(xs, isotonic([target[x] for x in xs]), strict=True))
@@ -227,7 +242,8 @@ def fit_curve(target: dict[int, float], num_knots: int = NUM_KNOTS) -> tuple[Cur
         knots.add(worst)
     c = curve()
     errs = [abs(c(x) - target[x]) / target[x] for x in xs]
-    return c, {"linear_max_rel": round(max(errs), 5), "linear_mean_rel": round(statistics.fmean(errs), 5),
+    return c, {"linear_max_rel": round(max(errs), 5),
+               "linear_mean_rel": round(statistics.fmean(errs), 5),
                "num_points": float(len(xs))}
 
 
@@ -247,7 +263,8 @@ def lora_and_merge(s: ModelShape, hw: Hardware) -> tuple[LoraCost, RankCost]:
         per_token_rank_s=act_bytes_per_token / RANK / hw.hbm_bytes_per_s
         + flops_per_token_rank / hw.gemm_flops_per_s)
     weight_bytes = layers * sum(i * o for i, o in local) * s.dtype_bytes
-    merge = RankCost(base_s=2 * weight_bytes / hw.hbm_bytes_per_s + len(LORA_MODULES) * layers * hw.launch_s,
+    launches = len(LORA_MODULES) * layers * hw.launch_s
+    merge = RankCost(base_s=2 * weight_bytes / hw.hbm_bytes_per_s + launches,
                      per_rank_s=layers * sum(2 * i * o for i, o in local) / hw.gemm_flops_per_s)
     return lora, merge
 
@@ -262,7 +279,7 @@ def build(t: Target, ops: dict[int, dict[str, float]], src: ModelShape, hw: Hard
     host_links = 1 if tp == 1 else tp // 2  # HGX A100/A800: two GPUs share a PCIe switch uplink
     pcie = PCIE_BYTES * host_links
     activations = 4096 * (3 * s.intermediate_size // tp + 4 * s.hidden_size) * s.dtype_bytes * tp
-    device = 80 * GIB * tp
+    device, reserve = 80 * GIB * tp, 1 - GPU_MEMORY_UTILIZATION
     g = lambda x: float(f"{x:.4g}")  # noqa: E731
     latency = Latency(
         linear=curve, per_seq_s=g(cpu_per_seq + lm_head_per_seq),
@@ -273,7 +290,8 @@ def build(t: Target, ops: dict[int, dict[str, float]], src: ModelShape, hw: Hard
         merge=RankCost(g(merge.base_s), g(merge.per_rank_s)),
         unmerge=RankCost(g(merge.base_s), g(merge.per_rank_s)),
         adapter_load=Transfer(bandwidth_bytes_per_s=pcie, overlap=True),
-        swap=Transfer(bandwidth_bytes_per_s=pcie), kv_transfer=Transfer(bandwidth_bytes_per_s=NIC_BYTES))
+        swap=Transfer(bandwidth_bytes_per_s=pcie),
+        kv_transfer=Transfer(bandwidth_bytes_per_s=NIC_BYTES))
     prov = Provenance(
         how="derived", device=f"NVIDIA A800-SXM4-80GB x{tp} (modelled as A100-SXM4-80GB)",
         model=s.name, dtype="float16", tensor_parallel=tp, date=DATE, git_revision=git_revision(),
@@ -281,7 +299,7 @@ def build(t: Target, ops: dict[int, dict[str, float]], src: ModelShape, hw: Hard
         sources=tuple(x.format(data=data, vidur=t.vidur) for x in SOURCES))
     prof = Profile(format=FORMAT, provenance=prov, model=s,
                    memory=Memory(device_bytes=device,
-                                 reserved_bytes=int((1 - GPU_MEMORY_UTILIZATION) * device + activations),
+                                 reserved_bytes=int(reserve * device + activations),
                                  host_swap_bytes=HOST_SWAP_BYTES),
                    latency=latency, range=Range(4096, 256, 4096), fit_error=fit)
     return dataclasses.replace(prof, provenance=dataclasses.replace(prov, notes=notes(t, prof, hw)))
@@ -296,62 +314,81 @@ def git_revision() -> str:
     return out.stdout.strip()
 
 
+METHOD = (
+    "linear = measured ops + embedding + fixed per iteration: the LM-head weight read (vLLM "
+    "applies the LM head only to sampled positions), 2 attention kernels per layer at the kernel "
+    "floor, and the intercept of Vidur's vLLM CPU overheads (schedule + sampler + prepare inputs "
+    "+ process outputs; Ray comm time excluded). per_seq_s = that CPU overhead's slope + the "
+    "LM-head FLOPs of one token at the GEMM rate. Decode attention reads each context token's KV "
+    "once at the HBM rate; prefill attention costs 4 x head_dim x heads FLOPs per (query, key) "
+    "pair per layer at 50% of 312 TFLOP/s (FlashAttention-2's lower end). LoRA unmerged "
+    "(segment-grouped SGMV/BGMV kernels): fixed = 2 kernels x 7 modules x layers at the kernel "
+    "floor; per_adapter_s = bytes of a RANK-16 adapter's A and B at the HBM rate (the format has "
+    "no per-adapter-rank term); per_token_rank_s = per-token activation reads and output "
+    "read-modify-writes (rank-independent, folded in at rank 16) + 2 x (d_in + d_out) FLOPs per "
+    "rank at the GEMM rate. Under TP, column-parallel modules shard B and row-parallel ones shard "
+    "A, adding the LoRA output before the layer's all-reduce. Merge and unmerge: read + write "
+    "every target weight once at the HBM rate + 7 x layers launches; per_rank_s = the BA GEMM "
+    "FLOPs at the GEMM rate (additive, an upper bound: k = rank GEMMs are memory bound). Reserved "
+    "memory: 10% of device memory (vLLM gpu_memory_utilization 0.9) + peak activations of a "
+    "4096-token batch. Host swap 64 GiB per replica is an assumption. KV transfer: one 100 Gb/s "
+    "RDMA link per replica at 92%. "
+)
+PAPER_CHECKS = (
+    "PAPER.md cross-checks, not used for tuning: artifact 7B iteration 15 ms merged vs 27 ms "
+    "unmerged (its einsum path scaled with every adapter in a GPU slot); micro-benchmark LoRA side "
+    "path about 40% of the base GEMM at batch 2-16 with separate launches; about 20 ms per "
+    "merged-adapter switch for 7B (a fused switch W + s(B'A' - BA) is one pass, about one merge "
+    "here); rank-16 7B adapter 96 MiB in about 3 ms at 32 GiB/s."
+)
+
+
 def notes(t: Target, prof: Profile, hw: Hardware) -> str:
     s, tp, m = prof.model, prof.model.tensor_parallel, LatencyModel(prof)
     ms = lambda x: f"{x * 1e3:.2f} ms"  # noqa: E731
+    text = []
+    if t.scaled:
+        text.append(
+            "No measured 13B data exists: every 7B per-op median was scaled, per token count, by "
+            "the ratio of the op's roofline time (max of kernel floor, bytes/bandwidth, "
+            "FLOPs/throughput) for 13B (hidden 5120, intermediate 13824, 40 heads) to 7B, then "
+            "x 40 layers; fit_error is against these scaled sums. ")
+    if tp > 1:
+        algbw = AR_ALGBW_A100 * NVLINK_A800_OVER_A100
+        text.append(
+            f"TP{tp}: measured rows with num_tensor_parallel_workers == {tp} (per-GPU shards) + "
+            f"{2 * s.num_layers + 1} NCCL all-reduces per iteration of tokens x hidden x 2 B, each "
+            f"{AR_LATENCY_S * 1e6:.0f} us + bytes / {algbw / 1e9:.0f} GB/s (Vidur's A100 DGX "
+            "all-reduce measurements, bandwidth scaled by A800/A100 NVLink 400/600). Adapter load "
+            "and swap use 2 PCIe uplinks (two GPUs share a PCIe switch on HGX boards). ")
+    hbm, flops = hw.hbm_bytes_per_s, hw.gemm_flops_per_s
+    text.append(
+        f"Derived rates (from the Vidur rows): achievable HBM {hbm / 1e12:.2f} TB/s "
+        f"({hbm / A100_HBM_PEAK_BYTES:.0%} of 2.039; GEMM weight bytes / measured time at 1-16 "
+        f"tokens), achievable GEMM {flops / 1e12:.0f} TFLOP/s ({flops / A100_FP16_PEAK_FLOPS:.0%} "
+        f"of 312; at 4096 tokens), kernel floor {hw.launch_s * 1e6:.0f} us (median 1-token time of "
+        "the norm/rope/act/add kernels). ")
+    text.append(METHOD)
     merged = m.decode_step_s(16, 512, BatchMode.MERGED)
-    unmerged = {k: m.decode_step_s(16, 512, BatchMode.UNMERGED, num_adapters=k) for k in (1, 4, 16)}
+    lora = [m.decode_step_s(16, 512, BatchMode.UNMERGED, num_adapters=k) for k in (1, 4, 16)]
     gemm16 = sum(op_roofline_s(s, op, 16, tp, hw) for op in GEMM_OPS) * s.num_layers
-    kv_tokens = m.kv_capacity_bytes() // m.kv_bytes_per_token
-    scaled = ("No measured 13B data exists: every 7B per-op median was scaled, per token count, by "
-              "the ratio of the op's roofline time (max of launch floor, bytes/bandwidth, "
-              "FLOPs/throughput) for 13B (hidden 5120, intermediate 13824, 40 heads) to 7B, then "
-              "x 40 layers; fit_error is against these scaled sums. " if t.scaled else "")
-    tp_note = (f"TP{tp}: measured rows with num_tensor_parallel_workers == {tp} (per-GPU shards) plus "
-               f"{2 * s.num_layers + 1} NCCL all-reduces per iteration of tokens x hidden x 2 B, each "
-               f"{AR_LATENCY_S * 1e6:.0f} us + bytes / {AR_ALGBW_A100 * NVLINK_A800_OVER_A100 / 1e9:.0f} GB/s "
-               "(Vidur's A100 DGX all-reduce measurements, bandwidth scaled by A800/A100 NVLink "
-               "400/600). Adapter load and swap use 2 PCIe uplinks (two GPUs per PCIe switch). " if tp > 1 else "")
-    return (
-        f"{scaled}{tp_note}Derived rates (from the Vidur rows): achievable HBM "
-        f"{hw.hbm_bytes_per_s / 1e12:.2f} TB/s ({hw.hbm_bytes_per_s / A100_HBM_PEAK_BYTES:.0%} of 2.039 "
-        f"peak; GEMM weight bytes / measured time at 1-16 tokens), achievable GEMM "
-        f"{hw.gemm_flops_per_s / 1e12:.0f} TFLOP/s ({hw.gemm_flops_per_s / A100_FP16_PEAK_FLOPS:.0%} of 312; "
-        f"at 4096 tokens), kernel floor {hw.launch_s * 1e6:.0f} us (median 1-token time of the "
-        "norm/rope/act/add kernels). linear = measured ops + embedding + fixed per iteration "
-        "(LM-head weight read, since vLLM applies the LM head only to sampled positions; 2 attention "
-        "kernels per layer at the kernel floor; Vidur's vLLM CPU overhead intercept: schedule + "
-        "sampler + prepare inputs + process outputs; Ray comm time excluded). per_seq_s = CPU "
-        "overhead slope + LM-head FLOPs of one token at the GEMM rate. Decode attention reads the KV "
-        "of each context token once at the HBM rate; prefill attention 4 x head_dim x heads FLOPs "
-        "per (query, key) pair per layer at 50% of 312 TFLOP/s (FlashAttention-2 lower end). "
-        "LoRA unmerged (segment-grouped SGMV/BGMV kernels): fixed = 2 kernels x 7 modules x layers "
-        "at the kernel floor; per_adapter_s = bytes of a RANK-16 adapter's A and B at the HBM rate "
-        "(the format has no per-adapter-rank term); per_token_rank_s = per-token activation reads and "
-        "output read-modify-writes (rank-independent, folded in at rank 16) + 2 x (d_in + d_out) "
-        "FLOPs per rank. Merge/unmerge: read + write every target weight once at the HBM rate + "
-        "7 x layers launches; per_rank_s = BA GEMM FLOPs at the GEMM rate (additive, so an upper "
-        "bound; k = rank GEMMs are memory bound). Reserved memory: 10% of device memory (vLLM "
-        "gpu_memory_utilization 0.9) + peak activations of a 4096-token batch. Host swap 64 GiB per "
-        "replica is an assumption. KV transfer: one 100 Gb/s RDMA link per replica at 92%. "
-        f"PREDICTIONS (this profile's LatencyModel): decode batch 1 @ 512 ctx merged "
-        f"{ms(m.decode_step_s(1, 512, BatchMode.MERGED))}; batch 16 @ 512 ctx merged {ms(merged)}, "
-        f"unmerged rank 16 with 1 / 4 / 16 adapters {ms(unmerged[1])} / {ms(unmerged[4])} / "
-        f"{ms(unmerged[16])} (x{unmerged[1] / merged:.2f} / x{unmerged[4] / merged:.2f} / "
-        f"x{unmerged[16] / merged:.2f}); LoRA side path at 16 tokens = "
-        f"{(unmerged[1] - merged) / gemm16:.0%} of the base GEMMs' roofline time; switch (unmerge + "
-        f"merge, rank 16) {ms(m.switch_s(RANK, RANK))}; rank-16 adapter "
-        f"{s.adapter_bytes(RANK) / 2**20:.0f} MiB loads in {ms(m.load_s(s.adapter_bytes(RANK)))}; KV "
-        f"capacity {kv_tokens} tokens. PAPER.md cross-checks, not used for tuning: artifact 7B "
-        "iteration 15 ms merged vs 27 ms unmerged (its einsum path scaled with every adapter in a "
-        "GPU slot); micro-benchmark LoRA side path about 40% of the base GEMM at batch 2-16 with "
-        "separate launches; about 20 ms per merged-adapter switch for 7B (a fused switch "
-        "W + s(B'A' - BA) is one pass, i.e. about one merge here); rank-16 7B adapter 96 MiB in "
-        "about 3 ms at 32 GiB/s.")
+    adapter = s.adapter_bytes(RANK)
+    text.append(
+        "PREDICTIONS (this profile's LatencyModel): decode batch 1 @ 512 ctx merged "
+        f"{ms(m.decode_step_s(1, 512, BatchMode.MERGED))}; batch 16 @ 512 ctx merged "
+        f"{ms(merged)}, unmerged rank 16 with 1 / 4 / 16 adapters "
+        + " / ".join(ms(x) for x in lora) + " ("
+        + " / ".join(f"x{x / merged:.2f}" for x in lora) + "); LoRA side path at 16 tokens = "
+        f"{(lora[0] - merged) / gemm16:.0%} of the base GEMMs' roofline time; switch (unmerge + "
+        f"merge, rank 16) {ms(m.switch_s(RANK, RANK))}; rank-16 adapter {adapter / 2**20:.0f} MiB "
+        f"loads in {ms(m.load_s(adapter))}; KV capacity "
+        f"{m.kv_capacity_bytes() // m.kv_bytes_per_token} tokens. ")
+    text.append(PAPER_CHECKS)
+    return "".join(text)
 
 
 def derive(data: Path, out: Path) -> list[Path]:
-    tables = {v: read_ops(data / "a100" / v / "mlp.csv", 1) for v in ("Llama-2-7b-hf", "Llama-2-70b-hf")}
+    tables = {v: read_ops(data / "a100" / v / "mlp.csv", 1) for v in VIDUR_MODELS}
     hw = derive_hardware(tables)
     written = []
     for t in TARGETS:
@@ -359,7 +396,7 @@ def derive(data: Path, out: Path) -> list[Path]:
         src = LLAMA_7B if t.scaled else t.shape
         prof = build(t, ops, src, hw, data)
         path = out / t.file
-        path.write_text(f"# Generated by scripts/derive_profile.py; do not edit by hand.\n{prof.dump()}")
+        path.write_text(f"# Generated by scripts/derive_profile.py; do not edit.\n{prof.dump()}")
         load_profile(path)  # validate what was written
         written.append(path)
     return written

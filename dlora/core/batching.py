@@ -51,6 +51,10 @@ class BatchPolicy(Protocol):
 
     def observe(self, batch: Batch, result: StepResult) -> None: ...
 
+    def observe_repeated(self, batch: Batch, times: Sequence[float]) -> None:
+        """Equivalent to `observe` once per iteration of these durations (fast path)."""
+        ...
+
     def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
         """True when repeating `plan` for more pure-decode iterations with the same requests
         gives exactly the decisions `plan` would return again (enables the simulator's fast
@@ -65,6 +69,10 @@ BATCH_POLICIES: Registry[BatchPolicy] = Registry("batching policy")
 
 class _Simple:
     def observe(self, batch: Batch, result: StepResult) -> None:
+        return None
+
+    def observe_repeated(self, batch: Batch, times: Sequence[float]) -> None:
+        """`observe` for identical decode iterations of these durations (the fast path)."""
         return None
 
     def stats(self) -> dict[str, Any]:

@@ -198,16 +198,12 @@ def _best_move(layout: Layout, s: int) -> tuple[float, int, int, list[int]] | No
     dst_total = np.array(layout.work)[None, :] + work[:, None] + cost + extra + swap[None, :] * over
     pair = np.maximum(src_total[:, None], dst_total)
     pair[:, s] = np.inf
-    n, d = np.unravel_index(int(np.argmin(pair)), pair.shape)
-    if not np.isfinite(pair[n, d]):
+    n, dst = divmod(int(np.argmin(pair)), num_r)
+    if not np.isfinite(pair[n, dst]):
         return None
     adapter = reqs[n].adapter
-    return (
-        float(pair[n, d]),
-        idx[n],
-        int(d),
-        evict.get((adapter, int(d)), []) if adapter is not None else [],
-    )
+    evictions = evict.get((adapter, dst), []) if adapter is not None else []
+    return float(pair[n, dst]), idx[n], dst, evictions
 
 
 def greedy_migration(problem: MigrationProblem) -> Layout:

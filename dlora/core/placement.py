@@ -201,7 +201,8 @@ class _State:
         with np.errstate(divide="ignore"):
             inv = np.where(load > 0, self.cap / np.where(load > 0, load, 1.0), np.inf)
         n = np.maximum(x.sum(axis=1), 1)
-        return ((x.astype(float) @ inv) / n)[self.share > 0]
+        served = np.where(x, inv[None, :], 0.0).sum(axis=1)  # inf only off the holders
+        return (served / n)[self.share > 0]
 
 
 def _leximin_better(new: np.ndarray, old: np.ndarray, tol: float) -> bool:

@@ -15,7 +15,7 @@ def recompute_s(latency: LatencyModel, tokens: int) -> float:
         return 0.0
     tokens = min(tokens, latency.range.max_batch_tokens)
     shape = BatchShape(
-        prefill_tokens=tokens, prefill_context_tokens=tokens, decode_seqs=0, decode_context_tokens=0,
+        prefill_tokens=tokens, prefill_seqs=1, prefill_context_tokens=tokens, decode_seqs=0, decode_context_tokens=0,
         mode=BatchMode.MERGED, adapter_ranks=(), lora_tokens=0, lora_token_rank=0,
         prefill_attention_pairs=tokens * (tokens + 1) // 2,
     )

@@ -184,6 +184,7 @@ class ReplicaScheduler:
         swap_out: list[int] = []
         swap_tokens = [0, 0]  # out, in
         tokens_left = self.config.max_batched_tokens
+        protect: set[int] = set()  # admitted requests (never preempted for later ones)
         i = 0
         while i < len(candidates) and tokens_left > 0:
             r = candidates[i]
@@ -195,14 +196,15 @@ class ReplicaScheduler:
             adapter_bytes = 0
             if adapter is not None and not mem.is_resident(adapter):
                 adapter_bytes = self.adapters[adapter].size_bytes
-            protect = {a.id for a in admitted} | {r.id}
-            needed_adapters_now = needed_adapters | ({adapter} if adapter is not None else set())
-            ok = self._make_room(
-                blocks * mem.block_bytes + adapter_bytes, adapter_bytes > 0, protect,
-                in_plan, candidates, i, needed_adapters_now, evicts, swap_out, swap_tokens,
-            )
-            if not ok:
-                continue
+            need_bytes = blocks * mem.block_bytes + adapter_bytes
+            fits = mem.free_bytes >= need_bytes and (not adapter_bytes or mem.adapter_fits(adapter_bytes))
+            if not fits:
+                protect.add(r.id)
+                needed_now = needed_adapters | ({adapter} if adapter is not None else set())
+                if not self._make_room(need_bytes, adapter_bytes > 0, protect, in_plan, candidates, i,
+                                       needed_now, evicts, swap_out, swap_tokens):
+                    protect.discard(r.id)
+                    continue
             if adapter_bytes:
                 mem.load_adapter(adapter, adapter_bytes)  # type: ignore[arg-type]
                 loads.append(adapter)  # type: ignore[arg-type]
@@ -219,6 +221,7 @@ class ReplicaScheduler:
                 blocks = mem.blocks_for(r.computed_tokens + new) - mem.held(r.id)
             mem.allocate(r.id, blocks)
             r.status = RequestStatus.RUNNING
+            protect.add(r.id)
             if r.first_scheduled_s is None:
                 r.first_scheduled_s = now
             admitted.append(r)

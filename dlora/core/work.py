@@ -45,7 +45,7 @@ class WorkEstimator:
         self.generated_tokens = 0
         self.count = 0
         n = min(latency.range.max_batch_tokens, 512)
-        shape = BatchShape(n, n, 0, 0, BatchMode.UNMERGED, (16,), n, 16 * n, n * (n + 1) // 2)
+        shape = BatchShape(n, n, 0, 0, BatchMode.UNMERGED, (16,), n, 16 * n, n * (n + 1) // 2, prefill_seqs=1)
         self.prefill_s_per_token = latency.step_s(shape) / n
         self._decode_per_token: dict[int, float] = {}
 

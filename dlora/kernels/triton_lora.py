@@ -4,7 +4,7 @@ One program per (segment, output tile, token lane): it reads its adapter's rows 
 weights once (masked to ``r_k``, so small ranks cost no padding traffic) and walks the segment's
 tokens in blocks of ``BLOCK_M``. Shrink splits ``d_in`` over programs (``split_k``) when there are
 too few segments to fill the GPU, accumulating float32 partial sums with atomics. Products and
-sums are float32 (``tl.dot`` with IEEE precision for float32 inputs).
+sums are float32 (``tl.dot`` with IEEE precision for float32 inputs, never TF32).
 
 On CUDA tensors the kernels are compiled. CPU tensors work only under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is first imported), which is slow: tests, small shapes.
@@ -32,7 +32,7 @@ def _shrink_kernel(
     d_in, k_per_split, num_rank_tiles,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_vm, stride_vr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    ATOMIC: tl.constexpr, IEEE: tl.constexpr,
+    ATOMIC: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     seg = tl.program_id(0)
     rank_tile = tl.program_id(1) % num_rank_tiles
@@ -66,8 +66,8 @@ def _shrink_kernel(
                 a_ptr + (row_start + offs_r)[None, :] * stride_ar + offs_k[:, None] * stride_ak,
                 mask=a_mask, other=0.0,
             )  # fmt: skip
-            if IEEE:
-                acc += tl.dot(x, a, input_precision="ieee")
+            if UPCAST:
+                acc += tl.dot(x.to(tl.float32), a.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(x, a)
         v_ptrs = v_ptr + offs_m[:, None] * stride_vm + offs_r[None, :] * stride_vr
@@ -82,7 +82,7 @@ def _expand_kernel(
     v_ptr, bt_ptr, y_ptr, rank_offsets_ptr, seg_starts_ptr, seg_adapters_ptr, scales_ptr,
     d_out,
     stride_vm, stride_vr, stride_br, stride_bn, stride_ym, stride_yn,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
     seg = tl.program_id(0)
     n_tile = tl.program_id(1)
@@ -111,8 +111,8 @@ def _expand_kernel(
             mask=(offs_m[:, None] < tok_end) & (offs_r[None, :] < rank), other=0.0,
         )  # fmt: skip
         v = v.to(bt.dtype)
-        if IEEE:  # noqa: SIM108 - a constexpr branch, kept explicit for the Triton compiler
-            delta = tl.dot(v, bt, input_precision="ieee")
+        if UPCAST:  # noqa: SIM108 - a constexpr branch, kept explicit for the Triton compiler
+            delta = tl.dot(v.to(tl.float32), bt.to(tl.float32), input_precision="ieee")
         else:
             delta = tl.dot(v, bt)
         y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn
@@ -143,6 +143,19 @@ def _launch(fn: Callable[..., None], device: torch.device, grid: tuple, *args: A
             kernel[grid](*args, **meta)
     else:
         kernel[grid](*args, **meta)
+
+
+def _interpreted(tensor: torch.Tensor) -> bool:
+    """CPU tensors run in the interpreter, which truncates float32 -> half casts instead of
+    rounding to nearest like the GPU: there the wrappers keep outputs in float32 and let torch
+    round them."""
+    return tensor.device.type == "cpu"
+
+
+def _upcast(tensor: torch.Tensor) -> bool:
+    """Dot in float32 with IEEE products: for float32 inputs (no TF32), and in the interpreter,
+    whose ``tl.dot`` gives garbage on bfloat16 operands (half types are exact in float32)."""
+    return tensor.dtype == torch.float32 or tensor.device.type == "cpu"
 
 
 def _target_programs(device: torch.device) -> int:
@@ -180,7 +193,7 @@ def lora_shrink(
     k_per_split = triton.cdiv(triton.cdiv(d_in, split_k), SHRINK_BLOCK_K) * SHRINK_BLOCK_K
     split_k = triton.cdiv(d_in, k_per_split) if d_in else 1
     atomic = split_k > 1
-    out_dtype = torch.float32 if atomic else x.dtype
+    out_dtype = torch.float32 if atomic or _interpreted(x) else x.dtype
     v = torch.zeros(num_tokens, max_rank, dtype=out_dtype, device=x.device)
     if num_tokens == 0 or num_segments == 0 or max_rank == 0:
         return v.to(x.dtype)
@@ -192,7 +205,7 @@ def lora_shrink(
         d_in, k_per_split, num_rank_tiles,
         x.stride(0), x.stride(1), a_packed.stride(0), a_packed.stride(1), v.stride(0), v.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_R=SHRINK_BLOCK_R, BLOCK_K=SHRINK_BLOCK_K,
-        ATOMIC=atomic, IEEE=x.dtype == torch.float32,
+        ATOMIC=atomic, UPCAST=_upcast(x),
     )  # fmt: skip
     return v.to(x.dtype)
 
@@ -211,6 +224,11 @@ def lora_expand(
     num_segments = seg_adapters.shape[0]
     if num_tokens == 0 or num_segments == 0 or v.shape[1] == 0 or d_out == 0:
         return
+    if _interpreted(y) and y.dtype != torch.float32:
+        y_float = y.float()
+        lora_expand(v, bt_packed, rank_offsets, seg_starts, seg_adapters, scales, y_float)
+        y.copy_(y_float)
+        return
     block_r = max(16, triton.next_power_of_2(v.shape[1]))
     block_n = max(16, min(128, 8192 // block_r, triton.next_power_of_2(d_out)))
     num_n_tiles = triton.cdiv(d_out, block_n)
@@ -222,5 +240,5 @@ def lora_expand(
         d_out,
         v.stride(0), v.stride(1), bt_packed.stride(0), bt_packed.stride(1),
         y.stride(0), y.stride(1),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=block_n, IEEE=y.dtype == torch.float32,
+        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_N=block_n, UPCAST=_upcast(y),
     )  # fmt: skip

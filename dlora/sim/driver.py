@@ -26,7 +26,7 @@ from ..scenario import Scenario
 from ..types import Adapter, Executor, Request
 from ..workload import build_requests
 from .executor import ProfiledExecutor
-from .fastpath import FastPath
+from .fastpath import FastPath, Jump, at
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,9 @@ class _Sim:
         self.queue_samples: list[list[tuple[float, int]]] = [[] for _ in self.cluster.replicas]
         self.batch_log: list[Any] | None = [] if record_batches else None
         self.next_arrival_i = 0
-        self.next_check_s = float("inf")
         use_fast = scenario.run.fast_path and executor_factory is None
         self.fast = FastPath(latency, self.adapters) if use_fast else None
+        self.jumps: dict[int, Jump] = {}
 
     # ---- processes ----
     def arrivals(self):  # type: ignore[no-untyped-def]
@@ -75,6 +75,7 @@ class _Sim:
             if delay > 0:
                 yield env.timeout(delay)
             self.next_arrival_i = i + 1
+            self.observe_all(env.now)
             replica = cluster.submit(r, env.now)
             if replica is None:
                 self._count_done(1)
@@ -96,7 +97,7 @@ class _Sim:
             yield env.timeout(result.elapsed_s)
             finished = rep.complete(batch, result, env.now)
             if self.fast is not None and not finished:
-                yield from self.fast.run(self, rep, batch, result)
+                yield from self._jump(rep, batch)
             if finished:
                 self.cluster.on_finished(finished)
                 self._count_done(len(finished))
@@ -107,19 +108,40 @@ class _Sim:
         assert interval is not None
         env = self.env
         while True:
-            self.next_check_s = env.now + interval
             yield env.timeout(interval)
+            self.observe_all(env.now)
             actions = self.migrator.plan(self.cluster.view(env.now), env.now)
             for rep in self.cluster.apply(actions, env.now):
                 self._wake(rep.id)
 
+    def _jump(self, rep: ReplicaScheduler, batch):  # type: ignore[no-untyped-def]
+        """Cover identical decode iterations after `batch` with one event (see fastpath.py)."""
+        assert self.fast is not None
+        env = self.env
+        jump = self.fast.plan(rep, batch, float(env.now), self.scenario.run.horizon_s)
+        if jump is None:
+            return
+        self.jumps[rep.id] = jump
+        self.fast.jumps += 1
+        wake = env.event()
+        self.wake[rep.id] = wake
+        yield at(env, jump.ends[-1]) | wake
+        self.wake[rep.id] = None
+        self.fast.materialize(jump, float(env.now))
+        if not jump.done:  # woken: something changed this replica; finish the iteration in flight
+            end = self.fast.cut(jump)
+            if end > env.now:
+                yield at(env, end)
+            self.fast.materialize(jump, float(env.now))
+        assert jump.done
+        del self.jumps[rep.id]
+
     # ---- helpers ----
-    def next_external_s(self) -> float:
-        """The next time something outside a replica may look at or change it."""
-        t = self.next_check_s
-        if self.next_arrival_i < self.total:
-            t = min(t, self.requests[self.next_arrival_i].arrival_s)
-        return t
+    def observe_all(self, now: float) -> None:
+        """Bring replicas in a jump up to `now` before anything looks at them."""
+        if self.fast is not None:
+            for jump in self.jumps.values():
+                self.fast.materialize(jump, now)
 
     def _wake(self, rid: int) -> None:
         ev = self.wake[rid]
@@ -154,6 +176,7 @@ class _Sim:
         if horizon is not None:
             until = self.all_done | env.timeout(horizon)
         env.run(until=until)
+        self.observe_all(float(env.now))
         return float(env.now)
 
 

@@ -1,26 +1,56 @@
-"""The simulator's fast path (DESIGN.md section 3): after a pure-decode iteration, advance many
-identical decode iterations in one SimPy event when nothing can change the batch.
+"""The simulator's fast path (DESIGN.md section 3): after a pure-decode iteration, cover the
+following identical decode iterations with one SimPy event.
 
-A jump covers iterations that all end strictly before the next external event (an arrival or a
-migration check), finish no request, need no KV block the pool cannot give, and for which the
-batching policy declares its plan stationary. Each jumped iteration is accounted exactly as the
-normal path would (the same float additions in the same order), so reports are identical to
-stepping one by one; `tests/sim/test_fastpath.py` checks that."""
+A jump is planned over the iterations that finish no request, need no KV block the pool cannot
+give, and for which the batching policy declares its plan stationary (no arrival, completion or
+policy decision pending). Its iterations are applied lazily: when something outside the replica
+looks at it (an arrival being dispatched, a migration check), the driver first `materialize`s
+every iteration that ended by then and allocates the blocks of the one in flight, so the
+observer sees exactly the state the one-by-one loop would have. If the observer changes the
+replica (a request dispatched to it, a migration), the jump is cut after the iteration in
+flight. Each iteration is accounted with the same float operations in the same order as the
+normal path, so reports are identical to stepping one by one (tests/sim/test_fastpath.py)."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, Any
+import heapq
+from dataclasses import dataclass
+
+import simpy
 
 from ..core.batching import QueueView
 from ..core.replica import ReplicaScheduler
 from ..profile import LatencyModel
-from ..types import Adapter, Batch, StepResult
-
-if TYPE_CHECKING:
-    from .driver import _Sim
+from ..types import Adapter, Batch, BatchMode
 
 MIN_JUMP = 2
+MAX_JUMP = 4096
+
+
+def at(env: simpy.Environment, when: float) -> simpy.Event:
+    """An event that fires at absolute time `when` exactly (a Timeout computes now + delay,
+    which can differ from `when` in the last bit)."""
+    ev = simpy.Event(env)
+    ev._ok = True
+    ev._value = None
+    heapq.heappush(env._queue, (when, simpy.events.NORMAL, next(env._eid), ev))  # type: ignore[attr-defined]
+    return ev
+
+
+@dataclass
+class Jump:
+    rep: ReplicaScheduler
+    batch: Batch
+    start_s: float
+    times: list[float]
+    ends: list[float]
+    applied: int = 0  # iterations fully applied
+    allocated: int = 0  # iterations whose KV blocks are allocated
+    cut: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.applied >= len(self.times)
 
 
 class FastPath:
@@ -46,66 +76,104 @@ class FastPath:
             return False
         return rep.policy.is_stationary(queue, plan)
 
-    def run(self, sim: _Sim, rep: ReplicaScheduler, batch: Batch, result: StepResult) -> Any:
-        """Generator: yields at most one timeout covering the jumped iterations."""
+    def plan(self, rep: ReplicaScheduler, batch: Batch, now: float, horizon: float | None) -> Jump | None:
+        """The jump that follows `batch` (just completed at `now`), or None."""
         if not self.eligible(rep, batch):
-            return
-        env = sim.env
-        now = float(env.now)
-        limit = sim.next_external_s()
+            return None
         reqs = batch.requests
-        max_iters = min(r.remaining_output_tokens for r in reqs) - 1  # none may finish
+        max_iters = min(min(r.remaining_output_tokens for r in reqs) - 1, MAX_JUMP)  # none may finish
         if max_iters < MIN_JUMP:
-            return
+            return None
         mem = rep.memory
         shape = batch.shape(self.ranks)
         n = len(reqs)
-        ctx = [r.computed_tokens for r in reqs]  # KV tokens before the next iteration
+        lat = self.latency.latency
+        # the float operations of LatencyModel.step_terms_s, with the constant parts hoisted
+        # (each hoisted part is a whole right-hand side there, so results are bit-identical)
+        base = lat.linear(n) + lat.per_seq_s * (shape.decode_seqs + shape.prefill_seqs)
+        attn = lat.attention_decode_s_per_token
+        pairs_term = lat.attention_prefill_s_per_pair * 0
+        unmerged = shape.mode == BatchMode.UNMERGED and len(shape.adapter_ranks) > 0
+        lora_fixed = lat.lora.fixed_s + lat.lora.per_adapter_s * len(shape.adapter_ranks)
+        lora_tokens = lat.lora.per_token_rank_s * shape.lora_token_rank
+        block = mem.block_tokens
+        # a request needs a new block when its KV tokens before the step fill whole blocks
+        ctx = [r.computed_tokens for r in reqs]
         free_blocks = mem.free_blocks
-        held = [mem.held(r.id) for r in reqs]
         times: list[float] = []
-        grow: list[int] = []
+        ends: list[float] = []
         end = now
         decode_ctx = shape.decode_context_tokens
         for _ in range(max_iters):
             need = 0
             for i in range(n):
-                need += mem.blocks_for(ctx[i] + 1) - held[i]
+                if ctx[i] % block == 0:
+                    need += 1
+                ctx[i] += 1
             if need > free_blocks:
                 break
-            decode_ctx += n
-            t = self.latency.step_s(dataclasses.replace(shape, decode_context_tokens=decode_ctx))
-            if not end + t < limit:
-                break
-            for i in range(n):
-                b = mem.blocks_for(ctx[i] + 1) - held[i]
-                held[i] += b
-                ctx[i] += 1
             free_blocks -= need
-            grow.append(need)
+            decode_ctx += n
+            t = base
+            t += attn * decode_ctx
+            t += pairs_term
+            if unmerged:
+                t += lora_fixed
+                t += lora_tokens
             end = end + t
             times.append(t)
-        k = len(times)
-        if k < MIN_JUMP or now + (end - now) != end:
-            return
-        yield env.timeout(end - now)
-        self._apply(rep, batch, times)
-        self.jumps += 1
-        self.jumped_iterations += k
+            ends.append(end)
+            if horizon is not None and end >= horizon:
+                break
+        if len(times) < MIN_JUMP:
+            return None
+        return Jump(rep, batch, now, times, ends)
 
-    def _apply(self, rep: ReplicaScheduler, batch: Batch, times: list[float]) -> None:
+    def materialize(self, jump: Jump, now: float) -> None:
+        """Apply every iteration that ended by `now`; allocate the blocks of the one in flight."""
+        rep = jump.rep
         mem = rep.memory
-        policy = rep.policy
-        for t in times:
-            result = StepResult(t)
-            rep.stats.record_step(batch, result)
-            for r in batch.requests:
-                need = mem.blocks_for(r.computed_tokens + 1) - mem.held(r.id)
-                if need:
-                    mem.allocate(r.id, need)
+        reqs = jump.batch.requests
+        block = mem.block_tokens
+        stats = rep.stats
+        k = len(jump.times)
+        first = jump.applied
+        while jump.applied < k and (jump.applied == 0 or jump.ends[jump.applied - 1] <= now):
+            i = jump.applied
+            if jump.allocated <= i:
+                # held == ceil(computed / block) for a decoding request, so a step needs a new
+                # block exactly when its computed tokens fill whole blocks
+                for r in reqs:
+                    if r.computed_tokens % block == 0:
+                        mem.allocate(r.id, 1)
+                jump.allocated = i + 1
+            if jump.ends[i] > now:
+                break
+            t = jump.times[i]
+            stats.busy_s += t
+            for r in reqs:
                 r.executing_s += t
                 r.computed_tokens += 1
                 r.generated_tokens += 1
-            rep.work.generated_tokens += len(batch.requests)
-            policy.observe(batch, result)
-            rep.step += 1
+            jump.applied = i + 1
+        done = jump.applied - first
+        if done:
+            n = len(reqs)
+            rep.work.generated_tokens += n * done
+            rep.step += done
+            stats.iterations += done
+            stats.batched_requests += n * done
+            if jump.batch.mode == BatchMode.MERGED:
+                stats.merged_iterations += done
+            else:
+                stats.unmerged_iterations += done
+            rep.policy.observe_repeated(jump.batch, jump.times[first:jump.applied])
+            self.jumped_iterations += done
+
+    def cut(self, jump: Jump) -> float:
+        """Stop the jump after the iteration in flight; returns when that one ends."""
+        jump.cut = True
+        last = max(jump.allocated, jump.applied, 1)
+        del jump.times[last:]
+        del jump.ends[last:]
+        return jump.ends[-1]

@@ -59,11 +59,11 @@ class ArrivalConfig:
     the mean rate is `rate_per_s`."""
 
     kind: str = spec("poisson", choices=ARRIVAL_KINDS)
-    rate_per_s: float | None = spec(None, gt=0.0, doc="requests per second (all adapters)")
-    cv: float | None = spec(None, gt=0.0, doc="coefficient of variation of inter-arrivals")
+    rate_per_s: float | None = spec(None, gt=0, doc="requests per second (all adapters)")
+    cv: float | None = spec(None, gt=0, doc="coefficient of variation of inter-arrivals")
     path: str | None = spec(None, nonempty=True, doc="trace CSV, relative to the scenario file")
     format: str | None = spec(None, choices=TRACE_FORMATS, doc="trace format; auto if unset")
-    rate_scale: float | None = spec(None, gt=0.0, doc="trace speed-up: arrival_s / rate_scale")
+    rate_scale: float | None = spec(None, gt=0, doc="trace speed-up: arrival_s / rate_scale")
 
     def validate(self, path: str) -> None:
         fields = ("rate_per_s", "cv", "path", "format", "rate_scale")
@@ -93,15 +93,15 @@ class PopularityConfig:
     `trace`: the arrival trace's adapter column."""
 
     kind: str = spec("uniform", choices=POPULARITY_KINDS)
-    alpha: float | None = spec(None, ge=0.0, doc="power-law exponent (zipf, gamma_streams)")
-    weights: tuple[float, ...] | None = spec(None, ge=0.0, doc="one weight per adapter")
+    alpha: float | None = spec(None, ge=0, doc="power-law exponent (zipf, gamma_streams)")
+    weights: tuple[float, ...] | None = spec(None, ge=0, doc="one weight per adapter")
     path: str | None = spec(None, nonempty=True, doc="function trace file (function_trace)")
     format: str | None = spec(None, choices=FUNCTION_FORMATS, doc="function trace format")
     stride: int | None = spec(None, ge=1, doc="consecutive functions per adapter block (1)")
-    bin_s: float | None = spec(None, gt=0.0, doc="popularity bin length in trace time (3600)")
+    bin_s: float | None = spec(None, gt=0, doc="popularity bin length in trace time (3600)")
     sort: bool | None = spec(None, doc="sort functions by invocations first (true)")
-    window_start_s: float | None = spec(None, ge=0.0, doc="trace time where bins start")
-    window_end_s: float | None = spec(None, gt=0.0, doc="trace time where bins end")
+    window_start_s: float | None = spec(None, ge=0, doc="trace time where bins start")
+    window_end_s: float | None = spec(None, gt=0, doc="trace time where bins end")
 
     def validate(self, path: str) -> None:
         fields = (
@@ -149,19 +149,19 @@ class LengthsConfig:
     output_tokens: int | None = spec(None, ge=1, doc="fixed")
     prompt_range: tuple[int, ...] | None = spec(None, ge=1, doc="uniform: [low, high] inclusive")
     output_range: tuple[int, ...] | None = spec(None, ge=1, doc="uniform: [low, high] inclusive")
-    prompt_mean: float | None = spec(None, gt=0.0, doc="lognormal: mean tokens")
-    prompt_median: float | None = spec(None, gt=0.0, doc="lognormal: median tokens")
-    prompt_sigma: float | None = spec(None, ge=0.0, doc="lognormal: sigma of log(tokens)")
-    output_mean: float | None = spec(None, gt=0.0)
-    output_median: float | None = spec(None, gt=0.0)
-    output_sigma: float | None = spec(None, ge=0.0)
+    prompt_mean: float | None = spec(None, gt=0, doc="lognormal: mean tokens")
+    prompt_median: float | None = spec(None, gt=0, doc="lognormal: median tokens")
+    prompt_sigma: float | None = spec(None, ge=0, doc="lognormal: sigma of log(tokens)")
+    output_mean: float | None = spec(None, gt=0)
+    output_median: float | None = spec(None, gt=0)
+    output_sigma: float | None = spec(None, ge=0)
     path: str | None = spec(None, nonempty=True, doc="empirical: lengths CSV")
     min_prompt_tokens: int | None = spec(None, ge=1)
     max_prompt_tokens: int | None = spec(None, ge=1)
     min_output_tokens: int | None = spec(None, ge=1)
     max_output_tokens: int | None = spec(None, ge=1)
     max_total_tokens: int | None = spec(None, ge=2, doc="prompt + output")
-    scale: float = spec(1.0, gt=0.0, doc="multiplies both lengths (Fig. 11b)")
+    scale: float = spec(1.0, gt=0, doc="multiplies both lengths (Fig. 11b)")
     override: bool = spec(False, doc="sample lengths even when the arrival trace has them")
 
     def validate(self, path: str) -> None:
@@ -243,7 +243,7 @@ class WorkloadConfig:
     popularity: PopularityConfig = spec(factory=PopularityConfig)
     lengths: LengthsConfig = spec(factory=LengthsConfig)
     num_requests: int | None = spec(None, ge=1)
-    duration_s: float | None = spec(None, gt=0.0)
+    duration_s: float | None = spec(None, gt=0)
 
     def validate(self, path: str) -> None:
         self.arrival.validate(key(path, "arrival"))

@@ -109,12 +109,15 @@ def _columns(path: Path, header: str, needed: tuple[str, ...]) -> list[int]:
     return [names.index(c) for c in needed]
 
 
-def _seconds_of_day(stamp: str, days: dict[str, float]) -> float:
-    """'2023-11-16 18:15:46.6805900' -> seconds since 1970-01-01 (naive), by hand (fast)."""
+def _stamp_seconds(stamp: str, days: dict[str, float]) -> float:
+    """'2023-11-16 18:15:46.6805900' -> seconds since midnight of the first date seen (kept
+    small so the 7 fractional digits survive in a float), parsed by hand for speed."""
     day = stamp[:10]
     base = days.get(day)
     if base is None:
-        base = days[day] = float(dt.date.fromisoformat(day).toordinal() - 719163) * 86400.0
+        ordinal = dt.date.fromisoformat(day).toordinal()
+        origin = days.setdefault("origin", float(ordinal))
+        base = days[day] = (ordinal - origin) * 86400.0
     return base + int(stamp[11:13]) * 3600 + int(stamp[14:16]) * 60 + float(stamp[17:] or 0)
 
 
@@ -132,7 +135,7 @@ def load_azure_llm_trace(path: Path | str) -> RequestTrace:
     try:
         for i, line in enumerate(lines[1:]):
             row = line.split(",")
-            times[i] = _seconds_of_day(row[ts_col].strip(), days)
+            times[i] = _stamp_seconds(row[ts_col].strip(), days)
             prompt[i] = int(row[ctx_col])
             output[i] = int(row[gen_col])
     except (ValueError, IndexError) as exc:
