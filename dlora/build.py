@@ -25,6 +25,10 @@ class DispatchContext:
     adapters: dict[int, Adapter]
     num_replicas: int
     seed: int
+    max_batch_size: int = 16
+    max_adapter_slots: int | None = None
+    adapter_budget_bytes: int | None = None  # static split: adapters' share of the pool
+    memory_capacity_bytes: int | None = None  # per replica, KV and adapters together
 
 
 def load_latency(scenario: Scenario) -> LatencyModel:
@@ -47,7 +51,7 @@ def make_adapters(scenario: Scenario, latency: LatencyModel) -> dict[int, Adapte
 def memory_config(scenario: Scenario, latency: LatencyModel) -> MemoryConfig:
     c = scenario.cluster
     tp = latency.model.tensor_parallel
-    capacity = latency.kv_capacity_bytes()
+    capacity = int(latency.kv_capacity_bytes() * c.memory_fraction)
     block_bytes = c.block_size * latency.kv_bytes_per_token
     swap = c.swap_space_bytes if c.swap_space_bytes is not None else latency.profile.memory.host_swap_bytes
     budget = int(capacity * c.adapter_memory_fraction) if c.adapter_memory == "static" else None
@@ -71,7 +75,12 @@ def make_cluster(scenario: Scenario, latency: LatencyModel, adapters: dict[int, 
         policy = BATCH_POLICIES.create(p.batching.name, p.batching.params, "policies.batching", ctx)
         work = WorkEstimator(latency, c.max_batch_size, lengths)
         replicas.append(ReplicaScheduler(i, rconf, MemoryPool(mconf), policy, latency, adapters, work))
-    dctx = DispatchContext(latency, adapters, c.replicas, scenario.seed)
+    dctx = DispatchContext(latency, adapters, c.replicas, scenario.seed, c.max_batch_size,
+                           c.max_adapter_slots, mconf.adapter_budget_bytes, mconf.capacity_bytes)
     dispatcher = DISPATCHERS.create(p.dispatch.name, p.dispatch.params, "policies.dispatch", dctx)
     migrator = MIGRATORS.create(p.migration.name, p.migration.params, "policies.migration", dctx)
-    return Cluster(replicas, dispatcher, lengths), migrator
+    cluster = Cluster(replicas, dispatcher, lengths)
+    bind = getattr(migrator, "bind", None)
+    if bind is not None:  # migrators that read per-request snapshots (Cluster.migration_view)
+        bind(cluster)
+    return cluster, migrator

@@ -139,7 +139,8 @@ def convert(tp: Any, value: Any, path: str, meta: Mapping[str, Any] | None = Non
     elif tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: must be a number, got {_fmt(value)}")
-        value = float(value)
+        _check_bounds(value, meta, path)  # before the cast, so messages show what was written
+        return float(value)
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: must be a string, got {_fmt(value)}")

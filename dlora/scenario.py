@@ -37,6 +37,8 @@ class ClusterSection:
                                doc="unified: KV and adapters share one pool; static: fixed split")
     adapter_memory_fraction: float = spec(0.1, gt=0.0, lt=1.0,
                                           doc="static split: share of free memory for adapters")
+    memory_fraction: float = spec(1.0, gt=0.0, le=1.0,
+                                  doc="share of the memory left after weights used for KV and adapters")
     preemption: str = spec("auto", choices=PREEMPTION)
     swap_space_bytes: int | None = spec(None, ge=0, doc="host swap per replica (profile's if unset)")
     expected_output_tokens: float = spec(128.0, gt=0.0,

@@ -20,6 +20,7 @@ from ..types import (
 )
 from .dispatch import Dispatcher
 from .replica import AdmissionError, ReplicaScheduler
+from .snapshot import MigrationView
 from .work import OutputLengthEstimate
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,26 @@ class Cluster:
         self.requests: dict[int, Request] = {}
         self.rejected: list[Request] = []
         self.num_migrations = 0
+        self.placer = getattr(dispatcher, "placer", None)  # placement-aware dispatchers
+
+    def place(self, now: float, initial: bool = False) -> list[ReplicaScheduler]:
+        """Run the dispatcher's placement (initial layout, or a periodic re-placement) and
+        apply its adapter loads and drops; returns the replicas that changed."""
+        if self.placer is None:
+            return []
+        view = self.view(now)
+        actions = self.placer.initial(view) if initial else self.placer.replan(view, now)
+        return self.apply(actions, now)
+
+    def migration_view(self, now: float) -> MigrationView:
+        """The cluster view plus immutable per-request snapshots of every replica (built only
+        when a migrator checks, never per arrival)."""
+        return MigrationView(
+            self.view(now),
+            tuple(r.request_snapshots() for r in self.replicas),
+            tuple(r.memory_limits() for r in self.replicas),
+            self.lengths.mean_output_tokens,
+        )
 
     def view(self, now: float) -> ClusterView:
         return ClusterView(now, tuple(r.view(now) for r in self.replicas))
@@ -73,7 +94,8 @@ class Cluster:
                 self.replicas[act.replica].prefetch_adapter(act.adapter_id)
                 touched.append(self.replicas[act.replica])
             elif isinstance(act, DropAdapter):
-                self.replicas[act.replica].drop_adapter(act.adapter_id)
+                if self.replicas[act.replica].drop_adapter(act.adapter_id):
+                    touched.append(self.replicas[act.replica])
         return touched
 
     def _migrate(self, act: MigrateRequest, now: float) -> None:

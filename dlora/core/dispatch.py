@@ -6,8 +6,10 @@ replicas. The dLoRA dispatcher and the placement-aware baselines live in `dispat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..config import spec
 from ..registry import Registry
 from ..types import ClusterView, ReplicaView, Request
 
@@ -26,14 +28,35 @@ def alive(view: ClusterView) -> list[ReplicaView]:
     return out
 
 
-@DISPATCHERS.register("round_robin")
+@dataclass(frozen=True, slots=True)
+class RoundRobinParams:
+    placement: str = spec("none", choices=("none", "round_robin"),
+                          doc="round_robin: static placement, requests go to their adapter's holders")
+
+
+@DISPATCHERS.register("round_robin", RoundRobinParams)
 class RoundRobin:
-    """Replicas in turn, skipping dead ones."""
+    """Replicas in turn, skipping dead ones. With `placement: round_robin` (the paper's RR),
+    adapter k lives on replica k % n and its requests take its holders in turn."""
 
     def __init__(self, params: Any, ctx: Any = None) -> None:
         self._next = 0
+        self._next_of: dict[int, int] = {}
+        self.placer = None
+        if getattr(params, "placement", "none") != "none" and ctx is not None:
+            from .placement_policy import PlacementParams, make_placer
+
+            self.placer = make_placer(PlacementParams(placement=params.placement), ctx)
 
     def choose(self, request: Request, view: ClusterView, now: float) -> int:
+        a = request.adapter_id
+        if self.placer is not None and a is not None:
+            live = {r.id for r in view.replicas if r.is_alive}
+            holders = [h for h in self.placer.holders(a) if h in live]
+            if holders:
+                i = self._next_of.get(a, 0)
+                self._next_of[a] = i + 1
+                return holders[i % len(holders)]
         n = len(view.replicas)
         for _ in range(n):
             r = view.replicas[self._next % n]

@@ -10,6 +10,7 @@ requests and feeds the policy. No clock is read: `now` is always an argument.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from ..types import (
 from .batching import BatchPolicy, Plan, QueueView
 from .memory import MemoryPool
 from .preemption import choose_preempt_mode
+from .snapshot import ReplicaMemory, RequestSnapshot
 from .stats import ReplicaStats
 from .work import WorkEstimator
 
@@ -64,6 +66,16 @@ class ReplicaScheduler:
     ) -> None:
         self.id = replica_id
         self.config = config
+        # optional policy hooks (baselines.py): memory layout, adapter sizes, switch and
+        # eviction rules of the system the policy models
+        shape_memory = getattr(policy, "memory_config", None)
+        if shape_memory is not None:
+            memory = MemoryPool(shape_memory(memory.config))
+        size_of = getattr(policy, "adapter_size_bytes", None)
+        if size_of is not None:
+            adapters = {i: dataclasses.replace(a, size_bytes=size_of(a)) for i, a in adapters.items()}
+        self.switch_free: bool = getattr(policy, "switch_free", False)
+        self.eviction_lru: bool = getattr(policy, "eviction_lru", False)
         self.memory = memory
         self.policy = policy
         self.latency = latency
@@ -232,7 +244,8 @@ class ReplicaScheduler:
         merge = unmerge = None
         target = plan.merged_adapter if plan.mode == BatchMode.MERGED else None
         if target != self.merged_adapter:
-            unmerge, merge = self.merged_adapter, target
+            if not self.switch_free:
+                unmerge, merge = self.merged_adapter, target
             self.merged_adapter = target
         load_bytes = sum(self.adapters[a].size_bytes for a in loads)
         free = tuple(self._pending_free)
@@ -299,7 +312,10 @@ class ReplicaScheduler:
         out = [a for a in self.memory.adapters if a not in needed and a != self.merged_adapter]
         if idle_only:
             out = [a for a in out if self.outstanding[a] == 0]
-        out.sort(key=lambda a: (self.outstanding[a], self.adapter_last_used.get(a, -1)))
+        if self.eviction_lru:
+            out.sort(key=lambda a: self.adapter_last_used.get(a, -1))
+        else:
+            out.sort(key=lambda a: (self.outstanding[a], self.adapter_last_used.get(a, -1)))
         return out
 
     def _evict(self, adapter: int, evicts: list[int]) -> None:
@@ -421,3 +437,19 @@ class ReplicaScheduler:
         out = self.stats.as_dict()
         out["policy"] = self.policy.stats()
         return out
+
+    # ---- snapshots for migrators (issue 4) ----
+    def request_snapshots(self) -> tuple[RequestSnapshot, ...]:
+        """Immutable per-request state of every unfinished request here (FCFS order)."""
+        out = []
+        for r in self.unfinished:
+            held = self.memory.held(r.id) or self.memory.swapped_blocks.get(r.id, 0)
+            out.append(RequestSnapshot(
+                r.id, r.adapter_id, self.id, r.status, r.arrival_s, r.prompt_tokens,
+                r.generated_tokens, r.computed_tokens, held, self.work.seconds_for(r)))
+        return tuple(out)
+
+    def memory_limits(self) -> ReplicaMemory:
+        c = self.memory.config
+        return ReplicaMemory(c.block_tokens, c.block_bytes, self.memory.total_blocks,
+                             c.max_adapter_slots, c.adapter_budget_bytes, c.capacity_bytes)

@@ -78,15 +78,19 @@ def _targets(name: str, raw: Any, cfg: LlamaConfig) -> tuple[str, ...]:
         ]
         found = {n.rsplit(".", 1)[1] for n in names if re.fullmatch(raw, n)}
         if not found:
-            raise AdapterError(f"adapter {name!r}: target_modules regex {raw!r} matches no "
-                               f"projection of the base model")
+            raise AdapterError(
+                f"adapter {name!r}: target_modules regex {raw!r} matches no "
+                f"projection of the base model"
+            )
         return tuple(m for m in TARGET_MODULES if m in found)
     if not isinstance(raw, list | tuple) or not raw:
         raise AdapterError(f"adapter {name!r}: target_modules must be a non-empty list")
     unknown = [m for m in raw if m not in TARGET_MODULES]
     if unknown:
-        raise AdapterError(f"adapter {name!r}: module(s) {unknown} are not supported targets "
-                           f"(supported: {', '.join(TARGET_MODULES)})")
+        raise AdapterError(
+            f"adapter {name!r}: module(s) {unknown} are not supported targets "
+            f"(supported: {', '.join(TARGET_MODULES)})"
+        )
     return tuple(m for m in TARGET_MODULES if m in raw)
 
 
@@ -95,8 +99,9 @@ def _read_config(folder: Path, name: str) -> dict[str, Any]:
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError as e:
-        raise AdapterError(f"adapter {name!r}: {path} is missing; a PEFT adapter folder "
-                           "needs adapter_config.json") from e
+        raise AdapterError(
+            f"adapter {name!r}: {path} is missing; a PEFT adapter folder needs adapter_config.json"
+        ) from e
     except (OSError, ValueError) as e:
         raise AdapterError(f"adapter {name!r}: {path} is not valid JSON ({e})") from e
     if not isinstance(raw, dict):
@@ -117,8 +122,11 @@ def _read_tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
 
     path = folder / "adapter_model.safetensors"
     if not path.exists():
-        hint = " (only adapter_model.bin found: convert it to safetensors)" if (
-            folder / "adapter_model.bin").exists() else ""
+        hint = (
+            " (only adapter_model.bin found: convert it to safetensors)"
+            if (folder / "adapter_model.bin").exists()
+            else ""
+        )
         raise AdapterError(f"adapter {name!r}: {path} is missing{hint}")
     try:
         return load_file(str(path))
@@ -156,15 +164,21 @@ def load_adapter(
     for key, t in tensors.items():
         m = _KEY.match(key)
         if m is None:
-            raise AdapterError(f"adapter {name!r}: tensor {key!r} is not a LoRA weight of a "
-                               "Llama projection (embeddings, lm_head and biases are unsupported)")
+            raise AdapterError(
+                f"adapter {name!r}: tensor {key!r} is not a LoRA weight of a "
+                "Llama projection (embeddings, lm_head and biases are unsupported)"
+            )
         layer, module, which = int(m.group(1)), m.group(3), m.group(4)
         if module not in TARGET_MODULES or module not in targets:
-            raise AdapterError(f"adapter {name!r}: module {module!r} in {key!r} is not among "
-                               f"its target_modules {list(targets)}")
+            raise AdapterError(
+                f"adapter {name!r}: module {module!r} in {key!r} is not among "
+                f"its target_modules {list(targets)}"
+            )
         if layer >= config.num_layers:
-            raise AdapterError(f"adapter {name!r}: {key!r} names layer {layer} but the base "
-                               f"model has {config.num_layers} layers")
+            raise AdapterError(
+                f"adapter {name!r}: {key!r} names layer {layer} but the base "
+                f"model has {config.num_layers} layers"
+            )
         found.setdefault((layer, module), {})[which] = t
 
     modules: dict[tuple[int, str], LoraModule] = {}
@@ -174,8 +188,9 @@ def load_adapter(
             pair = found.get((layer, module), {})
             for which in ("A", "B"):
                 if which not in pair:
-                    raise AdapterError(f"{where}: lora_{which} weight is missing from "
-                                       "adapter_model.safetensors")
+                    raise AdapterError(
+                        f"{where}: lora_{which} weight is missing from adapter_model.safetensors"
+                    )
             full = f"model.layers.{layer}.{'self_attn' if module in ATTN_MODULES else 'mlp'}."
             full += module
             rk = _pattern_key(rank_pattern, full)
@@ -186,16 +201,18 @@ def load_adapter(
             a, b = pair["A"], pair["B"]
             for which, t, shape in (("lora_A", a, (mr, d_in)), ("lora_B", b, (d_out, mr))):
                 if t.dtype not in _FLOAT_DTYPES:
-                    raise AdapterError(f"{where}: {which} has dtype {t.dtype}, expected a "
-                                       "floating-point dtype")
+                    raise AdapterError(
+                        f"{where}: {which} has dtype {t.dtype}, expected a floating-point dtype"
+                    )
                 if tuple(t.shape) != shape:
-                    raise AdapterError(f"{where}: {which} has shape {tuple(t.shape)}, the base "
-                                       f"model and rank {mr} need {shape}")
+                    raise AdapterError(
+                        f"{where}: {which} has shape {tuple(t.shape)}, the base "
+                        f"model and rank {mr} need {shape}"
+                    )
                 if not torch.isfinite(t).all():
                     raise AdapterError(f"{where}: {which} contains NaN or Inf values")
             scale = ma / math.sqrt(mr) if rslora else ma / mr
             modules[(layer, module)] = LoraModule(
                 a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), scale=scale
             )
-    return LoraAdapter(name=name, rank=r, target_modules=targets, modules=modules,
-                       path=str(folder))
+    return LoraAdapter(name=name, rank=r, target_modules=targets, modules=modules, path=str(folder))

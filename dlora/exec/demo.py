@@ -65,13 +65,21 @@ def _tokenizer(folder: Path) -> None:
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)]
     )
     tok.save(str(folder / "tokenizer.json"))
-    _json(folder / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
-        "model_max_length": 1024, "clean_up_tokenization_spaces": False,
-    })
-    _json(folder / "special_tokens_map.json",
-          {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    _json(
+        folder / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "pad_token": "<pad>",
+            "model_max_length": 1024,
+            "clean_up_tokenization_spaces": False,
+        },
+    )
+    _json(
+        folder / "special_tokens_map.json",
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
+    )
 
 
 def _json(path: Path, data: dict[str, Any]) -> None:
@@ -86,9 +94,15 @@ def _model(folder: Path, gen: torch.Generator) -> None:
     from safetensors.torch import save_file
 
     h, i, hd = HIDDEN, INTERMEDIATE, HIDDEN // HEADS
-    shapes = {"q_proj": (HEADS * hd, h), "k_proj": (KV_HEADS * hd, h), "v_proj": (KV_HEADS * hd, h),
-              "o_proj": (h, HEADS * hd), "gate_proj": (i, h), "up_proj": (i, h),
-              "down_proj": (h, i)}
+    shapes = {
+        "q_proj": (HEADS * hd, h),
+        "k_proj": (KV_HEADS * hd, h),
+        "v_proj": (KV_HEADS * hd, h),
+        "o_proj": (h, HEADS * hd),
+        "gate_proj": (i, h),
+        "up_proj": (i, h),
+        "down_proj": (h, i),
+    }
     t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": _normal(gen, (VOCAB, h), 1.0)}
     for layer in range(LAYERS):
         p = f"model.layers.{layer}."
@@ -99,21 +113,47 @@ def _model(folder: Path, gen: torch.Generator) -> None:
             t[f"{p}{group}.{m}.weight"] = _normal(gen, shape, shape[1] ** -0.5)
     t["model.norm.weight"] = 1.0 + _normal(gen, (h,), 0.1)
     t["lm_head.weight"] = _normal(gen, (VOCAB, h), 3.0 * h**-0.5)
-    save_file({k: v.contiguous() for k, v in t.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
-    _json(folder / "config.json", {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": h, "intermediate_size": i, "num_hidden_layers": LAYERS,
-        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": hd,
-        "vocab_size": VOCAB, "max_position_embeddings": 1024, "rms_norm_eps": 1e-5,
-        "rope_theta": 10000.0,
-        "rope_scaling": {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
-        "attention_bias": False, "mlp_bias": False, "tie_word_embeddings": False,
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "torch_dtype": "float32",
-    })
-    _json(folder / "generation_config.json",
-          {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False})
+    save_file(
+        {k: v.contiguous() for k, v in t.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
+    _json(
+        folder / "config.json",
+        {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_act": "silu",
+            "hidden_size": h,
+            "intermediate_size": i,
+            "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS,
+            "num_key_value_heads": KV_HEADS,
+            "head_dim": hd,
+            "vocab_size": VOCAB,
+            "max_position_embeddings": 1024,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 256,
+            },
+            "attention_bias": False,
+            "mlp_bias": False,
+            "tie_word_embeddings": False,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+            "torch_dtype": "float32",
+        },
+    )
+    _json(
+        folder / "generation_config.json",
+        {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, "do_sample": False},
+    )
 
 
 def _adapter(folder: Path, gen: torch.Generator, spec: tuple[Any, ...]) -> None:
@@ -122,9 +162,15 @@ def _adapter(folder: Path, gen: torch.Generator, spec: tuple[Any, ...]) -> None:
     r, alpha, rslora, targets, rank_pattern, alpha_pattern = spec
     folder.mkdir(parents=True)
     h, i, hd = HIDDEN, INTERMEDIATE, HIDDEN // HEADS
-    dims = {"q_proj": (HEADS * hd, h), "k_proj": (KV_HEADS * hd, h),
-            "v_proj": (KV_HEADS * hd, h), "o_proj": (h, HEADS * hd), "gate_proj": (i, h),
-            "up_proj": (i, h), "down_proj": (h, i)}
+    dims = {
+        "q_proj": (HEADS * hd, h),
+        "k_proj": (KV_HEADS * hd, h),
+        "v_proj": (KV_HEADS * hd, h),
+        "o_proj": (h, HEADS * hd),
+        "gate_proj": (i, h),
+        "up_proj": (i, h),
+        "down_proj": (h, i),
+    }
     tensors: dict[str, torch.Tensor] = {}
     for layer in range(LAYERS):
         for m in targets:
@@ -136,15 +182,30 @@ def _adapter(folder: Path, gen: torch.Generator, spec: tuple[Any, ...]) -> None:
             tensors[key + ".lora_A.weight"] = _normal(gen, (mr, d_in), d_in**-0.5)
             tensors[key + ".lora_B.weight"] = _normal(gen, (d_out, mr), 0.15 * mr**-0.5)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    _json(folder / "adapter_config.json", {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "dlora-demo",
-        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "use_rslora": rslora,
-        "target_modules": list(targets), "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern, "bias": "none", "fan_in_fan_out": False,
-        "inference_mode": True, "init_lora_weights": True, "use_dora": False,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "revision": None,
-    })
+    _json(
+        folder / "adapter_config.json",
+        {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": "dlora-demo",
+            "r": r,
+            "lora_alpha": alpha,
+            "lora_dropout": 0.0,
+            "use_rslora": rslora,
+            "target_modules": list(targets),
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "inference_mode": True,
+            "init_lora_weights": True,
+            "use_dora": False,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "revision": None,
+        },
+    )
 
 
 def write_demo(folder: str | Path, seed: int = 0) -> Path:
@@ -159,8 +220,10 @@ def write_demo(folder: str | Path, seed: int = 0) -> Path:
         if target.exists():
             shutil.rmtree(target)
         _adapter(target, gen, spec)
-    _json(out / "dlora_demo.json", {"version": DEMO_VERSION, "seed": seed,
-                                     "adapters": list(DEMO_ADAPTERS)})
+    _json(
+        out / "dlora_demo.json",
+        {"version": DEMO_VERSION, "seed": seed, "adapters": list(DEMO_ADAPTERS)},
+    )
     log.info("wrote the demo model and %d adapters to %s", len(DEMO_ADAPTERS), out)
     return out
 

@@ -27,6 +27,10 @@ from dlora.types import Batch, BatchItem, BatchMode, Request, StepResult
 log = logging.getLogger(__name__)
 
 
+def _adapter_order(adapter_id: int | None) -> int:
+    return -1 if adapter_id is None else adapter_id
+
+
 class StepError(DloraError):
     """The batch cannot run as given; reported in `StepResult.error`."""
 
@@ -58,14 +62,19 @@ class TorchExecutor:
         preload_adapters: bool = True,
     ) -> None:
         self.model = (
-            model if isinstance(model, LlamaModel)
+            model
+            if isinstance(model, LlamaModel)
             else LlamaModel.from_folder(model, device=device, dtype=dtype)
         )
         c = self.model.config
         self.device = self.model.device
         self.kv = PagedKVCache(
-            num_layers=c.num_layers, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-            num_blocks=num_kv_blocks, block_size=block_size, dtype=self.model.dtype,
+            num_layers=c.num_layers,
+            num_kv_heads=c.num_kv_heads,
+            head_dim=c.head_dim,
+            num_blocks=num_kv_blocks,
+            block_size=block_size,
+            dtype=self.model.dtype,
             device=self.device,
         )
         self.slots = AdapterSlots(self.model, max_device_adapters)
@@ -98,7 +107,7 @@ class TorchExecutor:
             self.merge_state.unmerge()
         self.slots.evict(adapter_id)
         for d in (self._sources, self._host, self.adapter_errors):
-            d.pop(adapter_id, None)  # type: ignore[attr-defined]
+            d.pop(adapter_id, None)
 
     def has_adapter(self, adapter_id: int) -> bool:
         """Whether this executor can serve the adapter (registered and valid)."""
@@ -144,17 +153,19 @@ class TorchExecutor:
         ms = self.merge_state
         if batch.unmerge_adapter is not None and ms.merged is not None:
             if ms.merged != batch.unmerge_adapter:
-                log.warning("batch unmerges adapter %s but %s is merged", batch.unmerge_adapter,
-                            ms.merged)
+                log.warning(
+                    "batch unmerges adapter %s but %s is merged", batch.unmerge_adapter, ms.merged
+                )
             ms.unmerge()
         want = batch.merged_adapter if batch.mode == BatchMode.MERGED else None
         if batch.merge_adapter is not None and batch.merge_adapter != want:
-            raise StepError(f"batch merges adapter {batch.merge_adapter} but runs {batch.mode} "
-                            f"with merged adapter {want}")
+            raise StepError(
+                f"batch merges adapter {batch.merge_adapter} but runs {batch.mode} "
+                f"with merged adapter {want}"
+            )
         if ms.merged != want:
             if batch.merge_adapter is None and batch.unmerge_adapter is None:
-                log.warning("merged state is %s but the batch needs %s; switching", ms.merged,
-                            want)
+                log.warning("merged state is %s but the batch needs %s; switching", ms.merged, want)
             if ms.merged is not None:
                 ms.unmerge()
             if want is not None:
@@ -198,10 +209,10 @@ class TorchExecutor:
             for aid in batch.load_adapters:
                 self._load(aid)
             if batch.mode == BatchMode.UNMERGED:
-                for aid in {it.adapter_id for it in batch.items} - {None}:
+                for aid in {it.adapter_id for it in batch.items if it.adapter_id is not None}:
                     if aid not in self.slots:
                         log.debug("adapter %s used without a load action; loading", aid)
-                        self._load(aid)  # type: ignore[arg-type]
+                        self._load(aid)
             t, load_s = self._sync(), time.perf_counter() - t
             for rid in batch.swap_out:
                 self.kv.swap_out(rid)
@@ -213,17 +224,27 @@ class TorchExecutor:
             tokens, eos = self._run(batch) if batch.items else ((), ())
         except DloraError as e:
             log.error("replica %d step %d failed: %s", batch.replica, batch.step, e)
-            return StepResult(elapsed_s=self._sync() - start, switch_s=switch_s, load_s=load_s,
-                              swap_s=swap_s, error=str(e))
-        return StepResult(elapsed_s=self._sync() - start, switch_s=switch_s, load_s=load_s,
-                          swap_s=swap_s, token_ids=tokens, eos=eos)
+            return StepResult(
+                elapsed_s=self._sync() - start,
+                switch_s=switch_s,
+                load_s=load_s,
+                swap_s=swap_s,
+                error=str(e),
+            )
+        return StepResult(
+            elapsed_s=self._sync() - start,
+            switch_s=switch_s,
+            load_s=load_s,
+            swap_s=swap_s,
+            token_ids=tokens,
+            eos=eos,
+        )
 
     def _run(self, batch: Batch) -> tuple[tuple[int, ...], tuple[bool, ...]]:
         unmerged = batch.mode == BatchMode.UNMERGED
         order = list(range(len(batch.items)))
         if unmerged:  # tokens of one adapter contiguous: one kernel segment per adapter
-            order.sort(key=lambda j: -1 if batch.items[j].adapter_id is None
-                       else batch.items[j].adapter_id)  # type: ignore[arg-type,return-value]
+            order.sort(key=lambda j: _adapter_order(batch.items[j].adapter_id))
         ids: list[int] = []
         positions: list[int] = []
         slot_map: list[int] = []
@@ -241,7 +262,7 @@ class TorchExecutor:
             (decode if it.new_tokens == 1 else prefill).append(span)
             ids.extend(new_ids)
             positions.extend(range(it.computed_tokens, end))
-            slot_map.extend(slots[it.computed_tokens:])
+            slot_map.extend(slots[it.computed_tokens :])
             per_token.extend([it.adapter_id if unmerged else None] * it.new_tokens)
             last[j] = len(ids) - 1
         dev = self.device
@@ -283,14 +304,18 @@ class TorchExecutor:
             raise StepError(f"batch item {it.request_id} is paired with request {req.id}")
         have = self.kv.lengths.get(it.request_id, 0)
         if it.computed_tokens > have:
-            raise StepError(f"request {req.id}: the batch assumes {it.computed_tokens} computed "
-                            f"tokens but this replica holds KV for {have}")
+            raise StepError(
+                f"request {req.id}: the batch assumes {it.computed_tokens} computed "
+                f"tokens but this replica holds KV for {have}"
+            )
         context = req.prompt_token_ids + tuple(req.output_token_ids)
         end = it.computed_tokens + it.new_tokens
         if it.new_tokens < 1 or end > len(context):
-            raise StepError(f"request {req.id}: tokens {it.computed_tokens}..{end} requested "
-                            f"but its context has {len(context)}")
-        return list(context[it.computed_tokens:end])
+            raise StepError(
+                f"request {req.id}: tokens {it.computed_tokens}..{end} requested "
+                f"but its context has {len(context)}"
+            )
+        return list(context[it.computed_tokens : end])
 
     def _ends(self, req: Request, token: int) -> bool:
         """Whether `token` ends the request: a stop token, EOS (unless ignore_eos), or the

@@ -94,8 +94,10 @@ def parse_config(folder: Path) -> LlamaConfig:
     where = folder / "config.json"
     model_type = raw.get("model_type", "llama")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelError(f"{where}: model_type {model_type!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ModelError(
+            f"{where}: model_type {model_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     if raw.get("hidden_act", "silu") != "silu":
         raise ModelError(f"{where}: hidden_act {raw['hidden_act']!r} is not supported (silu only)")
     try:
@@ -134,8 +136,10 @@ def parse_config(folder: Path) -> LlamaConfig:
     except (TypeError, ValueError) as e:
         raise ModelError(f"{where} has a malformed value: {e}") from e
     if cfg.rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ModelError(f"{where}: rope type {cfg.rope_type!r} is not supported "
-                         f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
+        raise ModelError(
+            f"{where}: rope type {cfg.rope_type!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+        )
     if cfg.num_heads % cfg.num_kv_heads:
         raise ModelError(f"{where}: num_attention_heads must be a multiple of num_key_value_heads")
     return cfg
@@ -171,8 +175,10 @@ def _weight_files(folder: Path) -> list[Path]:
     else:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
-        raise ModelError(f"{folder} holds no *.safetensors weights (pytorch .bin is not "
-                         "supported; convert with safetensors)")
+        raise ModelError(
+            f"{folder} holds no *.safetensors weights (pytorch .bin is not "
+            "supported; convert with safetensors)"
+        )
     for f in files:
         if not f.exists():
             raise ModelError(f"{f} is listed in the index but missing")
@@ -203,8 +209,10 @@ def load_model_folder(
     """(config, tensors named without the `model.` prefix, e.g. `layers.0.self_attn.q_proj.weight`)."""
     folder = Path(path)
     if not folder.is_dir():
-        raise ModelError(f"model folder {folder} does not exist; pass a Hugging Face model "
-                         "folder or run `dlora init-demo DIR`")
+        raise ModelError(
+            f"model folder {folder} does not exist; pass a Hugging Face model "
+            "folder or run `dlora init-demo DIR`"
+        )
     cfg = parse_config(folder)
     if dtype is None:
         dtype = getattr(torch, cfg.dtype, None)

@@ -69,16 +69,21 @@ class AdapterSlots:
         if adapter_id in self._resident:
             return
         if self.capacity is not None and len(self._resident) >= self.capacity:
-            raise SlotsFullError(f"all {self.capacity} adapter slots are full; the batch must "
-                                 f"evict an adapter before loading adapter {adapter_id}")
+            raise SlotsFullError(
+                f"all {self.capacity} adapter slots are full; the batch must "
+                f"evict an adapter before loading adapter {adapter_id}"
+            )
         dev, dtype = self.model.device, self.model.dtype
         modules = {
             key: type(m)(a=m.a.to(dev, dtype), b=m.b.to(dev, dtype), scale=m.scale)
             for key, m in adapter.modules.items()
         }
         self._resident[adapter_id] = LoraAdapter(
-            name=adapter.name, rank=adapter.rank, target_modules=adapter.target_modules,
-            modules=modules, path=adapter.path,
+            name=adapter.name,
+            rank=adapter.rank,
+            target_modules=adapter.target_modules,
+            modules=modules,
+            path=adapter.path,
         )
         self._packs = None
 
@@ -119,10 +124,18 @@ class AdapterSlots:
         packs = self.packs()
         _, make_segments = _kernels()
         segments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        seen: dict[tuple[tuple[int, int], ...], tuple[torch.Tensor, torch.Tensor] | None] = {}
         for module, index in self._index.items():
-            per_token = [-1 if a is None else index.get(a, -1) for a in adapter_per_token]
-            if any(k >= 0 for k in per_token):
-                segments[module] = make_segments(per_token, device=self.model.device)
+            key = tuple(index.items())  # modules with the same adapters share segments
+            if key not in seen:
+                per_token = [-1 if a is None else index.get(a, -1) for a in adapter_per_token]
+                seen[key] = (
+                    make_segments(per_token, device=self.model.device)
+                    if any(k >= 0 for k in per_token)
+                    else None
+                )
+            if seen[key] is not None:
+                segments[module] = seen[key]  # type: ignore[assignment]
         return LoraBatchHook(packs, segments) if segments else None
 
 
@@ -146,8 +159,16 @@ class LoraBatchHook:
             return
         p = self._packs[(layer, module)]
         self._lora_apply(
-            x, y, p.a_packed, p.bt_packed, p.rank_offsets, seg[0], seg[1], p.scales,
-            backend=self._backend, max_rank=p.max_rank,
+            x,
+            y,
+            p.a_packed,
+            p.bt_packed,
+            p.rank_offsets,
+            seg[0],
+            seg[1],
+            p.scales,
+            backend=self._backend,
+            max_rank=p.max_rank,
         )
 
 

@@ -22,11 +22,19 @@ from dlora.exec.loader import LlamaConfig, load_model_folder, rope_inv_freq
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTN_MODULES = TARGET_MODULES[:4]
+# Projections that read the same input run as one fused matmul (and one LoRA call).
+FUSED_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
 
 
 class LoraHook(Protocol):
-    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        """Add the LoRA side path of `module` in `layer` to `y` in place."""
+    def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Add the LoRA side paths of fused `group` (a FUSED_GROUPS key) in `layer` to its
+        output `y` in place."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,24 +64,22 @@ def build_group(
     cache slots of positions 0..computed+new-1)."""
     q_max = max(n for _, _, n, _ in spans)
     l_max = max(len(s) for *_, s in spans)
-    b = len(spans)
-    q_index = torch.zeros((b, q_max), dtype=torch.long)
-    kv_slots = torch.zeros((b, l_max), dtype=torch.long)
-    q_pos = torch.full((b, q_max), -1, dtype=torch.long)
-    lens = torch.empty((b, 1), dtype=torch.long)
-    for i, (offset, computed, new, slots) in enumerate(spans):
-        q_index[i, :new] = torch.arange(offset, offset + new)
-        q_index[i, new:] = offset
-        q_pos[i, :new] = torch.arange(computed, computed + new)
-        kv_slots[i, : len(slots)] = torch.tensor(slots, dtype=torch.long)
-        lens[i, 0] = len(slots)
-    keys = torch.arange(l_max)
-    mask = (keys[None, None, :] <= q_pos[:, :, None]) & (keys[None, None, :] < lens[:, :, None])
-    mask[:, :, 0] |= q_pos < 0  # padded query rows attend one key so no row is all masked
+    q_index: list[list[int]] = []
+    q_pos: list[list[int]] = []
+    kv_slots: list[list[int]] = []
+    for offset, computed, new, slots in spans:
+        q_index.append(list(range(offset, offset + new)) + [offset] * (q_max - new))
+        q_pos.append(list(range(computed, computed + new)) + [-1] * (q_max - new))
+        kv_slots.append(slots + [0] * (l_max - len(slots)))
+    pos = torch.tensor(q_pos, dtype=torch.long)
+    lens = torch.tensor([len(s) for *_, s in spans], dtype=torch.long)[:, None, None]
+    keys = torch.arange(l_max)[None, None, :]
+    mask = (keys <= pos[:, :, None]) & (keys < lens)
+    mask[:, :, 0] |= pos < 0  # padded query rows attend one key so no row is all masked
     return AttentionGroup(
-        q_index=q_index.to(device),
-        q_valid=(q_pos >= 0).to(device),
-        kv_slots=kv_slots.to(device),
+        q_index=torch.tensor(q_index, dtype=torch.long, device=device),
+        q_valid=(pos >= 0).to(device),
+        kv_slots=torch.tensor(kv_slots, dtype=torch.long, device=device),
         mask=mask[:, None].to(device),
     )
 
@@ -105,8 +111,9 @@ class LlamaModel:
                 raise ModelError(f"the model weights lack {name!r}; the folder is incomplete")
             t = tensors[name]
             if tuple(t.shape) != shape:
-                raise ModelError(f"weight {name!r} has shape {tuple(t.shape)}, the config "
-                                 f"implies {shape}")
+                raise ModelError(
+                    f"weight {name!r} has shape {tuple(t.shape)}, the config implies {shape}"
+                )
             return t.to(self.device).contiguous()
 
         h = c.hidden_size
@@ -125,11 +132,23 @@ class LlamaModel:
                 "input_norm": take(p + "input_layernorm.weight", (h,)),
                 "post_norm": take(p + "post_attention_layernorm.weight", (h,)),
             }
-            for m in TARGET_MODULES:
-                group = "self_attn" if m in ATTN_MODULES else "mlp"
-                layer[m] = take(f"{p}{group}.{m}.weight", c.module_shape(m))
-                if c.attention_bias and m in ("q_proj", "k_proj", "v_proj"):
-                    layer[m + ".bias"] = take(f"{p}{group}.{m}.bias", (c.module_shape(m)[0],))
+            for fused, members in FUSED_GROUPS.items():
+                parts = []
+                for m in members:
+                    group = "self_attn" if m in ATTN_MODULES else "mlp"
+                    parts.append(take(f"{p}{group}.{m}.weight", c.module_shape(m)))
+                layer[fused] = torch.cat(parts) if len(parts) > 1 else parts[0]
+                start = 0
+                for m, part in zip(members, parts, strict=True):  # row views: merge in place
+                    layer[m] = layer[fused][start : start + part.shape[0]]
+                    start += part.shape[0]
+            if c.attention_bias:
+                layer["qkv.bias"] = torch.cat(
+                    [
+                        take(f"{p}self_attn.{m}.bias", (c.module_shape(m)[0],))
+                        for m in FUSED_GROUPS["qkv"]
+                    ]
+                )
             self.layers.append(layer)
         self._inv_freq = rope_inv_freq(c).to(self.device)
         self.dtype = self.embed.dtype
@@ -142,6 +161,7 @@ class LlamaModel:
         return cls(config, tensors, device)
 
     def weight(self, layer: int, module: str) -> torch.Tensor:
+        """The (d_out, d_in) weight of one projection: a row view into its fused group."""
         return self.layers[layer][module]
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,9 +169,7 @@ class LlamaModel:
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
-    def _linear(
-        self, i: int, m: str, x: torch.Tensor, lora: LoraHook | None
-    ) -> torch.Tensor:
+    def _linear(self, i: int, m: str, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
         y = F.linear(x, self.layers[i][m], self.layers[i].get(m + ".bias"))
         if lora is not None:
             lora.apply(i, m, x, y)
@@ -184,9 +202,11 @@ class LlamaModel:
         t = x.shape[0]
         for i, layer in enumerate(self.layers):
             h = _rms_norm(x, layer["input_norm"], c.rms_norm_eps)
-            q = self._linear(i, "q_proj", h, lora).view(t, c.num_heads, c.head_dim)
-            k = self._linear(i, "k_proj", h, lora).view(t, c.num_kv_heads, c.head_dim)
-            v = self._linear(i, "v_proj", h, lora).view(t, c.num_kv_heads, c.head_dim)
+            qkv = self._linear(i, "qkv", h, lora)
+            q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+            q = qkv[:, :q_size].view(t, c.num_heads, c.head_dim)
+            k = qkv[:, q_size : q_size + kv_size].view(t, c.num_kv_heads, c.head_dim)
+            v = qkv[:, q_size + kv_size :].view(t, c.num_kv_heads, c.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k_cache, v_cache = kv_pool[i, 0], kv_pool[i, 1]
@@ -195,8 +215,7 @@ class LlamaModel:
             a = self._attention(q, k_cache, v_cache, step).reshape(t, -1)
             x = x + self._linear(i, "o_proj", a, lora)
             h = _rms_norm(x, layer["post_norm"], c.rms_norm_eps)
-            gate = self._linear(i, "gate_proj", h, lora)
-            up = self._linear(i, "up_proj", h, lora)
+            gate, up = self._linear(i, "gate_up", h, lora).chunk(2, dim=-1)
             x = x + self._linear(i, "down_proj", F.silu(gate) * up, lora)
         return _rms_norm(x, self.norm, c.rms_norm_eps)
 

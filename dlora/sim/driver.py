@@ -114,6 +114,15 @@ class _Sim:
             for rep in self.cluster.apply(actions, env.now):
                 self._wake(rep.id)
 
+    def placement(self, interval: float):  # type: ignore[no-untyped-def]
+        """Periodic re-placement of adapters (placement-aware dispatchers)."""
+        env = self.env
+        while True:
+            yield env.timeout(interval)
+            self.observe_all(env.now)
+            for rep in self.cluster.place(env.now):
+                self._wake(rep.id)
+
     def _jump(self, rep: ReplicaScheduler, batch):  # type: ignore[no-untyped-def]
         """Cover identical decode iterations after `batch` with one event (see fastpath.py)."""
         assert self.fast is not None
@@ -166,6 +175,10 @@ class _Sim:
         env = self.env
         if self.total == 0:
             return 0.0
+        self.cluster.place(0.0, initial=True)
+        placer = self.cluster.placer
+        if placer is not None and placer.interval_s:
+            env.process(self.placement(placer.interval_s))
         env.process(self.arrivals())
         for rep, ex in zip(self.cluster.replicas, self.executors, strict=True):
             env.process(self.replica(rep, ex))

@@ -104,15 +104,18 @@ class FastPath:
         ends: list[float] = []
         end = now
         decode_ctx = shape.decode_context_tokens
+        total_need = sum(-(-(c + max_iters) // block) - -(-c // block) for c in ctx)
+        check_memory = total_need > free_blocks  # else every iteration's blocks fit
         for _ in range(max_iters):
-            need = 0
-            for i in range(n):
-                if ctx[i] % block == 0:
-                    need += 1
-                ctx[i] += 1
-            if need > free_blocks:
-                break
-            free_blocks -= need
+            if check_memory:
+                need = 0
+                for i in range(n):
+                    if ctx[i] % block == 0:
+                        need += 1
+                    ctx[i] += 1
+                if need > free_blocks:
+                    break
+                free_blocks -= need
             decode_ctx += n
             t = base
             t += attn * decode_ctx
@@ -142,9 +145,11 @@ class FastPath:
             i = jump.applied
             if jump.allocated <= i:
                 # held == ceil(computed / block) for a decoding request, so a step needs a new
-                # block exactly when its computed tokens fill whole blocks
+                # block exactly when its computed tokens (i - first steps not yet added) fill
+                # whole blocks
+                offset = i - first
                 for r in reqs:
-                    if r.computed_tokens % block == 0:
+                    if (r.computed_tokens + offset) % block == 0:
                         mem.allocate(r.id, 1)
                 jump.allocated = i + 1
             if jump.ends[i] > now:
@@ -153,12 +158,13 @@ class FastPath:
             stats.busy_s += t
             for r in reqs:
                 r.executing_s += t
-                r.computed_tokens += 1
-                r.generated_tokens += 1
             jump.applied = i + 1
         done = jump.applied - first
         if done:
             n = len(reqs)
+            for r in reqs:
+                r.computed_tokens += done
+                r.generated_tokens += done
             rep.work.generated_tokens += n * done
             rep.step += done
             stats.iterations += done

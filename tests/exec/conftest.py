@@ -13,6 +13,10 @@ import torch
 from dlora.exec import TorchExecutor, demo_adapter_paths, write_demo
 from dlora.types import Batch, BatchItem, BatchMode, Request, SamplingParams
 
+# The machine's cores are shared: one intra-op thread avoids OpenMP spin-waits that make tiny
+# matmuls 20x slower under contention.
+torch.set_num_threads(1)
+
 PROMPTS = (
     [1, 396, 285, 451, 78, 70, 14, 267, 391, 297, 90],
     [1, 44, 45, 46, 300, 301, 302],
@@ -37,11 +41,21 @@ def executor(demo_dir: Path, adapter_paths: dict[int, Path]) -> TorchExecutor:
 
 
 def make_request(
-    rid: int, prompt: list[int], adapter: int | None, max_new: int,
+    rid: int,
+    prompt: list[int],
+    adapter: int | None,
+    max_new: int,
     sampling: SamplingParams | None = None,
 ) -> Request:
-    return Request(id=rid, adapter_id=adapter, arrival_s=0.0, prompt_tokens=len(prompt),
-                   output_tokens=max_new, prompt_token_ids=tuple(prompt), sampling=sampling)
+    return Request(
+        id=rid,
+        adapter_id=adapter,
+        arrival_s=0.0,
+        prompt_tokens=len(prompt),
+        output_tokens=max_new,
+        prompt_token_ids=tuple(prompt),
+        sampling=sampling,
+    )
 
 
 @dataclass
@@ -73,8 +87,14 @@ class Driver:
                 self.step += 1
                 continue
             merged = self.merged if self.mode == BatchMode.MERGED else None
-            batch = Batch(replica=0, step=self.step, mode=self.mode, merged_adapter=merged,
-                          items=tuple(items), requests=tuple(active))
+            batch = Batch(
+                replica=0,
+                step=self.step,
+                mode=self.mode,
+                merged_adapter=merged,
+                items=tuple(items),
+                requests=tuple(active),
+            )
             result = self.ex.execute(batch)
             assert result.error is None, result.error
             toks = iter(result.token_ids or ())
@@ -90,9 +110,17 @@ class Driver:
             for r in done:
                 active.remove(r)
             if done:
-                self.ex.execute(Batch(replica=0, step=self.step, mode=self.mode,
-                                      merged_adapter=merged, items=(), requests=(),
-                                      free_requests=tuple(r.id for r in done)))
+                self.ex.execute(
+                    Batch(
+                        replica=0,
+                        step=self.step,
+                        mode=self.mode,
+                        merged_adapter=merged,
+                        items=(),
+                        requests=(),
+                        free_requests=tuple(r.id for r in done),
+                    )
+                )
             self.step += 1
         return {r.id: list(r.output_token_ids) for r in reqs}
 
@@ -102,14 +130,26 @@ def drive() -> Callable[..., Driver]:
     return Driver
 
 
-def first_logits(ex: TorchExecutor, prompt: list[int], adapter: int | None,
-                 mode: BatchMode = BatchMode.UNMERGED, rid: int = 10_000) -> torch.Tensor:
+def first_logits(
+    ex: TorchExecutor,
+    prompt: list[int],
+    adapter: int | None,
+    mode: BatchMode = BatchMode.UNMERGED,
+    rid: int = 10_000,
+) -> torch.Tensor:
     """Logits of the next token after `prompt`, from one prefill step."""
     req = make_request(rid, prompt, adapter, 4)
     merged = adapter if mode == BatchMode.MERGED else None
-    res = ex.execute(Batch(replica=0, step=0, mode=mode, merged_adapter=merged,
-                           items=(BatchItem(rid, adapter, 0, len(prompt), True),),
-                           requests=(req,)))
+    res = ex.execute(
+        Batch(
+            replica=0,
+            step=0,
+            mode=mode,
+            merged_adapter=merged,
+            items=(BatchItem(rid, adapter, 0, len(prompt), True),),
+            requests=(req,),
+        )
+    )
     assert res.error is None, res.error
     assert ex.last_logits is not None
     ex.free_request(rid)

@@ -29,6 +29,7 @@ def _edit_tensors(fn: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[Pa
         t = load_file(str(folder / WEIGHTS))
         fn(t)
         save_file(t, str(folder / WEIGHTS))
+
     return edit
 
 
@@ -37,6 +38,7 @@ def _edit_config(**changes: object) -> Callable[[Path], None]:
         cfg = json.loads((folder / CONFIG).read_text())
         cfg.update(changes)
         (folder / CONFIG).write_text(json.dumps(cfg))
+
     return edit
 
 
@@ -61,21 +63,37 @@ BAD = {
     "unknown target": (_edit_config(target_modules=["q_proj", "lm_head"]), "lm_head"),
     "missing weights": (lambda f: (f / WEIGHTS).unlink(), "adapter_model.safetensors is missing"),
     "corrupt weights": (lambda f: (f / WEIGHTS).write_bytes(b"\x08\x00\x00garbage"), "corrupt"),
-    "truncated weights": (lambda f: (f / WEIGHTS).write_bytes((f / WEIGHTS).read_bytes()[:300]),
-                          "corrupt"),
-    "missing module": (_edit_tensors(lambda t: t.pop(Q0 + ".lora_B.weight")),
-                       "layer 0 q_proj: lora_B weight is missing"),
-    "untargeted module": (_edit_tensors(_set(Q0.replace("q_proj", "k_proj") + ".lora_A.weight",
-                                             torch.zeros(4, 64))), "'k_proj'"),
-    "unknown tensor": (_edit_tensors(_set("base_model.model.lm_head.lora_A.weight",
-                                          torch.zeros(4, 64))), "lm_head"),
-    "layer out of range": (_edit_tensors(_set(Q0.replace("layers.0", "layers.9") +
-                                              ".lora_A.weight", torch.zeros(4, 64))), "layer 9"),
-    "shape mismatch": (_edit_tensors(_set(Q0 + ".lora_A.weight", torch.zeros(4, 65))),
-                       "layer 0 q_proj: lora_A has shape (4, 65)"),
+    "truncated weights": (
+        lambda f: (f / WEIGHTS).write_bytes((f / WEIGHTS).read_bytes()[:300]),
+        "corrupt",
+    ),
+    "missing module": (
+        _edit_tensors(lambda t: t.pop(Q0 + ".lora_B.weight")),
+        "layer 0 q_proj: lora_B weight is missing",
+    ),
+    "untargeted module": (
+        _edit_tensors(_set(Q0.replace("q_proj", "k_proj") + ".lora_A.weight", torch.zeros(4, 64))),
+        "'k_proj'",
+    ),
+    "unknown tensor": (
+        _edit_tensors(_set("base_model.model.lm_head.lora_A.weight", torch.zeros(4, 64))),
+        "lm_head",
+    ),
+    "layer out of range": (
+        _edit_tensors(
+            _set(Q0.replace("layers.0", "layers.9") + ".lora_A.weight", torch.zeros(4, 64))
+        ),
+        "layer 9",
+    ),
+    "shape mismatch": (
+        _edit_tensors(_set(Q0 + ".lora_A.weight", torch.zeros(4, 65))),
+        "layer 0 q_proj: lora_A has shape (4, 65)",
+    ),
     "rank mismatch": (_edit_config(r=8), "layer 0 q_proj: lora_A has shape (4, 64)"),
-    "integer dtype": (_edit_tensors(_set(Q0 + ".lora_A.weight",
-                                         torch.zeros(4, 64, dtype=torch.int32))), "dtype"),
+    "integer dtype": (
+        _edit_tensors(_set(Q0 + ".lora_A.weight", torch.zeros(4, 64, dtype=torch.int32))),
+        "dtype",
+    ),
     "nan": (_edit_tensors(_nan), "layer 0 q_proj: lora_B contains NaN"),
     "inf": (_edit_tensors(_inf), "layer 0 q_proj: lora_A contains NaN or Inf"),
     "dora": (_edit_config(use_dora=True), "use_dora"),
@@ -105,17 +123,31 @@ def test_executor_keeps_serving_other_adapters(demo_dir: Path, adapter_paths, ba
     ex = TorchExecutor(demo_dir, {0: adapter_paths[0], 7: bad_copy}, block_size=4)
     assert ex.has_adapter(0) and not ex.has_adapter(7)
     assert "NaN" in ex.adapter_errors[7]
-    bad = ex.execute(Batch(replica=0, step=0, mode=BatchMode.UNMERGED, merged_adapter=None,
-                           items=(BatchItem(1, 7, 0, 3, True),),
-                           requests=(make_request(1, [1, 2, 3], 7, 2),)))
+    bad = ex.execute(
+        Batch(
+            replica=0,
+            step=0,
+            mode=BatchMode.UNMERGED,
+            merged_adapter=None,
+            items=(BatchItem(1, 7, 0, 3, True),),
+            requests=(make_request(1, [1, 2, 3], 7, 2),),
+        )
+    )
     assert bad.error is not None and "'broken'" in bad.error and bad.token_ids is None
     good = first_logits(ex, PROMPTS[0], 0)
     assert torch.isfinite(good).all()
     with pytest.raises(AdapterError, match="'nowhere': folder .* does not exist"):
         ex.register_adapter(8, bad_copy.parent / "nowhere")
-    unknown = ex.execute(Batch(replica=0, step=1, mode=BatchMode.UNMERGED, merged_adapter=None,
-                               items=(BatchItem(2, 5, 0, 3, True),),
-                               requests=(make_request(2, [1, 2, 3], 5, 2),)))
+    unknown = ex.execute(
+        Batch(
+            replica=0,
+            step=1,
+            mode=BatchMode.UNMERGED,
+            merged_adapter=None,
+            items=(BatchItem(2, 5, 0, 3, True),),
+            requests=(make_request(2, [1, 2, 3], 5, 2),),
+        )
+    )
     assert unknown.error is not None and "adapter id 5 is not registered" in unknown.error
 
 

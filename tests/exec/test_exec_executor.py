@@ -4,6 +4,7 @@ seeded sampling, stop conditions and step errors."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,17 +22,22 @@ def _alone(ex: TorchExecutor, prompt: list[int], adapter: int | None, n: int) ->
 def test_mixed_adapter_batch_equals_each_request_alone(executor: TorchExecutor):
     adapters = [3, 0, None, 1, 3, 2, 0, 1]
     prompts = [PROMPTS[i % 4] for i in range(8)]
-    reqs = [make_request(i, p, a, 6) for i, (p, a) in enumerate(zip(prompts, adapters,
-                                                                     strict=True))]
+    reqs = [
+        make_request(i, p, a, 6) for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
+    ]
     together = Driver(executor).run(reqs, join=[0, 1, 1, 2, 0, 3, 4, 2])
     for i, (p, a) in enumerate(zip(prompts, adapters, strict=True)):
         assert together[i] == _alone(executor, p, a, 6), i
     # logits too, not only argmax: one decode step with all eight next to each other
     logits_alone = [first_logits(executor, p, a) for p, a in zip(prompts, adapters, strict=True)]
-    items = tuple(BatchItem(100 + i, a, 0, len(p), True)
-                  for i, (p, a) in enumerate(zip(prompts, adapters, strict=True)))
-    reqs = tuple(make_request(100 + i, p, a, 2)
-                 for i, (p, a) in enumerate(zip(prompts, adapters, strict=True)))
+    items = tuple(
+        BatchItem(100 + i, a, 0, len(p), True)
+        for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
+    )
+    reqs = tuple(
+        make_request(100 + i, p, a, 2)
+        for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
+    )
     res = executor.execute(Batch(0, 0, BatchMode.UNMERGED, None, items, reqs))
     assert res.error is None
     for i, ref in enumerate(logits_alone):
@@ -59,9 +65,17 @@ def test_chunked_prefill_and_small_blocks_match_one_shot(demo_dir: Path, adapter
 
 
 def _step(ex: TorchExecutor, req, computed: int, new: int, **actions) -> int:
-    res = ex.execute(Batch(0, 0, BatchMode.UNMERGED, None,
-                           (BatchItem(req.id, req.adapter_id, computed, new, True),), (req,),
-                           **actions))
+    res = ex.execute(
+        Batch(
+            0,
+            0,
+            BatchMode.UNMERGED,
+            None,
+            (BatchItem(req.id, req.adapter_id, computed, new, True),),
+            (req,),
+            **actions,
+        )
+    )
     assert res.error is None, res.error
     return res.token_ids[0]
 
@@ -92,8 +106,13 @@ def test_seeded_sampling_is_reproducible(executor: TorchExecutor):
 
     assert run(7) == run(7)
     assert run(7) != run(8)
-    greedy = [t for v in Driver(executor).run(
-        [make_request(i, PROMPTS[i], i, 12) for i in range(3)]).values() for t in v]
+    greedy = [
+        t
+        for v in Driver(executor)
+        .run([make_request(i, PROMPTS[i], i, 12) for i in range(3)])
+        .values()
+        for t in v
+    ]
     assert run(7, top_p=1e-6) == greedy
     assert run(3, temperature=0.0) == greedy
 
@@ -106,32 +125,48 @@ def test_stop_conditions(executor: TorchExecutor):
     stop_at = free_run[3]
     req = make_request(1, PROMPTS[1], None, 50, SamplingParams(stop_token_ids=(stop_at,)))
     assert Driver(executor).run([req])[1] == free_run[: free_run.index(stop_at) + 1]
-    if eos in free_run:
-        req = make_request(1, PROMPTS[1], None, 50, SamplingParams(ignore_eos=False))
-        assert Driver(executor).run([req])[1] == free_run[: free_run.index(eos) + 1]
+    executor.model.config = replace(executor.model.config, eos_token_ids=(eos, stop_at))
+    req = make_request(1, PROMPTS[1], None, 50, SamplingParams(ignore_eos=False))
+    assert Driver(executor).run([req])[1] == free_run[: free_run.index(stop_at) + 1]
+    req = make_request(1, PROMPTS[1], None, 50)  # default: ignore EOS (trace replay)
+    assert Driver(executor).run([req])[1] == free_run
 
 
 def test_step_errors_leave_executor_usable(demo_dir: Path, adapter_paths):
     ex = TorchExecutor(demo_dir, adapter_paths, block_size=4, num_kv_blocks=3)
     long = make_request(1, list(range(1, 20)), 0, 2)
-    res = ex.execute(Batch(0, 0, BatchMode.UNMERGED, None,
-                           (BatchItem(1, 0, 0, 19, True),), (long,)))
+    res = ex.execute(
+        Batch(0, 0, BatchMode.UNMERGED, None, (BatchItem(1, 0, 0, 19, True),), (long,))
+    )
     assert res.error is not None and "KV blocks" in res.error
     ex.free_request(1)
     no_tokens = make_request(2, [1, 2], None, 2)
     no_tokens.prompt_token_ids = None
-    res = ex.execute(Batch(0, 1, BatchMode.UNMERGED, None, (BatchItem(2, None, 0, 2, True),),
-                           (no_tokens,)))
+    res = ex.execute(
+        Batch(0, 1, BatchMode.UNMERGED, None, (BatchItem(2, None, 0, 2, True),), (no_tokens,))
+    )
     assert res.error is not None and "prompt_token_ids" in res.error
     ex.free_request(2)
-    assert _alone(ex, PROMPTS[1], 0, 3) == _alone(TorchExecutor(demo_dir, adapter_paths), PROMPTS[1], 0, 3)
+    assert _alone(ex, PROMPTS[1], 0, 3) == _alone(
+        TorchExecutor(demo_dir, adapter_paths), PROMPTS[1], 0, 3
+    )
 
 
 def test_step_result_times_and_actions(executor: TorchExecutor):
     req = make_request(1, PROMPTS[0], 2, 4)
-    res = executor.execute(Batch(0, 0, BatchMode.MERGED, 2,
-                                 (BatchItem(1, 2, 0, len(PROMPTS[0]), True),), (req,),
-                                 merge_adapter=2, load_adapters=(2, 3), evict_adapters=(0,)))
+    res = executor.execute(
+        Batch(
+            0,
+            0,
+            BatchMode.MERGED,
+            2,
+            (BatchItem(1, 2, 0, len(PROMPTS[0]), True),),
+            (req,),
+            merge_adapter=2,
+            load_adapters=(2, 3),
+            evict_adapters=(0,),
+        )
+    )
     assert res.error is None and res.eos == (False,)
     assert res.elapsed_s >= res.switch_s + res.load_s + res.swap_s
     assert res.switch_s > 0 and res.load_s > 0
@@ -146,8 +181,12 @@ def test_cuda_executor_matches_cpu(demo_dir: Path, adapter_paths):
     cpu = TorchExecutor(demo_dir, adapter_paths)
     gpu = TorchExecutor(demo_dir, adapter_paths, device="cuda")
     for adapter in (None, 0, 1, 2, 3):
-        torch.testing.assert_close(first_logits(gpu, PROMPTS[0], adapter).cpu(),
-                                   first_logits(cpu, PROMPTS[0], adapter), rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(
+            first_logits(gpu, PROMPTS[0], adapter).cpu(),
+            first_logits(cpu, PROMPTS[0], adapter),
+            rtol=1e-3,
+            atol=1e-3,
+        )
     reqs = [make_request(i, p, i % 4, 6) for i, p in enumerate(PROMPTS)]
     reqs_cpu = [make_request(i, p, i % 4, 6) for i, p in enumerate(PROMPTS)]
     assert Driver(gpu).run(reqs) == Driver(cpu).run(reqs_cpu)

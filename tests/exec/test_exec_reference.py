@@ -51,8 +51,12 @@ def test_full_sequence_logits_match_transformers(executor: TorchExecutor, hf_bas
     n = len(prompt)
     executor.kv.reserve(1, n)
     slots = executor.kv.slots(1, 0, n)
-    step = StepInputs(torch.tensor(prompt), torch.arange(n), torch.tensor(slots),
-                      (build_group([(0, 0, n, slots)], executor.device),))
+    step = StepInputs(
+        torch.tensor(prompt),
+        torch.arange(n),
+        torch.tensor(slots),
+        (build_group([(0, 0, n, slots)], executor.device),),
+    )
     ours = executor.model.logits(executor.model.forward(step, executor.kv.pool))
     with torch.no_grad():
         ref = hf_base(torch.tensor([prompt])).logits[0]
@@ -85,8 +89,10 @@ def test_greedy_generation_token_identical_to_peft_generate(executor: TorchExecu
     (prefill next to decodes), against PEFT generate run one request at a time."""
     max_new = 12
     specs = [(p, a) for a, p in zip([0, 1, 2, 3, None, 1], PROMPTS + PROMPTS[:2], strict=True)]
-    reqs = [make_request(i, p, a, max_new, SamplingParams(ignore_eos=False))
-            for i, (p, a) in enumerate(specs)]
+    reqs = [
+        make_request(i, p, a, max_new, SamplingParams(ignore_eos=False))
+        for i, (p, a) in enumerate(specs)
+    ]
     ours = Driver(executor).run(reqs, join=[0, 0, 1, 2, 3, 5])
     for i, (prompt, adapter) in enumerate(specs):
         inputs = torch.tensor([prompt])
@@ -97,4 +103,4 @@ def test_greedy_generation_token_identical_to_peft_generate(executor: TorchExecu
             else:
                 hf_peft.set_adapter(NAMES[adapter])
                 out = hf_peft.generate(inputs, max_new_tokens=max_new, do_sample=False)
-        assert ours[i] == out[0, len(prompt):].tolist(), f"request {i} adapter {adapter}"
+        assert ours[i] == out[0, len(prompt) :].tolist(), f"request {i} adapter {adapter}"

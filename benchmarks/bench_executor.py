@@ -1,0 +1,270 @@
+"""Executor benchmarks (issue 5): (b) decode throughput of TorchExecutor against transformers +
+PEFT `generate` (one adapter at a time via `set_adapter`, the paper's PEFT baseline) on the demo
+model with mixed adapters; (c) unmerged step time against merged with 1, 4 and 16 adapters in
+the batch on a larger random Llama; (d) merge and unmerge time per adapter.
+
+Run: `.venv/bin/python benchmarks/bench_executor.py [--threads 1] [--quick]`. Prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from dlora.exec import LlamaConfig, LlamaModel, LoraAdapter, LoraModule, TorchExecutor
+from dlora.exec.demo import DEMO_ADAPTERS, demo_adapter_paths, write_demo
+from dlora.exec.lora_slots import MergeState
+from dlora.exec.model import TARGET_MODULES
+from dlora.types import Batch, BatchItem, BatchMode, Request, SamplingParams
+
+
+def _request(rid: int, prompt: list[int], adapter: int | None, max_new: int) -> Request:
+    return Request(
+        id=rid,
+        adapter_id=adapter,
+        arrival_s=0.0,
+        prompt_tokens=len(prompt),
+        output_tokens=max_new,
+        prompt_token_ids=tuple(prompt),
+        sampling=SamplingParams(ignore_eos=True),
+    )
+
+
+def run_executor(ex: TorchExecutor, reqs: list[Request]) -> None:
+    """Continuous batching of all requests from step 0 until each has its tokens."""
+    active, step = list(reqs), 0
+    while active:
+        items = tuple(
+            BatchItem(
+                r.id, r.adapter_id, r.computed_tokens, r.context_tokens - r.computed_tokens, True
+            )
+            for r in active
+        )
+        res = ex.execute(Batch(0, step, BatchMode.UNMERGED, None, items, tuple(active)))
+        assert res.error is None and res.token_ids is not None and res.eos is not None
+        done = []
+        for it, r, tok, end in zip(items, active, res.token_ids, res.eos, strict=True):
+            r.computed_tokens += it.new_tokens
+            r.output_token_ids.append(tok)
+            r.generated_tokens += 1
+            if end:
+                done.append(r)
+        for r in done:
+            active.remove(r)
+        ex.execute(
+            Batch(
+                0, step, BatchMode.UNMERGED, None, (), (), free_requests=tuple(r.id for r in done)
+            )
+        )
+        step += 1
+
+
+def bench_throughput(demo: Path, num_requests: int, max_new: int) -> dict[str, float]:
+    import peft
+    import transformers
+
+    paths = demo_adapter_paths(demo)
+    names = list(DEMO_ADAPTERS)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 512, (16,), generator=gen).tolist() for _ in range(num_requests)]
+    adapters = [i % len(paths) for i in range(num_requests)]
+
+    ex = TorchExecutor(demo, paths, num_kv_blocks=4096)
+    run_executor(
+        ex,
+        [
+            _request(1000 + i, p[:4], a, 2)
+            for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
+        ],
+    )  # warm-up
+    reqs = [
+        _request(i, p, a, max_new) for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
+    ]
+    t = time.perf_counter()
+    run_executor(ex, reqs)
+    ours_s = time.perf_counter() - t
+
+    base = transformers.LlamaForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
+    model = peft.PeftModel.from_pretrained(base, str(paths[0]), adapter_name=names[0])
+    for i in range(1, len(names)):
+        model.load_adapter(str(paths[i]), adapter_name=names[i])
+    model.eval()
+
+    def peft_run(n_new: int) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in prompts]
+        for a, name in enumerate(names):
+            idx = [i for i in range(num_requests) if adapters[i] == a]
+            if not idx:
+                continue
+            model.set_adapter(name)
+            inputs = torch.tensor([prompts[i] for i in idx])
+            with torch.no_grad():
+                gen_ids = model.generate(
+                    inputs,
+                    attention_mask=torch.ones_like(inputs),
+                    max_new_tokens=n_new,
+                    min_new_tokens=n_new,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            for row, i in enumerate(idx):
+                out[i] = gen_ids[row, inputs.shape[1] :].tolist()
+        return out
+
+    peft_run(2)  # warm-up
+    t = time.perf_counter()
+    peft_out = peft_run(max_new)
+    peft_s = time.perf_counter() - t
+    same = sum(r.output_token_ids == peft_out[r.id] for r in reqs)
+    tokens = num_requests * max_new
+    return {
+        "ours_tok_s": tokens / ours_s,
+        "peft_tok_s": tokens / peft_s,
+        "speedup": peft_s / ours_s,
+        "identical": same / num_requests,
+    }
+
+
+def _random_model(seed: int) -> LlamaModel:
+    cfg = LlamaConfig(
+        vocab_size=2048,
+        hidden_size=1024,
+        intermediate_size=2816,
+        num_layers=4,
+        num_heads=16,
+        num_kv_heads=4,
+        head_dim=64,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_positions=4096,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    t = {
+        "embed_tokens.weight": torch.randn(cfg.vocab_size, cfg.hidden_size, generator=gen),
+        "norm.weight": torch.ones(cfg.hidden_size),
+        "lm_head.weight": torch.randn(cfg.vocab_size, cfg.hidden_size, generator=gen) * 0.03,
+    }
+    for i in range(cfg.num_layers):
+        t[f"layers.{i}.input_layernorm.weight"] = torch.ones(cfg.hidden_size)
+        t[f"layers.{i}.post_attention_layernorm.weight"] = torch.ones(cfg.hidden_size)
+        for m in TARGET_MODULES:
+            group = "self_attn" if m in TARGET_MODULES[:4] else "mlp"
+            shape = cfg.module_shape(m)
+            t[f"layers.{i}.{group}.{m}.weight"] = torch.randn(shape, generator=gen) * 0.03
+    return LlamaModel(cfg, t)
+
+
+def _random_adapter(cfg: LlamaConfig, rank: int, seed: int) -> LoraAdapter:
+    gen = torch.Generator().manual_seed(seed)
+    modules = {}
+    for i in range(cfg.num_layers):
+        for m in TARGET_MODULES:
+            d_out, d_in = cfg.module_shape(m)
+            modules[(i, m)] = LoraModule(
+                a=torch.randn(rank, d_in, generator=gen) * 0.03,
+                b=torch.randn(d_out, rank, generator=gen) * 0.03,
+                scale=2.0,
+            )
+    return LoraAdapter(
+        name=f"r{rank}-{seed}", rank=rank, target_modules=TARGET_MODULES, modules=modules
+    )
+
+
+def _median_step(ex: TorchExecutor, batch: Batch, repeats: int) -> float:
+    ex.execute(batch)
+    times = [ex.execute(batch).elapsed_s for _ in range(repeats)]
+    return statistics.median(times)
+
+
+def bench_overhead(
+    model: LlamaModel, batch_size: int, context: int, repeats: int, rank: int = 16
+) -> list[tuple[str, float, float]]:
+    """Decode step of `batch_size` requests at `context` tokens: merged vs unmerged."""
+    adapters = {a: _random_adapter(model.config, rank, a) for a in range(16)}
+    ex = TorchExecutor(model, adapters, num_kv_blocks=batch_size * (context // 16 + 2))
+    reqs = [_request(i, [5] * (context + 1), 0, 10) for i in range(batch_size)]
+    for r in reqs:  # prefill (untimed) so each request holds `context` tokens of KV
+        ex.execute(
+            Batch(0, 0, BatchMode.UNMERGED, None, (BatchItem(r.id, None, 0, context, False),), (r,))
+        )
+
+    def batch(mode: BatchMode, num_adapters: int) -> Batch:
+        items = tuple(
+            BatchItem(r.id, i % num_adapters, context, 1, True) for i, r in enumerate(reqs)
+        )
+        rs = tuple(
+            _request(r.id, [5] * (context + 1), i % num_adapters, 10) for i, r in enumerate(reqs)
+        )
+        return Batch(0, 1, mode, 0 if mode == BatchMode.MERGED else None, items, rs)
+
+    merged = _median_step(ex, batch(BatchMode.MERGED, 1), repeats)
+    rows = [("merged (1 adapter)", merged, 0.0)]
+    ex.execute(Batch(0, 1, BatchMode.UNMERGED, None, (), (), unmerge_adapter=0))
+    for n in (1, 4, 16):
+        t = _median_step(ex, batch(BatchMode.UNMERGED, n), repeats)
+        rows.append((f"unmerged, {n} adapter(s)", t, 100.0 * (t - merged) / merged))
+    return rows
+
+
+def bench_merge(model: LlamaModel, rank: int, repeats: int) -> tuple[float, float]:
+    adapter = _random_adapter(model.config, rank, 99)
+    state = MergeState(model, backup_device="cpu")
+    state.merge(0, adapter)
+    state.unmerge()  # first merge also saves the backups
+    merge_s, unmerge_s = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        state.merge(0, adapter)
+        merge_s.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        state.unmerge()
+        unmerge_s.append(time.perf_counter() - t)
+    return statistics.median(merge_s), statistics.median(unmerge_s)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both)")
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    max_new, repeats = (16, 5) if args.quick else (64, 15)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        demo = write_demo(Path(tmp) / "demo")
+        print(f"\n(b) decode throughput, demo model, {max_new} new tokens per request")
+        print(
+            f"{'requests':>8} {'adapters':>8} {'ours tok/s':>11} {'PEFT tok/s':>11} "
+            f"{'speedup':>8} {'same tokens':>11}"
+        )
+        for n in (8, 16, 32):
+            r = bench_throughput(demo, n, max_new)
+            print(
+                f"{n:>8} {4:>8} {r['ours_tok_s']:>11.0f} {r['peft_tok_s']:>11.0f} "
+                f"{r['speedup']:>7.1f}x {r['identical']:>10.0%}"
+            )
+    model = _random_model(0)
+    c = model.config
+    print(
+        f"\n(c) decode step, random Llama hidden {c.hidden_size}, {c.num_layers} layers, "
+        f"32 requests at 256 context, rank 16 on all 7 projections"
+    )
+    print(f"{'batch':<26} {'step ms':>8} {'overhead':>9}")
+    for name, t, pct in bench_overhead(model, 32, 256, repeats):
+        print(f"{name:<26} {t * 1e3:>8.2f} {pct:>8.1f}%")
+    print(f"\n(d) merge / unmerge per adapter (all 7 projections x {c.num_layers} layers)")
+    print(f"{'model':<22} {'rank':>5} {'merge ms':>9} {'unmerge ms':>11}")
+    for rank in (8, 16, 64):
+        m, u = bench_merge(model, rank, repeats)
+        print(f"{'hidden 1024 x 4':<22} {rank:>5} {m * 1e3:>9.2f} {u * 1e3:>11.2f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

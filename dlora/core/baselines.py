@@ -1,0 +1,105 @@
+"""The systems dLoRA is compared with, as named batching policies (PAPER.md section 6).
+
+- `vllm`: vLLM of 2023, no multi-LoRA. Every adapter is its own full model with the adapter
+  merged in; at most `max_models` (4 for 7B, 2 for larger models in the paper) full models are
+  resident per GPU and the others are swapped in whole from host memory, least recently used out,
+  at the profile's host-to-device bandwidth. One model per iteration: the oldest request's model
+  and its queued requests. Modelled as merged batches whose "adapter" is a full model: its
+  resident size is the model's weight bytes (taken from the KV pool, one copy of which the pool
+  already excludes as the base weights) and selecting a resident model costs no merge.
+- `peft`: HuggingFace PEFT with paged attention: one adapter per iteration (`set_adapter`),
+  run unmerged through the LoRA side path; the oldest request's adapter and its queued requests.
+- `slora`: S-LoRA: unmerged-only FCFS on the unified pool (KV and adapters share memory even if
+  the scenario asks for a static split), adapters of heterogeneous ranks without padding.
+
+Policies shape their replica through optional hooks that `ReplicaScheduler` consults at
+construction: `memory_config(config) -> MemoryConfig`, `adapter_size_bytes(adapter) -> int`,
+`switch_free` (changing the merged adapter costs nothing) and `eviction_lru` (evict the least
+recently used adapter instead of the one with fewest outstanding requests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..config import spec
+from ..types import Adapter, BatchMode
+from .batching import (
+    BATCH_POLICIES,
+    Plan,
+    PolicyContext,
+    QueueView,
+    UnmergedOnly,
+    _Simple,
+    first_of_adapter,
+)
+from .memory import MemoryConfig
+
+
+@dataclass(frozen=True, slots=True)
+class VllmParams:
+    max_models: int = spec(4, ge=1, doc="full models resident per GPU (paper: 4 for 7B, 2 larger)")
+
+
+class _OldestAdapter(_Simple):
+    """The oldest request's adapter and up to `max_batch_size` of its queued requests."""
+
+    mode = BatchMode.MERGED
+
+    def __init__(self, params: object, ctx: PolicyContext) -> None:
+        self.params = params
+        self.ctx = ctx
+
+    def plan(self, queue: QueueView, now: float) -> Plan:
+        if not queue.requests:
+            return Plan(BatchMode.UNMERGED, None, ())
+        adapter = queue.requests[0].adapter_id
+        chosen = first_of_adapter(queue.requests, adapter, queue.max_batch_size)
+        if adapter is None or self.mode == BatchMode.UNMERGED:
+            return Plan(BatchMode.UNMERGED, None, chosen)
+        return Plan(BatchMode.MERGED, adapter, chosen)
+
+    def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
+        return True
+
+
+@BATCH_POLICIES.register("vllm", VllmParams)
+class Vllm(_OldestAdapter):
+    """One merged full model per adapter, at most `max_models` resident, LRU whole-model swaps,
+    one model per iteration (module docstring)."""
+
+    switch_free = True  # each model has its own weights: selecting one merges nothing
+    eviction_lru = True
+
+    def __init__(self, params: VllmParams, ctx: PolicyContext) -> None:
+        super().__init__(params, ctx)
+        model = ctx.latency.model
+        self.model_bytes = model.weight_bytes // model.tensor_parallel
+
+    def memory_config(self, config: MemoryConfig) -> MemoryConfig:
+        """Models take the adapters' place: `max_models` slots, no static adapter budget; the
+        base copy the pool excludes is one of the resident models, so it is added back."""
+        assert isinstance(self.params, VllmParams)
+        return dataclasses.replace(
+            config, capacity_bytes=config.capacity_bytes + self.model_bytes,
+            max_adapter_slots=self.params.max_models, adapter_budget_bytes=None,
+        )
+
+    def adapter_size_bytes(self, adapter: Adapter) -> int:
+        return self.model_bytes
+
+
+@BATCH_POLICIES.register("peft")
+class Peft(_OldestAdapter):
+    """One adapter per iteration, unmerged (module docstring)."""
+
+    mode = BatchMode.UNMERGED
+
+
+@BATCH_POLICIES.register("slora")
+class Slora(UnmergedOnly):
+    """Unmerged-only FCFS with KV and adapters in one pool (module docstring)."""
+
+    def memory_config(self, config: MemoryConfig) -> MemoryConfig:
+        return dataclasses.replace(config, adapter_budget_bytes=None)

@@ -1,0 +1,331 @@
+"""dLoRA's credit-based dynamic batching (PAPER.md section 2): every iteration, run one adapter
+merged into the base weights or many adapters unmerged, without starving anyone.
+
+Per iteration, over the replica's unfinished requests in FCFS order:
+
+- `B_fcfs` = the first `max_batch_size` requests; `R[k]` = adapter k's requests.
+- Service (the starvation guard): adapters whose credit reached `credit_fire` are served first,
+  unmerged: their requests in FCFS order, then the rest of FCFS. They stay served until their
+  credit drops below `credit_release` (hysteresis).
+- Otherwise, with `m` = the adapter with most requests among those with credit >= `credit_floor`
+  and `a` the adapter merged now: stay merged on `a` while `|R[a]| >= merge_left * |B_fcfs|`;
+  else merge `m` when `|R[m]| >= merge_right * |B_fcfs|` (batch: the first `max_batch_size` of
+  `R[m]`); else run `B_fcfs` unmerged.
+
+Credits are zero-sum: each request of `B_fcfs` that a merged batch on `a` skips moves
+`credit_per_skip` from `a` to the skipped request's adapter; each request of a served adapter in
+a service batch moves `credit_per_skip` back, first to the adapters of the `B_fcfs` requests it
+displaced, the rest to the adapter with the lowest credit.
+
+Starvation bound. Let `s = credit_per_skip`, `B = max_batch_size`. Credits stay within
+`[min(credit_floor, credit_release) - s*B, credit_fire + s*B]` (an adapter pays only while
+eligible, resp. served, and gains only while below `credit_fire`). A request `r` of adapter `k`
+that is in `B_fcfs` and not run gains `k` at least `s` (a merged batch skipped it, or a service
+batch displaced it), while `k` loses credit only in iterations that run `r`; once `k`'s credit
+reaches `credit_fire`, `r` runs in every iteration. So, up to the replica's memory and token
+caps, `r` waits at most
+
+    W = ceil((credit_fire - min(credit_floor, credit_release)) / s) + B
+
+iterations while in `B_fcfs`; with the defaults (fire 32, release 0, floor -96, s 1) and
+`B = 16`, W = 144 iterations (about 2.5 s of 7B decode on the A800 profile), where the
+artifact's scale waited for minutes. `starvation_bound()` returns W.
+
+Adaptive thresholds (AIMD): at every episode boundary (a change of mode or merged adapter) the
+ended episode is judged by counterfactual throughput: each iteration counts the batch a merged
+policy (on the adapter it would merge) and plain FCFS would have formed, timed by the profile at
+a reference context (`reference_context_tokens`), plus the switch cost paid entering the episode
+or that the other side would have paid. Merged and merging won: `merge_right -= 0.05` (not below
+`merge_left`), else `merge_right *= 1.1`; unmerged and FCFS won: `merge_left += 0.05` (not above
+`merge_right`), else `merge_left /= 1.1`. Thresholds start from the profile: `merge_right = 1`,
+`merge_left = t_merged / t_unmerged` at `max_batch_size` sequences.
+
+`plan` reads state only; it memoises the facts of its decision (which `observe` applies to the
+credits and counters), so calling it twice for the same queue changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import spec
+from ..errors import ConfigError
+from ..types import Batch, BatchMode, StepResult
+from .batching import BATCH_POLICIES, Plan, PolicyContext, QueueView
+
+Key = int | None  # adapter id; None is the base model (never merged)
+TRAJECTORY_LIMIT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class CreditParams:
+    credit_start: float = spec(0.0, doc="every adapter's credit at start (credits are zero-sum)")
+    credit_fire: float = spec(32.0, doc="credit at which an adapter is served first")
+    credit_release: float = spec(0.0, doc="served adapters stay served down to this credit")
+    credit_floor: float = spec(-96.0, doc="adapters below this credit are not merge candidates")
+    credit_per_skip: float = spec(1.0, gt=0.0, doc="credit moved per skipped request")
+    aimd: bool = spec(True, doc="tune the thresholds at episode boundaries")
+    aimd_add: float = spec(0.05, gt=0.0, lt=1.0)
+    aimd_factor: float = spec(1.1, gt=1.0)
+    merge_right_init: float = spec(1.0, gt=0.0, doc="initial merge_right (the artifact's 1.0)")
+    merge_right_max: float = spec(4.0, gt=0.0, doc="cap on merge_right after AIMD increases")
+    merge_left_min: float = spec(0.05, gt=0.0, doc="floor on merge_left after AIMD decreases")
+    reference_context_tokens: int = spec(512, ge=1, doc="context used for profile timings")
+
+    def validate(self, path: str) -> None:
+        if not self.credit_floor <= self.credit_release < self.credit_fire:
+            raise ConfigError(f"{path}: need credit_floor <= credit_release < credit_fire, got "
+                              f"{self.credit_floor}, {self.credit_release}, {self.credit_fire}")
+        if not self.credit_floor <= self.credit_start < self.credit_fire:
+            raise ConfigError(f"{path}.credit_start: must lie in [credit_floor, credit_fire), "
+                              f"got {self.credit_start}")
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """What `plan` decided and why; `observe` applies it."""
+
+    step: int
+    mode: BatchMode
+    adapter: Key  # merged adapter (merged plans)
+    forced: bool
+    transfers: tuple[tuple[Key, Key], ...]  # (payer, payee) of credit_per_skip each
+    serving: frozenset[Key]
+    merged_cf: int  # batch size a merged policy would form
+    merged_cf_adapter: Key
+    fcfs_n: int
+    fcfs_adapters: int
+    fcfs_rank_tokens: int  # sum of ranks over B_fcfs requests (one decode token each)
+
+
+@dataclass(slots=True)
+class _Episode:
+    mode: BatchMode
+    adapter: Key
+    merged_tokens: float = 0.0
+    merged_s: float = 0.0
+    fcfs_tokens: float = 0.0
+    fcfs_s: float = 0.0
+    iterations: int = 0
+
+
+def _key_order(k: Key) -> tuple[bool, int]:
+    return (k is None, k or 0)
+
+
+@BATCH_POLICIES.register("credit", CreditParams)
+class CreditPolicy:
+    """dLoRA's dynamic batching (module docstring)."""
+
+    def __init__(self, params: CreditParams, ctx: PolicyContext) -> None:
+        self.p = params
+        self.ctx = ctx
+        self.ranks = ctx.adapter_ranks
+        self.credits: dict[Key, float] = {a: params.credit_start for a in ctx.adapter_ranks}
+        self.serving: frozenset[Key] = frozenset()
+        self._times: dict[tuple[int, int, int], float] = {}
+        b = ctx.max_batch_size
+        self.t_merged = self._time(b, 0, 0)
+        ranks = sorted(self.ranks.values()) or [16]
+        n_adapters = max(1, min(b, len(ranks)))
+        self.t_unmerged = self._time(b, n_adapters, b * ranks[len(ranks) // 2])
+        self.merge_right = params.merge_right_init
+        self.merge_left = min(self.t_merged / self.t_unmerged, self.merge_right)
+        self.trajectory: deque[tuple[int, float, float, str]] = deque(maxlen=TRAJECTORY_LIMIT)
+        self.trajectory.append((0, self.merge_left, self.merge_right, "init"))
+        self.threshold_changes = 0
+        self.episode: _Episode | None = None
+        self.counts = Counter[str]()
+        self._memo: _Decision | None = None
+
+    # ---- profile timings ----
+    def _time(self, n: int, adapters: int, rank_tokens: int) -> float:
+        """Seconds of a decode iteration of `n` sequences at the reference context."""
+        if n <= 0:
+            return 0.0
+        key = (n, adapters, rank_tokens)
+        t = self._times.get(key)
+        if t is None:
+            ctx_tokens = min(self.p.reference_context_tokens, self.ctx.latency.range.max_context_tokens)
+            t = self.ctx.latency.step_terms_s(n, n, n * ctx_tokens, 0, adapters, rank_tokens)
+            self._times[key] = t
+        return t
+
+    def _switch_s(self, unmerge: Key, merge: Key) -> float:
+        return self.ctx.latency.switch_s(
+            self.ranks.get(unmerge) if unmerge is not None else None,
+            self.ranks.get(merge) if merge is not None else None,
+        )
+
+    def credit(self, adapter: Key) -> float:
+        return self.credits.get(adapter, self.p.credit_start)
+
+    def starvation_bound(self) -> int:
+        """Iterations a request in B_fcfs can wait (module docstring)."""
+        p = self.p
+        low = min(p.credit_floor, p.credit_release)
+        return math.ceil((p.credit_fire - low) / p.credit_per_skip) + self.ctx.max_batch_size
+
+    # ---- decision ----
+    def plan(self, queue: QueueView, now: float) -> Plan:
+        """Service for starved adapters; else stay merged / merge the top adapter / FCFS
+        unmerged by the two thresholds (module docstring)."""
+        plan, decision = self._decide(queue)
+        self._memo = decision
+        return plan
+
+    def _decide(self, queue: QueueView) -> tuple[Plan, _Decision]:
+        reqs = queue.requests
+        b = queue.max_batch_size
+        fcfs = list(reqs[:b])
+        counts: Counter[Key] = Counter(r.adapter_id for r in reqs)
+        fcfs_adapters = {r.adapter_id for r in fcfs if r.adapter_id is not None}
+        rank_tokens = sum(self.ranks.get(r.adapter_id, 0) for r in fcfs if r.adapter_id is not None)
+        eligible = [k for k in counts if k is not None and self.credit(k) >= self.p.credit_floor]
+        m = min(eligible, key=lambda k: (-counts[k], _key_order(k))) if eligible else None
+        a = queue.merged_adapter
+        stay = a is not None and a in eligible and counts[a] >= self.merge_left * len(fcfs)
+        cf_adapter = a if stay else m
+        common = dict(step=queue.step, merged_cf=min(b, counts[cf_adapter]) if cf_adapter is not None else 0,
+                      merged_cf_adapter=cf_adapter, fcfs_n=len(fcfs), fcfs_adapters=len(fcfs_adapters),
+                      fcfs_rank_tokens=rank_tokens)
+        serving = frozenset(k for k in set(self.serving) | {k for k in counts if self.credit(k) >= self.p.credit_fire}
+                            if counts[k] > 0)
+        if serving:
+            first = [r for r in reqs if r.adapter_id in serving][:b]
+            chosen = {r.id for r in first}
+            rest = [r for r in reqs if r.id not in chosen][: b - len(first)]
+            batch = first + rest
+            in_batch = {r.id for r in batch}
+            displaced = [r.adapter_id for r in fcfs if r.id not in in_batch]
+            payers = [r.adapter_id for r in first]
+            others = [k for k in self.credits if k not in serving]
+            pairs = list(zip(payers, displaced, strict=False))  # the displaced are paid first
+            if others:  # the rest goes to the lowest credit (nobody left when all are served)
+                lowest = min(others, key=lambda k: (self.credits[k], _key_order(k)))
+                pairs += [(p, lowest) for p in payers[len(displaced):]]
+            transfers = tuple(pq for pq in pairs if pq[0] != pq[1])
+            plan = Plan(BatchMode.UNMERGED, None, batch, forced_by_credit=True)
+            return plan, _Decision(mode=BatchMode.UNMERGED, adapter=None, forced=True, transfers=transfers,
+                                   serving=serving, **common)  # type: ignore[arg-type]
+        target = a if stay else (m if m is not None and counts[m] >= self.merge_right * len(fcfs) else None)
+        if target is None:
+            plan = Plan(BatchMode.UNMERGED, None, fcfs)
+            return plan, _Decision(mode=BatchMode.UNMERGED, adapter=None, forced=False, transfers=(),
+                                   serving=serving, **common)  # type: ignore[arg-type]
+        batch = [r for r in reqs if r.adapter_id == target][:b]
+        transfers = tuple((target, r.adapter_id) for r in fcfs if r.adapter_id != target)
+        plan = Plan(BatchMode.MERGED, target, batch)
+        return plan, _Decision(mode=BatchMode.MERGED, adapter=target, forced=False, transfers=transfers,
+                               serving=serving, **common)  # type: ignore[arg-type]
+
+    def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
+        """Repeating the plan changes no credit and crosses no episode boundary."""
+        _, d = self._decide(queue)
+        ep = self.episode
+        return (not d.forced and not d.transfers and ep is not None
+                and (ep.mode, ep.adapter) == (d.mode, d.adapter))
+
+    # ---- feedback ----
+    def observe(self, batch: Batch, result: StepResult) -> None:
+        d = self._memo
+        if d is None or d.step != batch.step or result.error is not None:
+            return
+        self._boundary(batch)
+        self._apply(d, batch)
+
+    def observe_repeated(self, batch: Batch, times: Sequence[float]) -> None:
+        """`observe` for identical iterations: stationary plans move no credit, so only the
+        episode counters advance, one iteration at a time (the same float operations)."""
+        d = self._memo
+        if d is None:
+            return
+        for _ in times:
+            self._count(d)
+
+    def _boundary(self, batch: Batch) -> None:
+        key = (batch.mode, batch.merged_adapter)
+        ep = self.episode
+        if ep is not None and (ep.mode, ep.adapter) == key:
+            return
+        if ep is not None:
+            self._aimd(ep, batch.step)
+        self.episode = _Episode(batch.mode, batch.merged_adapter)
+        self.counts["episodes"] += 1
+        # the switch entering this episode: paid by the side that runs, avoided by the other
+        if batch.is_switch:
+            cost = self._switch_s(batch.unmerge_adapter, batch.merge_adapter)
+            if batch.mode == BatchMode.MERGED:
+                self.episode.merged_s += cost
+            else:
+                self.episode.fcfs_s += cost
+
+    def _apply(self, d: _Decision, batch: Batch) -> None:
+        s = self.p.credit_per_skip
+        for payer, payee in d.transfers:
+            self.credits[payer] = self.credit(payer) - s
+            self.credits[payee] = self.credit(payee) + s
+        self.serving = frozenset(k for k in d.serving if self.credit(k) >= self.p.credit_release)
+        if d.forced and not d.transfers:
+            self.serving = frozenset()
+        if d.forced:
+            self.counts["credit_forced_batches"] += 1
+        self.counts["credit_transfers"] += len(d.transfers)
+        self._count(d)
+
+    def _count(self, d: _Decision) -> None:
+        ep = self.episode
+        if ep is None or d.forced:
+            return
+        ep.iterations += 1
+        ep.merged_tokens += d.merged_cf
+        ep.merged_s += self._time(d.merged_cf, 0, 0)
+        ep.fcfs_tokens += d.fcfs_n
+        ep.fcfs_s += self._time(d.fcfs_n, d.fcfs_adapters, d.fcfs_rank_tokens)
+
+    def _aimd(self, ep: _Episode, step: int) -> None:
+        if not self.p.aimd or ep.iterations == 0:
+            return
+        merged_tput = ep.merged_tokens / ep.merged_s if ep.merged_s > 0 else 0.0
+        fcfs_tput = ep.fcfs_tokens / ep.fcfs_s if ep.fcfs_s > 0 else 0.0
+        p = self.p
+        if ep.mode == BatchMode.MERGED:
+            won = merged_tput >= fcfs_tput
+            self.counts["merged_episodes_won" if won else "merged_episodes_lost"] += 1
+            new = max(self.merge_left, self.merge_right - p.aimd_add) if won else \
+                min(p.merge_right_max, self.merge_right * p.aimd_factor)
+            self._set(step, self.merge_left, max(new, self.merge_left), "merged won" if won else "merged lost")
+        else:
+            won = fcfs_tput >= merged_tput
+            self.counts["unmerged_episodes_won" if won else "unmerged_episodes_lost"] += 1
+            new = min(self.merge_right, self.merge_left + p.aimd_add) if won else \
+                max(p.merge_left_min, self.merge_left / p.aimd_factor)
+            self._set(step, min(new, self.merge_right), self.merge_right,
+                      "unmerged won" if won else "unmerged lost")
+
+    def _set(self, step: int, left: float, right: float, why: str) -> None:
+        if (left, right) == (self.merge_left, self.merge_right):
+            return
+        self.merge_left, self.merge_right = left, right
+        self.threshold_changes += 1
+        self.trajectory.append((step, left, right, why))
+
+    def stats(self) -> dict[str, Any]:
+        credits = list(self.credits.values())
+        return {
+            "merge_left": self.merge_left,
+            "merge_right": self.merge_right,
+            "t_merged_s": self.t_merged,
+            "t_unmerged_s": self.t_unmerged,
+            "threshold_changes": self.threshold_changes,
+            "threshold_trajectory": [list(t) for t in self.trajectory],
+            "credit_min": min(credits) if credits else 0.0,
+            "credit_max": max(credits) if credits else 0.0,
+            "starvation_bound_iterations": self.starvation_bound(),
+            **dict(sorted(self.counts.items())),
+        }
+

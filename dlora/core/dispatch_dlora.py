@@ -1,0 +1,148 @@
+"""dLoRA's proactive dispatch and the placement-aware baselines (PAPER.md sections 4 and 6).
+
+- `dlora` / `proactive`: placement from popularity (`placement_policy.Placer`, re-run
+  periodically) and, per request, the cheapest candidate in seconds from the profile. Candidates
+  are the replicas holding the adapter (by placement or resident) plus the cheapest replica that
+  could load it; a replica's cost is its queued work, with full single-adapter batches
+  discounted because they can run merged, plus the adapter's load time when it is not resident.
+  `proactive` is the same dispatcher; the paper's Proactive ablation pairs it with migration
+  `none`, dLoRA with migration `dlora`.
+- `consolidate`: Punica-style packing: the busiest replica that still has batch room.
+- `affinity`: a replica that holds the adapter (Ray Serve model multiplexing, Kubernetes
+  inference gateways), the least loaded of those; the least loaded overall when none does.
+
+Dispatchers read only the `ClusterView`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import spec
+from ..types import BatchMode, ClusterView, ReplicaView, Request
+from .dispatch import DISPATCHERS, alive
+from .placement_policy import PlacementParams, make_placer
+
+TYPICAL_CONTEXT_TOKENS = 512
+
+
+class DispatchCost:
+    """Seconds a replica would need before a new request of an adapter could run there."""
+
+    def __init__(self, ctx: Any, merged_discount: bool = True) -> None:
+        self.latency = ctx.latency
+        self.adapters = ctx.adapters
+        self.batch = int(getattr(ctx, "max_batch_size", 16))
+        self.merged_ratio = 1.0
+        if merged_discount:
+            lat = self.latency
+            b = min(self.batch, lat.range.max_decode_seqs)
+            ctx_tokens = min(TYPICAL_CONTEXT_TOKENS, lat.range.max_context_tokens)
+            merged = lat.decode_step_s(b, ctx_tokens, BatchMode.MERGED)
+            unmerged = lat.decode_step_s(b, ctx_tokens, BatchMode.UNMERGED, num_adapters=min(b, 4))
+            self.merged_ratio = min(1.0, merged / unmerged) if unmerged > 0 else 1.0
+
+    def queued_s(self, r: ReplicaView) -> float:
+        """Queued work, the part in full single-adapter batches at the merged speed."""
+        n = r.num_requests
+        if n == 0 or self.merged_ratio >= 1.0:
+            return r.queued_work_s
+        full = sum((c // self.batch) * self.batch for a, c in r.requests_per_adapter if a is not None)
+        return r.queued_work_s * (1.0 - (full / n) * (1.0 - self.merged_ratio))
+
+    def load_s(self, adapter: int | None, r: ReplicaView) -> float:
+        if adapter is None or adapter in r.resident_adapters:
+            return 0.0
+        return self.latency.load_s(self.adapters[adapter].size_bytes)
+
+    def cost(self, adapter: int | None, r: ReplicaView) -> float:
+        return self.queued_s(r) + self.load_s(adapter, r)
+
+
+def can_load(r: ReplicaView) -> bool:
+    """A free adapter slot, or a resident adapter nobody on the replica is waiting for."""
+    if r.adapter_slots_free > 0:
+        return True
+    busy = {a for a, n in r.requests_per_adapter if n > 0}
+    return any(a not in busy and a != r.merged_adapter for a in r.resident_adapters)
+
+
+@dataclass(frozen=True, slots=True)
+class DloraDispatchParams(PlacementParams):
+    load_candidates: bool = spec(True, doc="also consider the cheapest replica that could load it")
+    merged_discount: bool = spec(True, doc="count full single-adapter batches at merged speed")
+
+
+@DISPATCHERS.register("dlora", DloraDispatchParams)
+@DISPATCHERS.register("proactive", DloraDispatchParams)
+class DloraDispatcher:
+    """Cheapest candidate by estimated seconds (module docstring), with proactive placement."""
+
+    def __init__(self, params: DloraDispatchParams, ctx: Any) -> None:
+        self.params = params
+        self.placer = make_placer(params, ctx)
+        self.costs = DispatchCost(ctx, params.merged_discount)
+        self.num_loads_chosen = 0
+
+    def choose(self, request: Request, view: ClusterView, now: float) -> int:
+        """Algorithm: record the arrival; candidates = holders of the adapter (placement or
+        resident) plus, optionally, the cheapest other replica that can load it; return the
+        candidate with the lowest queued seconds + load seconds (ties: fewer requests, id)."""
+        a = request.adapter_id
+        self.placer.record(a, now)
+        reps = alive(view)
+        if a is None:
+            return min(reps, key=lambda r: (self.costs.cost(None, r), r.num_requests, r.id)).id
+        placed = set(self.placer.holders(a))
+        holders = [r for r in reps if r.id in placed or a in r.resident_adapters]
+        others = [r for r in reps if r.id not in placed and a not in r.resident_adapters]
+        cands = list(holders)
+        if (self.params.load_candidates or not holders) and others:
+            loadable = [r for r in others if can_load(r)] or (others if not holders else [])
+            if loadable:
+                cands.append(min(loadable, key=lambda r: (self.costs.cost(a, r), r.num_requests, r.id)))
+        best = min(cands, key=lambda r: (self.costs.cost(a, r), r.num_requests, r.id))
+        if a not in best.resident_adapters:
+            self.num_loads_chosen += 1
+        return best.id
+
+    def stats(self) -> dict[str, Any]:
+        return {"placement": self.placer.stats(), "dispatched_to_load": self.num_loads_chosen,
+                "merged_ratio": self.costs.merged_ratio}
+
+
+@dataclass(frozen=True, slots=True)
+class ConsolidateParams:
+    max_requests: int | None = spec(None, ge=1, doc="room per replica (default: max_batch_size)")
+    max_kv_usage: float = spec(0.9, gt=0, le=1.0, doc="a replica above this KV usage has no room")
+
+
+@DISPATCHERS.register("consolidate", ConsolidateParams)
+class Consolidate:
+    """Punica-style: the busiest replica that still has room; least loaded when none has."""
+
+    def __init__(self, params: ConsolidateParams, ctx: Any) -> None:
+        self.room = params.max_requests or int(getattr(ctx, "max_batch_size", 16))
+        self.max_kv = params.max_kv_usage
+
+    def choose(self, request: Request, view: ClusterView, now: float) -> int:
+        reps = alive(view)
+        roomy = [r for r in reps if r.num_requests < self.room and r.kv_usage < self.max_kv]
+        if roomy:
+            return min(roomy, key=lambda r: (-r.num_requests, r.id)).id
+        return min(reps, key=lambda r: (r.queued_work_s, r.num_requests, r.id)).id
+
+
+@DISPATCHERS.register("affinity")
+class Affinity:
+    """A replica where the adapter is resident (least loaded of those), else the least loaded."""
+
+    def __init__(self, params: Any, ctx: Any = None) -> None:
+        pass
+
+    def choose(self, request: Request, view: ClusterView, now: float) -> int:
+        reps = alive(view)
+        a = request.adapter_id
+        holders = [r for r in reps if a is not None and a in r.resident_adapters]
+        return min(holders or reps, key=lambda r: (r.queued_work_s, r.num_requests, r.id)).id

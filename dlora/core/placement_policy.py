@@ -1,0 +1,141 @@
+"""Placement in a running cluster: which replica holds which adapter, kept up to date
+(PAPER.md section 4, proactive).
+
+`Placer` owns the arrival history (`DecayedRates`), the current target `Placement` and its
+re-computation: `initial(view)` places adapters before any history (uniform shares, or the
+static round-robin layout), `replan(view, now)` re-runs `place_adapters` on the decayed
+popularity every `interval_s` (proactive: placement follows popularity). Both return
+`DropAdapter` / `LoadAdapter` actions that the cluster applies; a replica pays a load in its next
+batch (`ReplicaScheduler.prefetch_adapter`). Drops of adapters still in use are refused by the
+replica, so residency may lag the target; dispatchers read both (`holders` and the view).
+Pure: reads no clock, touches no replica.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import spec
+from ..types import Action, Adapter, ClusterView, DropAdapter, LoadAdapter
+from .placement import (
+    AdapterDemand,
+    DecayedRates,
+    Placement,
+    PlacementProblem,
+    ReplicaCapacity,
+    diff_placement,
+    place_adapters,
+    round_robin_placement,
+)
+
+log = logging.getLogger(__name__)
+
+PLACEMENT_KINDS = ("none", "round_robin", "proactive")
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementParams:
+    """Placement settings shared by the placement-aware dispatchers (`policies.dispatch.params`)."""
+
+    placement: str = spec("proactive", choices=PLACEMENT_KINDS,
+                          doc="none: load on demand; round_robin: static; proactive: dLoRA greedy")
+    placement_interval_s: float = spec(60.0, gt=0, doc="seconds between re-placements (proactive)")
+    half_life_s: float = spec(120.0, gt=0, doc="half-life of the per-adapter arrival history")
+    prior_rate: float = spec(0.01, ge=0, doc="req/s added to every adapter's rate (unseen ones)")
+    target_fraction: float = spec(0.9, gt=0, le=1.0, doc="stop replicating at this share of ideal")
+    max_copies: int | None = spec(None, ge=1, doc="copies per adapter at most (None: replicas)")
+    adapter_memory_fraction: float = spec(0.1, gt=0, lt=1.0,
+                                          doc="unified pool: share of memory placement may fill")
+
+
+class Placer:
+    """Target placement of adapters over replicas, and the actions that realise it."""
+
+    def __init__(self, params: Any, adapters: dict[int, Adapter], num_replicas: int,
+                 max_adapter_slots: int | None, adapter_memory_bytes: int) -> None:
+        self.params = params
+        self.kind: str = params.placement
+        self.interval_s: float | None = params.placement_interval_s if self.kind == "proactive" else None
+        self.adapters = adapters
+        self.num_replicas = num_replicas
+        self.slots = max_adapter_slots if max_adapter_slots is not None else max(1, len(adapters))
+        self.adapter_memory_bytes = adapter_memory_bytes
+        self.rates = DecayedRates(params.half_life_s)
+        self.placement = Placement(frozenset())
+        self._holders: dict[int, tuple[int, ...]] = {}
+        self.num_replans = 0
+        self.num_loads = 0
+        self.num_drops = 0
+
+    # ---- history ----
+    def record(self, adapter_id: int | None, now: float) -> None:
+        if adapter_id is not None:
+            self.rates.record(adapter_id, now)
+
+    def holders(self, adapter_id: int) -> tuple[int, ...]:
+        """Replicas the target placement puts `adapter_id` on (possibly not yet resident)."""
+        return self._holders.get(adapter_id, ())
+
+    # ---- decisions ----
+    def initial(self, view: ClusterView) -> list[Action]:
+        """Placement before any arrival: round-robin, or dLoRA's greedy on uniform shares."""
+        if self.kind == "none" or not self.adapters:
+            return []
+        if self.kind == "round_robin":
+            target = round_robin_placement(len(self.adapters), self.num_replicas)
+        else:
+            target = self._solve(view, {k: 1.0 for k in self.adapters})
+        return self._switch(target)
+
+    def replan(self, view: ClusterView, now: float) -> list[Action]:
+        """Re-run the greedy on the decayed popularity; actions for what changed."""
+        if self.kind != "proactive" or not self.adapters:
+            return []
+        shares = self.rates.shares(now, sorted(self.adapters), prior=self.params.prior_rate)
+        self.num_replans += 1
+        return self._switch(self._solve(view, shares))
+
+    def _solve(self, view: ClusterView, shares: dict[int, float]) -> Placement:
+        alive = [r for r in view.replicas if r.is_alive] or list(view.replicas)
+        problem = PlacementProblem(
+            adapters=tuple(AdapterDemand(k, shares[k], a.size_bytes) for k, a in sorted(self.adapters.items())),
+            replicas=tuple(ReplicaCapacity(r.id, float(max(1, r.kv_blocks_total)), self.adapter_memory_bytes,
+                                           self.slots) for r in alive),
+            current=self.placement if self.placement.pairs else None,
+            max_copies=self.params.max_copies, target_fraction=self.params.target_fraction,
+        )
+        return place_adapters(problem)
+
+    def _switch(self, target: Placement) -> list[Action]:
+        loads, drops = diff_placement(self.placement, target)
+        self.placement = target
+        holders: dict[int, list[int]] = {}
+        for r, k in sorted(target.pairs):
+            holders.setdefault(k, []).append(r)
+        self._holders = {k: tuple(v) for k, v in holders.items()}
+        self.num_loads += len(loads)
+        self.num_drops += len(drops)
+        if loads or drops:
+            log.debug("placement: %d loads, %d drops", len(loads), len(drops))
+        out: list[Action] = [DropAdapter(r, k) for r, k in drops]
+        out += [LoadAdapter(r, k) for r, k in loads]
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        copies = [len(v) for v in self._holders.values()]
+        return {"kind": self.kind, "replans": self.num_replans, "loads": self.num_loads,
+                "drops": self.num_drops, "max_copies": max(copies, default=0),
+                "replicated_adapters": sum(c > 1 for c in copies)}
+
+
+def make_placer(params: Any, ctx: Any) -> Placer:
+    """A Placer from dispatcher params and the build's `DispatchContext`."""
+    budget = getattr(ctx, "adapter_budget_bytes", None)
+    capacity = getattr(ctx, "memory_capacity_bytes", None)
+    if budget is None:
+        if capacity is None:
+            capacity = ctx.latency.kv_capacity_bytes()
+        budget = int(capacity * params.adapter_memory_fraction)
+    return Placer(params, ctx.adapters, ctx.num_replicas, getattr(ctx, "max_adapter_slots", None), budget)
