@@ -79,7 +79,8 @@ def _check_bounds(value: Any, meta: Mapping[str, Any], path: str) -> None:
     ):
         bound = meta.get(key)
         if bound is not None and not ok(value, bound):
-            raise ConfigError(f"{path}: must be {word} {bound}, got {_fmt(value)}")
+            shown = int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+            raise ConfigError(f"{path}: must be {word} {shown}, got {_fmt(value)}")
 
 
 def convert(tp: Any, value: Any, path: str, meta: Mapping[str, Any] | None = None) -> Any:

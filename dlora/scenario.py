@@ -159,6 +159,11 @@ def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ())
 def scenario_from_dict(data: dict[str, Any], base_dir: Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:
     data = copy.deepcopy(data)
     data.pop("base_dir", None)
+    policies = data.get("policies")
+    if isinstance(policies, dict):  # `batching: credit` is short for `batching: {name: credit}`
+        for key, value in policies.items():
+            if isinstance(value, str):
+                policies[key] = {"name": value}
     for text in overrides:
         apply_override(data, text)
     data["base_dir"] = str(base_dir)

@@ -19,7 +19,7 @@ import torch
 
 from dlora.errors import DloraError
 from dlora.exec.adapters import LoraAdapter
-from dlora.exec.model import TARGET_MODULES, LlamaModel
+from dlora.exec.model import FUSED_GROUPS, LlamaModel
 
 
 def _kernels() -> tuple[Any, Any]:
@@ -35,7 +35,7 @@ class SlotsFullError(DloraError):
 
 @dataclass(frozen=True, slots=True)
 class PackedModule:
-    """All resident adapters' weights of one (layer, module), in the kernel's layout."""
+    """All resident adapters' weights of one (layer, fused group), in the kernel's layout."""
 
     a_packed: torch.Tensor  # (sum_r, d_in)
     bt_packed: torch.Tensor  # (sum_r, d_out)
@@ -92,28 +92,56 @@ class AdapterSlots:
             self._packs = None
 
     def packs(self) -> dict[tuple[int, str], PackedModule]:
-        """Rebuilt only after a load or evict."""
+        """Packed weights per (layer, fused group); rebuilt only after a load or evict.
+
+        An adapter's rows in a fused group stack its member modules: A rows are the members'
+        `A`s, `B^T` rows are `scale * B^T` placed at the member's output columns (zeros
+        elsewhere), so one kernel call covers q, k and v (or gate and up) with per-module
+        ranks and scales; the kernel's own `scales` are then all 1."""
         if self._packs is not None:
             return self._packs
-        dev = self.model.device
+        cfg, dev, dtype = self.model.config, self.model.device, self.model.dtype
         packs: dict[tuple[int, str], PackedModule] = {}
         self._index = {}
-        for module in TARGET_MODULES:
-            ids = [i for i, a in self._resident.items() if module in a.target_modules]
-            self._index[module] = {aid: k for k, aid in enumerate(ids)}
+        for group, members in FUSED_GROUPS.items():
+            ids = [
+                i for i, a in self._resident.items() if any(m in a.target_modules for m in members)
+            ]
+            self._index[group] = {aid: k for k, aid in enumerate(ids)}
             if not ids:
                 continue
-            for layer in range(self.model.config.num_layers):
-                mods = [self._resident[i].modules[(layer, module)] for i in ids]
+            columns, start = {}, 0
+            for m in members:
+                columns[m] = (start, start + cfg.module_shape(m)[0])
+                start += cfg.module_shape(m)[0]
+            for layer in range(cfg.num_layers):
+                a_rows: list[torch.Tensor] = []
+                bt_rows: list[torch.Tensor] = []
                 offsets = [0]
-                for m in mods:
-                    offsets.append(offsets[-1] + m.rank)
-                packs[(layer, module)] = PackedModule(
-                    a_packed=torch.cat([m.a for m in mods]).contiguous(),
-                    bt_packed=torch.cat([m.b.t() for m in mods]).contiguous(),
+                for aid in ids:
+                    adapter = self._resident[aid]
+                    for m in members:
+                        if m not in adapter.target_modules:
+                            continue
+                        mod = adapter.modules[(layer, m)]
+                        bt = torch.zeros(mod.rank, start, dtype=dtype, device=dev)
+                        bt[:, columns[m][0] : columns[m][1]] = mod.b.t() * mod.scale
+                        a_rows.append(mod.a)
+                        bt_rows.append(bt)
+                    offsets.append(
+                        offsets[-1]
+                        + sum(
+                            adapter.modules[(layer, m)].rank
+                            for m in members
+                            if m in adapter.target_modules
+                        )
+                    )
+                packs[(layer, group)] = PackedModule(
+                    a_packed=torch.cat(a_rows).contiguous(),
+                    bt_packed=torch.cat(bt_rows).contiguous(),
                     rank_offsets=torch.tensor(offsets, dtype=torch.int64, device=dev),
-                    scales=torch.tensor([m.scale for m in mods], dtype=torch.float32, device=dev),
-                    max_rank=max(m.rank for m in mods),
+                    scales=torch.ones(len(ids), dtype=torch.float32, device=dev),
+                    max_rank=max(b - a for a, b in zip(offsets, offsets[1:], strict=False)),
                 )
         self._packs = packs
         return packs
@@ -153,11 +181,11 @@ class LoraBatchHook:
         self._lora_apply = _kernels()[0]
         self._backend = backend
 
-    def apply(self, layer: int, module: str, x: torch.Tensor, y: torch.Tensor) -> None:
-        seg = self._segments.get(module)
+    def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:
+        seg = self._segments.get(group)
         if seg is None:
             return
-        p = self._packs[(layer, module)]
+        p = self._packs[(layer, group)]
         self._lora_apply(
             x,
             y,

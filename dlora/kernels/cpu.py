@@ -8,37 +8,17 @@ matmuls run in the tensors' dtype (torch's CPU kernels accumulate half types in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
-
-def _segments(
-    rank_offsets: torch.Tensor, seg_starts: torch.Tensor, seg_adapters: torch.Tensor
-) -> Iterator[tuple[int, int, int, int, int]]:
-    """``(token_start, token_end, adapter, row_start, row_end)`` of non-empty LoRA segments."""
-    offsets = rank_offsets.tolist()
-    starts = seg_starts.tolist()
-    for seg, adapter in enumerate(seg_adapters.tolist()):
-        if adapter < 0:
-            continue
-        start, end = starts[seg], starts[seg + 1]
-        row_start, row_end = offsets[adapter], offsets[adapter + 1]
-        if end > start and row_end > row_start:
-            yield start, end, adapter, row_start, row_end
+from dlora.kernels.layout import HostIndex
 
 
 def lora_shrink(
-    x: torch.Tensor,
-    a_packed: torch.Tensor,
-    rank_offsets: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_adapters: torch.Tensor,
-    max_rank: int,
+    x: torch.Tensor, a_packed: torch.Tensor, index: HostIndex, max_rank: int
 ) -> torch.Tensor:
     """``v[t, :r_k] = x[t] @ A_k^T``; ``x (T, d_in)`` -> ``v (T, max_rank)`` in ``x.dtype``."""
     v = torch.zeros(x.shape[0], max_rank, dtype=x.dtype, device=x.device)
-    for start, end, _, row_start, row_end in _segments(rank_offsets, seg_starts, seg_adapters):
+    for start, end, _, row_start, row_end in index.segments():
         rank = row_end - row_start
         torch.mm(x[start:end], a_packed[row_start:row_end].t(), out=v[start:end, :rank])
     return v
@@ -47,20 +27,16 @@ def lora_shrink(
 def lora_expand(
     v: torch.Tensor,
     bt_packed: torch.Tensor,
-    rank_offsets: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_adapters: torch.Tensor,
-    scales: torch.Tensor,
+    index: HostIndex,
+    scales: list[float],
     y: torch.Tensor,
 ) -> None:
     """``y[t] += scales[k] * v[t, :r_k] @ B_k^T`` in place; ``y (T, d_out)``."""
-    scale_list = scales.tolist()
-    for start, end, adapter, row_start, row_end in _segments(
-        rank_offsets, seg_starts, seg_adapters
-    ):
-        rank = row_end - row_start
+    for start, end, adapter, row_start, row_end in index.segments():
         y[start:end].addmm_(
-            v[start:end, :rank], bt_packed[row_start:row_end], alpha=float(scale_list[adapter])
+            v[start:end, : row_end - row_start],
+            bt_packed[row_start:row_end],
+            alpha=scales[adapter],
         )
 
 
@@ -69,15 +45,10 @@ def lora_apply(
     y: torch.Tensor,
     a_packed: torch.Tensor,
     bt_packed: torch.Tensor,
-    rank_offsets: torch.Tensor,
-    seg_starts: torch.Tensor,
-    seg_adapters: torch.Tensor,
-    scales: torch.Tensor,
+    index: HostIndex,
+    scales: list[float],
 ) -> None:
     """Shrink and expand fused per segment: ``y[t] += scales[k] * (x[t] @ A_k^T) @ B_k^T``."""
-    scale_list = scales.tolist()
-    for start, end, adapter, row_start, row_end in _segments(
-        rank_offsets, seg_starts, seg_adapters
-    ):
+    for start, end, adapter, row_start, row_end in index.segments():
         v = torch.mm(x[start:end], a_packed[row_start:row_end].t())
-        y[start:end].addmm_(v, bt_packed[row_start:row_end], alpha=float(scale_list[adapter]))
+        y[start:end].addmm_(v, bt_packed[row_start:row_end], alpha=scales[adapter])

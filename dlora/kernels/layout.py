@@ -26,13 +26,42 @@ class KernelInputError(DloraError, ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class HostIndex:
+    """The index tensors as Python lists (read once per call by the CPU and reference paths)."""
+
+    rank_offsets: list[int]
+    seg_starts: list[int]
+    seg_adapters: list[int]
+
+    @classmethod
+    def of(cls, rank_offsets: torch.Tensor, seg_starts: torch.Tensor, seg_adapters: torch.Tensor):
+        return cls(rank_offsets.tolist(), seg_starts.tolist(), seg_adapters.tolist())
+
+    @property
+    def max_rank(self) -> int:
+        """Largest ``r_k`` (0 without adapters)."""
+        offsets = self.rank_offsets
+        return max((b - a for a, b in zip(offsets, offsets[1:], strict=False)), default=0)
+
+    def segments(self) -> list[tuple[int, int, int, int, int]]:
+        """``(token_start, token_end, adapter, row_start, row_end)`` of non-empty LoRA segments."""
+        offsets, starts = self.rank_offsets, self.seg_starts
+        return [
+            (starts[seg], starts[seg + 1], k, offsets[k], offsets[k + 1])
+            for seg, k in enumerate(self.seg_adapters)
+            if k >= 0 and starts[seg + 1] > starts[seg] and offsets[k + 1] > offsets[k]
+        ]
+
+
+@dataclass(frozen=True, slots=True)
 class Layout:
-    """Sizes read from the tensors' shapes: tokens, segments and packed adapters."""
+    """Sizes read from the tensors' shapes; ``host`` holds the index values when they were
+    on the CPU (and so were checked)."""
 
     num_tokens: int
     num_segments: int
     num_adapters: int
-    packed_rows: int
+    host: HostIndex | None
 
 
 def make_segments(
@@ -107,13 +136,16 @@ def check_layout(
     seg_starts: object,
     seg_adapters: object,
     scales: object = None,
+    *,
+    packed_rows: int | None = None,
 ) -> Layout:
     """Check the index tensors against each other and return the sizes.
 
     Shapes and dtypes are always checked. Values (offsets start at 0 and never decrease, the
     segments cover exactly ``num_tokens`` tokens, adapter indices are in ``[-1, K)``) are
     checked when the index tensors are on the CPU; on a GPU that would force a device sync
-    per call, so pass CPU index tensors while debugging.
+    per call, so pass CPU index tensors while debugging. ``packed_rows`` defaults to
+    ``packed.shape[0]``.
     """
     device = packed.device
     num_offsets = _check_vector(op, "rank_offsets", rank_offsets, None, device, INDEX_DTYPES)
@@ -122,29 +154,36 @@ def check_layout(
         raise _fail(op, "rank_offsets needs K + 1 >= 1 entries (it starts with 0)")
     if num_starts < 1:
         raise _fail(op, "seg_starts needs S + 1 >= 1 entries (it starts with 0)")
-    layout = Layout(num_tokens, num_starts - 1, num_offsets - 1, int(packed.shape[0]))
-    _check_vector(op, "seg_adapters", seg_adapters, layout.num_segments, device, INDEX_DTYPES)
+    num_segments, num_adapters = num_starts - 1, num_offsets - 1
+    _check_vector(op, "seg_adapters", seg_adapters, num_segments, device, INDEX_DTYPES)
     if scales is not None:
-        _check_vector(op, "scales", scales, layout.num_adapters, device, FLOAT_DTYPES)
+        _check_vector(op, "scales", scales, num_adapters, device, FLOAT_DTYPES)
     assert isinstance(rank_offsets, torch.Tensor)
     assert isinstance(seg_starts, torch.Tensor) and isinstance(seg_adapters, torch.Tensor)
+    rows = int(packed.shape[0]) if packed_rows is None else packed_rows
+    offsets = starts = adapters = None
     if rank_offsets.device.type == "cpu":
-        _check_offsets(op, "rank_offsets", rank_offsets, layout.packed_rows, exact=False)
+        offsets = rank_offsets.tolist()
+        _check_offsets(op, "rank_offsets", offsets, rows, exact=False)
     if seg_starts.device.type == "cpu":
-        _check_offsets(op, "seg_starts", seg_starts, num_tokens, exact=True)
-    if seg_adapters.device.type == "cpu" and layout.num_segments:
-        low, high = int(seg_adapters.min()), int(seg_adapters.max())
-        if low < -1 or high >= layout.num_adapters:
+        starts = seg_starts.tolist()
+        _check_offsets(op, "seg_starts", starts, num_tokens, exact=True)
+    if seg_adapters.device.type == "cpu":
+        adapters = seg_adapters.tolist()
+        low, high = min(adapters, default=0), max(adapters, default=0)
+        if low < -1 or high >= num_adapters:
             raise _fail(
                 op,
-                f"seg_adapters must lie in [-1, {layout.num_adapters}) (K = len(rank_offsets) - 1)"
+                f"seg_adapters must lie in [-1, {num_adapters}) (K = len(rank_offsets) - 1)"
                 f", got values in [{low}, {high}]",
             )
-    return layout
+    host = None
+    if offsets is not None and starts is not None and adapters is not None:
+        host = HostIndex(offsets, starts, adapters)
+    return Layout(num_tokens, num_segments, num_adapters, host)
 
 
-def _check_offsets(op: str, name: str, offsets: torch.Tensor, total: int, *, exact: bool) -> None:
-    values = offsets.tolist()
+def _check_offsets(op: str, name: str, values: list[int], total: int, *, exact: bool) -> None:
     if values[0] != 0:
         raise _fail(op, f"{name}[0] must be 0, got {values[0]}")
     if any(b < a for a, b in zip(values, values[1:], strict=False)):
