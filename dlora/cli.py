@@ -72,6 +72,46 @@ def simulate(
         err.print(line, highlight=False)
 
 
+@app.command()
+def capacity(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (its sweep variants are compared)")],
+    low: Annotated[float, typer.Option("--low", help="lowest rate to try (req/s)")] = 1.0,
+    high: Annotated[float, typer.Option("--high", help="first upper rate (doubled while it passes)")] = 16.0,
+    tol: Annotated[float, typer.Option("--tol", help="stop when the bracket is this narrow (req/s)")] = 0.5,
+    rate_key: Annotated[str, typer.Option("--rate-key", help="key path of the rate")] = "workload.arrival.rate_per_s",
+    requests_per_rate: Annotated[float, typer.Option("--requests-per-rate", help="requests per probe = this x rate (paper: 100); 0 keeps num_requests")] = 100.0,
+    overrides: SetOpt = None,
+    out_dir: OutOpt = None,
+) -> None:
+    """Throughput under the SLO: the largest rate whose mean latency per token meets it, per variant."""
+    import json
+
+    from rich.table import Table
+
+    from .scenario import load_scenario
+    from .sim.capacity import capacity_by_variant
+
+    try:
+        sc = load_scenario(scenario, overrides or [])
+        results = capacity_by_variant(sc, low, high, tol, rate_key, requests_per_rate or None)
+    except DloraError as exc:
+        fail(str(exc))
+        return
+    table = Table(title=f"{sc.name}: max rate with mean latency/token <= {sc.slo.latency_per_token_s} s")
+    for col in ("variant", "max rate (req/s)", "search path: rate -> mean latency/token (s)"):
+        table.add_column(col)
+    for name, res in results.items():
+        steps = ", ".join(f"{p.rate:.3g}->{p.latency_per_token_s if p.latency_per_token_s is None else round(p.latency_per_token_s, 3)}"
+                          f"{'' if p.ok else '(x)'}" for p in res.path)
+        table.add_row(name or sc.name, f"{res.rate:.3g}", steps)
+    out.print(table)
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        data = {"scenario": sc.name, "variants": {k: v.as_dict() for k, v in results.items()}}
+        (out_dir / "capacity.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        err.print(f"wrote capacity.json to {out_dir}", highlight=False)
+
+
 @app.command("init-demo")
 def init_demo(directory: Annotated[Path, typer.Argument(help="folder to write the demo model into")]) -> None:
     """Write the embedded tiny Llama model, tokenizer and PEFT adapters (seeded, no download)."""

@@ -8,10 +8,13 @@ Step time of one iteration:
          + attention_decode_s_per_token * decode_context_tokens
          + attention_prefill_s_per_pair * prefill_attention_pairs
          + [unmerged, >= 1 adapter] lora.fixed_s + lora.per_adapter_s * distinct adapters
+                                   + lora.per_adapter_rank_s * sum of their ranks
+                                   + lora.per_token_s * LoRA tokens
                                    + lora.per_token_rank_s * sum(tokens x rank)
 
 Switching merged state costs `merge.base_s + merge.per_rank_s * rank` (and the same form for
-unmerge); loading an adapter costs its bytes over `adapter_load.bandwidth_bytes_per_s`.
+unmerge, or one fused `switch` pass when the profile has it); loading an adapter costs its bytes
+over `adapter_load.bandwidth_bytes_per_s`.
 """
 
 from __future__ import annotations
@@ -132,8 +135,13 @@ class Curve:
 
 @dataclass(frozen=True, slots=True)
 class LoraCost:
+    """Unmerged side path: fixed + per_adapter x adapters + per_adapter_rank x sum of their ranks
+    + per_token x LoRA tokens + per_token_rank x sum over tokens of their adapter's rank."""
+
     fixed_s: float = spec(0.0, ge=0.0)
     per_adapter_s: float = spec(0.0, ge=0.0)
+    per_adapter_rank_s: float = spec(0.0, ge=0.0)
+    per_token_s: float = spec(0.0, ge=0.0)
     per_token_rank_s: float = spec(0.0, ge=0.0)
 
 
@@ -165,6 +173,7 @@ class Latency:
     lora: LoraCost = field(default_factory=LoraCost)
     merge: RankCost = field(default_factory=RankCost)
     unmerge: RankCost = field(default_factory=RankCost)
+    switch: RankCost | None = None  # fused unmerge+merge in one pass (rank = sum of both); else the sum
     adapter_load: Transfer = field(default_factory=lambda: Transfer(bandwidth_bytes_per_s=25e9))
     swap: Transfer = field(default_factory=lambda: Transfer(bandwidth_bytes_per_s=25e9))
     kv_transfer: Transfer = field(default_factory=lambda: Transfer(bandwidth_bytes_per_s=12.5e9))
@@ -225,20 +234,43 @@ class LatencyModel:
             return 0.0
         if not self.allow_extrapolation:
             self._check_range(shape)
-        num_adapters = len(shape.adapter_ranks) if shape.mode == BatchMode.UNMERGED else 0
-        return self.step_terms_s(tokens, shape.decode_seqs + shape.prefill_seqs, shape.decode_context_tokens,
-                                 shape.prefill_attention_pairs, num_adapters, shape.lora_token_rank)
+        return self.step_parts_s(shape, shape.decode_context_tokens)
+
+    def step_parts_s(self, shape: BatchShape, decode_context_tokens: int) -> float:
+        """`step_s` with the decode context given separately, as `head + attention + tail`.
+        The simulator's fast path evaluates the same three parts for growing contexts, so its
+        results are bit-identical to calling `step_s` on each iteration's shape."""
+        t = self.head_s(shape)
+        t += self.latency.attention_decode_s_per_token * decode_context_tokens
+        t += self.tail_s(shape)
+        return t
 
     def step_terms_s(self, tokens: int, seqs: int, decode_context_tokens: int, prefill_pairs: int,
                      num_adapters: int, lora_token_rank: int) -> float:
-        """`step_s` from the shape's numbers (no range check); the fast path calls it directly."""
+        """`step_s` of a batch given by its numbers (no range check); ranks are taken equal."""
+        rank = lora_token_rank // max(tokens, 1) if num_adapters else 0
+        shape = BatchShape(
+            prefill_tokens=tokens - min(seqs, tokens) if prefill_pairs else 0, prefill_context_tokens=0,
+            decode_seqs=seqs, decode_context_tokens=decode_context_tokens,
+            mode=BatchMode.UNMERGED if num_adapters else BatchMode.MERGED,
+            adapter_ranks=(rank,) * num_adapters, lora_tokens=tokens if num_adapters else 0,
+            lora_token_rank=lora_token_rank, prefill_attention_pairs=prefill_pairs,
+        )
+        return self.step_parts_s(shape, decode_context_tokens)
+
+    def head_s(self, shape: BatchShape) -> float:
         lat = self.latency
-        t = lat.linear(tokens) + lat.per_seq_s * seqs
-        t += lat.attention_decode_s_per_token * decode_context_tokens
-        t += lat.attention_prefill_s_per_pair * prefill_pairs
-        if num_adapters:
-            t += lat.lora.fixed_s + lat.lora.per_adapter_s * num_adapters
-            t += lat.lora.per_token_rank_s * lora_token_rank
+        return lat.linear(shape.total_tokens) + lat.per_seq_s * (shape.decode_seqs + shape.prefill_seqs)
+
+    def tail_s(self, shape: BatchShape) -> float:
+        lat = self.latency
+        t = lat.attention_prefill_s_per_pair * shape.prefill_attention_pairs
+        if shape.mode == BatchMode.UNMERGED and shape.adapter_ranks:
+            lora = lat.lora
+            t += (lora.fixed_s + lora.per_adapter_s * len(shape.adapter_ranks)
+                  + lora.per_adapter_rank_s * sum(shape.adapter_ranks)
+                  + lora.per_token_s * shape.lora_tokens
+                  + lora.per_token_rank_s * shape.lora_token_rank)
         return t
 
     def _check_range(self, shape: BatchShape) -> None:
@@ -269,6 +301,9 @@ class LatencyModel:
         return self.step_s(shape)
 
     def switch_s(self, unmerge_rank: int | None, merge_rank: int | None) -> float:
+        fused = self.latency.switch
+        if fused is not None and unmerge_rank is not None and merge_rank is not None:
+            return fused(unmerge_rank + merge_rank)
         t = 0.0
         if unmerge_rank is not None:
             t += self.latency.unmerge(unmerge_rank)

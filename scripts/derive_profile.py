@@ -254,14 +254,14 @@ def lora_and_merge(s: ModelShape, hw: Hardware) -> tuple[LoraCost, RankCost]:
     for m in LORA_MODULES:
         d_in, d_out = s.module_dims(m)
         local.append((d_in // tp, d_out) if m in ("o", "down") else (d_in, d_out // tp))
-    adapter_bytes = layers * sum(RANK * (i + o) for i, o in local) * s.dtype_bytes
+    adapter_bytes_per_rank = layers * sum(i + o for i, o in local) * s.dtype_bytes
     act_bytes_per_token = layers * sum(i + 2 * o for i, o in local) * s.dtype_bytes
     flops_per_token_rank = layers * sum(2 * (i + o) for i, o in local)
     lora = LoraCost(
         fixed_s=2 * len(LORA_MODULES) * layers * hw.launch_s,
-        per_adapter_s=adapter_bytes / hw.hbm_bytes_per_s,
-        per_token_rank_s=act_bytes_per_token / RANK / hw.hbm_bytes_per_s
-        + flops_per_token_rank / hw.gemm_flops_per_s)
+        per_adapter_rank_s=adapter_bytes_per_rank / hw.hbm_bytes_per_s,
+        per_token_s=act_bytes_per_token / hw.hbm_bytes_per_s,
+        per_token_rank_s=flops_per_token_rank / hw.gemm_flops_per_s)
     weight_bytes = layers * sum(i * o for i, o in local) * s.dtype_bytes
     launches = len(LORA_MODULES) * layers * hw.launch_s
     merge = RankCost(base_s=2 * weight_bytes / hw.hbm_bytes_per_s + launches,
@@ -289,6 +289,8 @@ def build(t: Target, ops: dict[int, dict[str, float]], src: ModelShape, hw: Hard
         lora=LoraCost(*(g(x) for x in dataclasses.astuple(lora))),
         merge=RankCost(g(merge.base_s), g(merge.per_rank_s)),
         unmerge=RankCost(g(merge.base_s), g(merge.per_rank_s)),
+        # a switch W + s'B'A' - sBA is one read + write pass over the weights (both products)
+        switch=RankCost(g(merge.base_s), g(merge.per_rank_s)),
         adapter_load=Transfer(bandwidth_bytes_per_s=pcie, overlap=True),
         swap=Transfer(bandwidth_bytes_per_s=pcie),
         kv_transfer=Transfer(bandwidth_bytes_per_s=NIC_BYTES))
@@ -323,10 +325,11 @@ METHOD = (
     "once at the HBM rate; prefill attention costs 4 x head_dim x heads FLOPs per (query, key) "
     "pair per layer at 50% of 312 TFLOP/s (FlashAttention-2's lower end). LoRA unmerged "
     "(segment-grouped SGMV/BGMV kernels): fixed = 2 kernels x 7 modules x layers at the kernel "
-    "floor; per_adapter_s = bytes of a RANK-16 adapter's A and B at the HBM rate (the format has "
-    "no per-adapter-rank term); per_token_rank_s = per-token activation reads and output "
-    "read-modify-writes (rank-independent, folded in at rank 16) + 2 x (d_in + d_out) FLOPs per "
-    "rank at the GEMM rate. Under TP, column-parallel modules shard B and row-parallel ones shard "
+    "floor; per_adapter_rank_s = bytes of an adapter's A and B per unit rank at the HBM rate; "
+    "per_token_s = per-token activation reads and output read-modify-writes at the HBM rate; "
+    "per_token_rank_s = 2 x (d_in + d_out) FLOPs per token per unit rank at the GEMM rate. A "
+    "switch between merged adapters is one fused pass W + s'B'A' - sBA (the cost of one merge "
+    "with both ranks' GEMMs). Under TP, column-parallel modules shard B and row-parallel ones shard "
     "A, adding the LoRA output before the layer's all-reduce. Merge and unmerge: read + write "
     "every target weight once at the HBM rate + 7 x layers launches; per_rank_s = the BA GEMM "
     "FLOPs at the GEMM rate (additive, an upper bound: k = rank GEMMs are memory bound). Reserved "

@@ -36,6 +36,10 @@ class Cluster:
         self.rejected: list[Request] = []
         self.num_migrations = 0
         self.placer = getattr(dispatcher, "placer", None)  # placement-aware dispatchers
+        # requests inside a replica's iteration in flight (set by the driver); migrating one
+        # waits for that iteration to end (`run_deferred`)
+        self.in_flight: dict[int, tuple[int, ...]] = {}
+        self.deferred: dict[int, list[MigrateRequest]] = {}
 
     def place(self, now: float, initial: bool = False) -> list[ReplicaScheduler]:
         """Run the dispatcher's placement (initial layout, or a periodic re-placement) and
@@ -93,15 +97,28 @@ class Cluster:
             elif isinstance(act, LoadAdapter):
                 self.replicas[act.replica].prefetch_adapter(act.adapter_id)
                 touched.append(self.replicas[act.replica])
-            elif isinstance(act, DropAdapter):
-                if self.replicas[act.replica].drop_adapter(act.adapter_id):
-                    touched.append(self.replicas[act.replica])
+            elif isinstance(act, DropAdapter) and self.replicas[act.replica].drop_adapter(act.adapter_id):
+                touched.append(self.replicas[act.replica])
         return touched
+
+    def run_deferred(self, replica: int, now: float) -> list[ReplicaScheduler]:
+        """Carry out migrations that waited for `replica`'s iteration to end (the driver calls
+        this between iterations); returns the destinations."""
+        acts = self.deferred.pop(replica, None)
+        if not acts:
+            return []
+        self.in_flight[replica] = ()
+        for act in acts:
+            self._migrate(act, now)
+        return [self.replicas[a.destination] for a in acts]
 
     def _migrate(self, act: MigrateRequest, now: float) -> None:
         r = self.requests[act.request_id]
         src, dst = self.replicas[act.source], self.replicas[act.destination]
         if r.is_done or r.replica != src.id:
+            return
+        if act.request_id in self.in_flight.get(src.id, ()):
+            self.deferred.setdefault(src.id, []).append(act)
             return
         kv_tokens = r.computed_tokens if act.mode == MigrateMode.TRANSFER else 0
         src.remove(r)

@@ -4,32 +4,39 @@ merged into the base weights or many adapters unmerged, without starving anyone.
 Per iteration, over the replica's unfinished requests in FCFS order:
 
 - `B_fcfs` = the first `max_batch_size` requests; `R[k]` = adapter k's requests.
-- Service (the starvation guard): adapters whose credit reached `credit_fire` are served first,
-  unmerged: their requests in FCFS order, then the rest of FCFS. They stay served until their
-  credit drops below `credit_release` (hysteresis).
-- Otherwise, with `m` = the adapter with most requests among those with credit >= `credit_floor`
-  and `a` the adapter merged now: stay merged on `a` while `|R[a]| >= merge_left * |B_fcfs|`;
+- Service (the starvation guard): once an adapter's credit reaches `credit_fire`, it and every
+  other adapter with credit >= `credit_release` are served first, unmerged: their requests in
+  FCFS order, then the rest of FCFS. Each stays served until its credit drops below
+  `credit_release` (hysteresis); settling all creditors at once saves switch round trips.
+- Otherwise, with `m` = the adapter with most requests among the eligible ones (credit >=
+  `credit_floor`; one that fell below it is benched until its credit is back at
+  `credit_start`) and `a` the adapter merged now: stay merged on `a` while `|R[a]| >= merge_left * |B_fcfs|`;
   else merge `m` when `|R[m]| >= merge_right * |B_fcfs|` (batch: the first `max_batch_size` of
   `R[m]`); else run `B_fcfs` unmerged.
 
 Credits are zero-sum: each request of `B_fcfs` that a merged batch on `a` skips moves
 `credit_per_skip` from `a` to the skipped request's adapter; each request of a served adapter in
 a service batch moves `credit_per_skip` back, first to the adapters of the `B_fcfs` requests it
-displaced, the rest to the adapter with the lowest credit.
+displaced, the rest to the adapter with the lowest credit. A plain FCFS iteration serves every
+adapter in `B_fcfs` in order, so it settles debts: the lowest adapter below `credit_start` with
+requests in `B_fcfs` gets `credit_per_skip` per such request from the highest one above it
+(never past `credit_start`). Without this, an adapter merged into debt would stay benched.
 
 Starvation bound. Let `s = credit_per_skip`, `B = max_batch_size`. Credits stay within
 `[min(credit_floor, credit_release) - s*B, credit_fire + s*B]` (an adapter pays only while
-eligible, resp. served, and gains only while below `credit_fire`). A request `r` of adapter `k`
-that is in `B_fcfs` and not run gains `k` at least `s` (a merged batch skipped it, or a service
-batch displaced it), while `k` loses credit only in iterations that run `r`; once `k`'s credit
-reaches `credit_fire`, `r` runs in every iteration. So, up to the replica's memory and token
-caps, `r` waits at most
+eligible, served or above `credit_start`, and gains only while below `credit_fire`). A request
+`r` of adapter `k` that is in `B_fcfs` and not run gains `k` at least `s` (a merged batch
+skipped it, or a service batch displaced it), while `k` loses credit only in iterations that run
+`r`; once `k`'s credit reaches `credit_fire`, `r` runs in every iteration. So, up to the
+replica's memory and token caps, `r` goes without running at most
 
     W = ceil((credit_fire - min(credit_floor, credit_release)) / s) + B
 
-iterations while in `B_fcfs`; with the defaults (fire 32, release 0, floor -96, s 1) and
-`B = 16`, W = 144 iterations (about 2.5 s of 7B decode on the A800 profile), where the
-artifact's scale waited for minutes. `starvation_bound()` returns W.
+consecutive iterations while in `B_fcfs`; with the defaults (fire 128, release 0, floor -256,
+s 1) and `B = 16`, W = 400 iterations (about 7 s of 7B decode on the A800 profile; typically a
+skipped request waits about `credit_fire / s` iterations), where the artifact's scale waited
+for minutes. A smaller `credit_fire` tightens the bound at the price of more switch round trips
+(each about 37 ms on that profile). `starvation_bound()` returns W.
 
 Adaptive thresholds (AIMD): at every episode boundary (a change of mode or merged adapter) the
 ended episode is judged by counterfactual throughput: each iteration counts the batch a merged
@@ -54,7 +61,7 @@ from typing import Any
 
 from ..config import spec
 from ..errors import ConfigError
-from ..types import Batch, BatchMode, StepResult
+from ..types import Batch, BatchMode, Request, StepResult
 from .batching import BATCH_POLICIES, Plan, PolicyContext, QueueView
 
 Key = int | None  # adapter id; None is the base model (never merged)
@@ -64,9 +71,9 @@ TRAJECTORY_LIMIT = 256
 @dataclass(frozen=True, slots=True)
 class CreditParams:
     credit_start: float = spec(0.0, doc="every adapter's credit at start (credits are zero-sum)")
-    credit_fire: float = spec(32.0, doc="credit at which an adapter is served first")
+    credit_fire: float = spec(128.0, doc="credit at which an adapter is served first")
     credit_release: float = spec(0.0, doc="served adapters stay served down to this credit")
-    credit_floor: float = spec(-96.0, doc="adapters below this credit are not merge candidates")
+    credit_floor: float = spec(-256.0, doc="adapters below this credit are not merge candidates")
     credit_per_skip: float = spec(1.0, gt=0.0, doc="credit moved per skipped request")
     aimd: bool = spec(True, doc="tune the thresholds at episode boundaries")
     aimd_add: float = spec(0.05, gt=0.0, lt=1.0)
@@ -80,8 +87,8 @@ class CreditParams:
         if not self.credit_floor <= self.credit_release < self.credit_fire:
             raise ConfigError(f"{path}: need credit_floor <= credit_release < credit_fire, got "
                               f"{self.credit_floor}, {self.credit_release}, {self.credit_fire}")
-        if not self.credit_floor <= self.credit_start < self.credit_fire:
-            raise ConfigError(f"{path}.credit_start: must lie in [credit_floor, credit_fire), "
+        if not self.credit_floor < self.credit_start < self.credit_fire:
+            raise ConfigError(f"{path}.credit_start: must lie in (credit_floor, credit_fire), "
                               f"got {self.credit_start}")
 
 
@@ -93,7 +100,7 @@ class _Decision:
     mode: BatchMode
     adapter: Key  # merged adapter (merged plans)
     forced: bool
-    transfers: tuple[tuple[Key, Key], ...]  # (payer, payee) of credit_per_skip each
+    transfers: tuple[tuple[Key, Key, float], ...]  # (payer, payee, amount)
     serving: frozenset[Key]
     merged_cf: int  # batch size a merged policy would form
     merged_cf_adapter: Key
@@ -127,6 +134,7 @@ class CreditPolicy:
         self.ranks = ctx.adapter_ranks
         self.credits: dict[Key, float] = {a: params.credit_start for a in ctx.adapter_ranks}
         self.serving: frozenset[Key] = frozenset()
+        self.benched: frozenset[Key] = frozenset()  # fell below the floor, not yet back at start
         self._times: dict[tuple[int, int, int], float] = {}
         b = ctx.max_batch_size
         self.t_merged = self._time(b, 0, 0)
@@ -185,7 +193,8 @@ class CreditPolicy:
         counts: Counter[Key] = Counter(r.adapter_id for r in reqs)
         fcfs_adapters = {r.adapter_id for r in fcfs if r.adapter_id is not None}
         rank_tokens = sum(self.ranks.get(r.adapter_id, 0) for r in fcfs if r.adapter_id is not None)
-        eligible = [k for k in counts if k is not None and self.credit(k) >= self.p.credit_floor]
+        eligible = [k for k in counts if k is not None and k not in self.benched
+                    and self.credit(k) >= self.p.credit_floor]
         m = min(eligible, key=lambda k: (-counts[k], _key_order(k))) if eligible else None
         a = queue.merged_adapter
         stay = a is not None and a in eligible and counts[a] >= self.merge_left * len(fcfs)
@@ -193,8 +202,10 @@ class CreditPolicy:
         common = dict(step=queue.step, merged_cf=min(b, counts[cf_adapter]) if cf_adapter is not None else 0,
                       merged_cf_adapter=cf_adapter, fcfs_n=len(fcfs), fcfs_adapters=len(fcfs_adapters),
                       fcfs_rank_tokens=rank_tokens)
-        serving = frozenset(k for k in set(self.serving) | {k for k in counts if self.credit(k) >= self.p.credit_fire}
-                            if counts[k] > 0)
+        fired = {k for k in counts if self.credit(k) >= self.p.credit_fire}
+        if fired:  # settle every creditor in one service period: fewer round trips of switches
+            fired |= {k for k in counts if self.credit(k) >= self.p.credit_release}
+        serving = frozenset(k for k in self.serving | fired if counts[k] > 0)
         if serving:
             first = [r for r in reqs if r.adapter_id in serving][:b]
             chosen = {r.id for r in first}
@@ -208,20 +219,38 @@ class CreditPolicy:
             if others:  # the rest goes to the lowest credit (nobody left when all are served)
                 lowest = min(others, key=lambda k: (self.credits[k], _key_order(k)))
                 pairs += [(p, lowest) for p in payers[len(displaced):]]
-            transfers = tuple(pq for pq in pairs if pq[0] != pq[1])
+            step = self.p.credit_per_skip
+            transfers = tuple((p, q, step) for p, q in pairs if p != q)
             plan = Plan(BatchMode.UNMERGED, None, batch, forced_by_credit=True)
             return plan, _Decision(mode=BatchMode.UNMERGED, adapter=None, forced=True, transfers=transfers,
                                    serving=serving, **common)  # type: ignore[arg-type]
         target = a if stay else (m if m is not None and counts[m] >= self.merge_right * len(fcfs) else None)
         if target is None:
             plan = Plan(BatchMode.UNMERGED, None, fcfs)
-            return plan, _Decision(mode=BatchMode.UNMERGED, adapter=None, forced=False, transfers=(),
+            return plan, _Decision(mode=BatchMode.UNMERGED, adapter=None, forced=False,
+                                   transfers=self._settle(fcfs),
                                    serving=serving, **common)  # type: ignore[arg-type]
         batch = [r for r in reqs if r.adapter_id == target][:b]
-        transfers = tuple((target, r.adapter_id) for r in fcfs if r.adapter_id != target)
+        s = self.p.credit_per_skip
+        transfers = tuple((target, r.adapter_id, s) for r in fcfs if r.adapter_id != target)
         plan = Plan(BatchMode.MERGED, target, batch)
         return plan, _Decision(mode=BatchMode.MERGED, adapter=target, forced=False, transfers=transfers,
                                serving=serving, **common)  # type: ignore[arg-type]
+
+    def _settle(self, fcfs: Sequence[Request]) -> tuple[tuple[Key, Key, float], ...]:
+        """A plain FCFS iteration's transfer: highest credit above start -> lowest below start
+        with requests in the batch, `credit_per_skip` per such request, not past start."""
+        start = self.p.credit_start
+        in_batch = Counter(r.adapter_id for r in fcfs)
+        low = min((k for k in in_batch if self.credit(k) < start),
+                  key=lambda k: (self.credit(k), _key_order(k)), default=None)
+        high = min((k for k in self.credits if self.credits[k] > start),
+                   key=lambda k: (-self.credits[k], _key_order(k)), default=None)
+        if low is None or high is None:
+            return ()
+        amount = min(self.p.credit_per_skip * in_batch[low], self.credits[high] - start,
+                     start - self.credit(low))
+        return ((high, low, amount),)
 
     def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
         """Repeating the plan changes no credit and crosses no episode boundary."""
@@ -265,10 +294,12 @@ class CreditPolicy:
                 self.episode.fcfs_s += cost
 
     def _apply(self, d: _Decision, batch: Batch) -> None:
-        s = self.p.credit_per_skip
-        for payer, payee in d.transfers:
-            self.credits[payer] = self.credit(payer) - s
-            self.credits[payee] = self.credit(payee) + s
+        for payer, payee, amount in d.transfers:
+            self.credits[payer] = self.credit(payer) - amount
+            self.credits[payee] = self.credit(payee) + amount
+        p = self.p
+        self.benched = frozenset(k for k, c in self.credits.items()
+                                 if c < p.credit_floor or (k in self.benched and c < p.credit_start))
         self.serving = frozenset(k for k in d.serving if self.credit(k) >= self.p.credit_release)
         if d.forced and not d.transfers:
             self.serving = frozenset()

@@ -43,7 +43,7 @@ class DloraMigrationParams:
     interval_s: float = spec(10.0, gt=0, doc="seconds between imbalance checks")
     kv_pressure: float | None = spec(0.9, gt=0, le=1.0, doc="KV usage that triggers (None: off)")
     count_imbalance: int | None = spec(16, ge=1, doc="requests above the mean that trigger")
-    work_imbalance: float | None = spec(2.0, gt=1.0, doc="max work / mean work that triggers")
+    work_imbalance: float | None = spec(1.5, gt=1.0, doc="max work / mean work that triggers")
     min_work_gap_s: float = spec(1.0, ge=0, doc="and max work - mean work at least this")
     max_replicas: int = spec(4, ge=2, doc="replicas in one problem")
     imbalance: float = spec(0.1, ge=0, doc="relative band of choose_replicas")

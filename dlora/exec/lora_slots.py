@@ -21,12 +21,28 @@ from dlora.errors import DloraError
 from dlora.exec.adapters import LoraAdapter
 from dlora.exec.model import FUSED_GROUPS, LlamaModel
 
+_KERNELS: list[Any] = []
 
-def _kernels() -> tuple[Any, Any]:
-    """`dlora.kernels.lora_apply` / `make_segments`, imported lazily (torch-only import path)."""
-    from dlora.kernels import lora_apply, make_segments
 
-    return lora_apply, make_segments
+def _lora_apply() -> Any:
+    """`dlora.kernels.lora_apply`, imported on first use (torch-only import path)."""
+    if not _KERNELS:
+        from dlora.kernels import lora_apply
+
+        _KERNELS.append(lora_apply)
+    return _KERNELS[0]
+
+
+def _segments(per_token: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(seg_starts, seg_adapters) of the runs of equal values, as `make_segments` defines."""
+    starts: list[int] = []
+    adapters: list[int] = []
+    for t, k in enumerate(per_token):
+        if not adapters or adapters[-1] != k:
+            starts.append(t)
+            adapters.append(k)
+    starts.append(len(per_token))
+    return starts, adapters
 
 
 class SlotsFullError(DloraError):
@@ -150,20 +166,24 @@ class AdapterSlots:
         """The LoRA side path for one iteration whose tokens use these adapters (None: base).
         Tokens of one adapter should be contiguous (segments are runs of equal adapters)."""
         packs = self.packs()
-        _, make_segments = _kernels()
+        dev = self.model.device
         segments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         seen: dict[tuple[tuple[int, int], ...], tuple[torch.Tensor, torch.Tensor] | None] = {}
-        for module, index in self._index.items():
-            key = tuple(index.items())  # modules with the same adapters share segments
+        for group, index in self._index.items():
+            key = tuple(index.items())  # groups with the same adapters share segments
             if key not in seen:
                 per_token = [-1 if a is None else index.get(a, -1) for a in adapter_per_token]
+                starts, adapters = _segments(per_token)
                 seen[key] = (
-                    make_segments(per_token, device=self.model.device)
-                    if any(k >= 0 for k in per_token)
+                    (
+                        torch.tensor(starts, dtype=torch.int32, device=dev),
+                        torch.tensor(adapters, dtype=torch.int32, device=dev),
+                    )
+                    if any(k >= 0 for k in adapters)
                     else None
                 )
             if seen[key] is not None:
-                segments[module] = seen[key]  # type: ignore[assignment]
+                segments[group] = seen[key]  # type: ignore[assignment]
         return LoraBatchHook(packs, segments) if segments else None
 
 
@@ -178,7 +198,7 @@ class LoraBatchHook:
     ) -> None:
         self._packs = packs
         self._segments = segments
-        self._lora_apply = _kernels()[0]
+        self._lora_apply = _lora_apply()
         self._backend = backend
 
     def apply(self, layer: int, group: str, x: torch.Tensor, y: torch.Tensor) -> None:

@@ -27,7 +27,9 @@ import torch
 
 from dlora.kernels import cpu, reference
 from dlora.kernels.layout import (
+    HostIndex,
     KernelInputError,
+    Layout,
     check_float_matrix,
     check_layout,
     make_segments,
@@ -75,6 +77,19 @@ def _on(device: torch.device, *tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t if t.device == device else t.to(device, non_blocking=True) for t in tensors]
 
 
+def _host(layout: Layout, *index: torch.Tensor) -> HostIndex:
+    return layout.host if layout.host is not None else HostIndex.of(*index)
+
+
+def _check_max_rank(op: str, layout: Layout, rank_offsets: torch.Tensor, max_rank: int | None):
+    needed = layout.host.max_rank if layout.host is not None else None
+    if max_rank is None:
+        return needed if needed is not None else max_rank_of(rank_offsets)
+    if max_rank < 0 or (needed is not None and max_rank < needed):
+        raise KernelInputError(f"{op}: max_rank={max_rank} is below the largest rank {needed}")
+    return max_rank
+
+
 def lora_shrink(
     x: torch.Tensor,
     a_packed: torch.Tensor,
@@ -110,19 +125,15 @@ def lora_shrink(
             f"{op}: a_packed must be (sum_r, d_in={x.shape[1]}) in {x.dtype}, got "
             f"{tuple(a_packed.shape)} in {a_packed.dtype}"
         )
-    check_layout(op, x.shape[0], a_packed, rank_offsets, seg_starts, seg_adapters)
-    needed = max_rank_of(rank_offsets) if rank_offsets.device.type == "cpu" else None
-    if max_rank is None:
-        max_rank = needed if needed is not None else max_rank_of(rank_offsets)
-    elif max_rank < 0 or (needed is not None and max_rank < needed):
-        raise KernelInputError(f"{op}: max_rank={max_rank} is below the largest rank {needed}")
+    layout = check_layout(op, x.shape[0], a_packed, rank_offsets, seg_starts, seg_adapters)
+    max_rank = _check_max_rank(op, layout, rank_offsets, max_rank)
     chosen = _pick_backend(backend, x.device)
+    index = (rank_offsets, seg_starts, seg_adapters)
     if chosen == "reference":
-        return reference.lora_shrink(x, a_packed, rank_offsets, seg_starts, seg_adapters, max_rank)
+        return reference.lora_shrink(x, a_packed, *index, max_rank)
     if chosen == "cpu":
-        return cpu.lora_shrink(x, a_packed, rank_offsets, seg_starts, seg_adapters, max_rank)
-    index = _on(x.device, rank_offsets, seg_starts, seg_adapters)
-    return _triton_module().lora_shrink(x, a_packed, *index, max_rank)
+        return cpu.lora_shrink(x, a_packed, _host(layout, *index), max_rank)
+    return _triton_module().lora_shrink(x, a_packed, *_on(x.device, *index), max_rank)
 
 
 def lora_expand(
@@ -161,21 +172,19 @@ def lora_expand(
             f"{op}: expected v (T={y.shape[0]}, R) and bt_packed (sum_r, d_out={y.shape[1]}), "
             f"got v {tuple(v.shape)} and bt_packed {tuple(bt_packed.shape)}"
         )
-    check_layout(op, y.shape[0], bt_packed, rank_offsets, seg_starts, seg_adapters, scales)
-    if rank_offsets.device.type == "cpu" and v.shape[1] < max_rank_of(rank_offsets):
+    index = (rank_offsets, seg_starts, seg_adapters)
+    layout = check_layout(op, y.shape[0], bt_packed, *index, scales)
+    if layout.host is not None and v.shape[1] < layout.host.max_rank:
         raise KernelInputError(
-            f"{op}: v has {v.shape[1]} columns, fewer than the largest rank "
-            f"{max_rank_of(rank_offsets)}"
+            f"{op}: v has {v.shape[1]} columns, fewer than the largest rank {layout.host.max_rank}"
         )
     chosen = _pick_backend(backend, y.device)
-    args = (v, bt_packed, rank_offsets, seg_starts, seg_adapters, scales, y)
     if chosen == "reference":
-        reference.lora_expand(*args)
+        reference.lora_expand(v, bt_packed, *index, scales, y)
     elif chosen == "cpu":
-        cpu.lora_expand(*args)
+        cpu.lora_expand(v, bt_packed, _host(layout, *index), scales.tolist(), y)
     else:
-        index = _on(y.device, rank_offsets, seg_starts, seg_adapters, scales)
-        _triton_module().lora_expand(v, bt_packed, *index, y)
+        _triton_module().lora_expand(v, bt_packed, *_on(y.device, *index, scales), y)
 
 
 def lora_apply(
@@ -199,8 +208,10 @@ def lora_apply(
     """
     check_float_matrix("lora_apply", "x", x, None)
     if _pick_backend(backend, x.device) == "cpu":
-        _check_apply(x, y, a_packed, bt_packed, rank_offsets, seg_starts, seg_adapters, scales)
-        cpu.lora_apply(x, y, a_packed, bt_packed, rank_offsets, seg_starts, seg_adapters, scales)
+        index = (rank_offsets, seg_starts, seg_adapters)
+        layout = _check_apply(x, y, a_packed, bt_packed, *index, scales)
+        host = _host(layout, *index)
+        cpu.lora_apply(x, y, a_packed, bt_packed, host, scales.tolist())
         return
     v = lora_shrink(
         x, a_packed, rank_offsets, seg_starts, seg_adapters, backend=backend, max_rank=max_rank
@@ -217,13 +228,13 @@ def _check_apply(
     seg_starts: torch.Tensor,
     seg_adapters: torch.Tensor,
     scales: torch.Tensor,
-) -> None:
+) -> Layout:
     op = "lora_apply"
     check_float_matrix(op, "y", y, x.device)
     check_float_matrix(op, "a_packed", a_packed, x.device)
     check_float_matrix(op, "bt_packed", bt_packed, x.device)
-    dtypes = sorted(str(t.dtype) for t in (x, y, a_packed, bt_packed))
-    if len(set(dtypes)) != 1:
+    if not x.dtype == y.dtype == a_packed.dtype == bt_packed.dtype:
+        dtypes = [str(t.dtype) for t in (x, y, a_packed, bt_packed)]
         raise KernelInputError(
             f"{op}: x, y, a_packed and bt_packed must share one dtype, got {dtypes}; cast first"
         )
@@ -237,5 +248,6 @@ def _check_apply(
             f"(sum_r, d_out); got x {tuple(x.shape)}, y {tuple(y.shape)}, a_packed "
             f"{tuple(a_packed.shape)}, bt_packed {tuple(bt_packed.shape)}"
         )
-    check_layout(op, x.shape[0], a_packed, rank_offsets, seg_starts, seg_adapters, scales)
-    check_layout(op, x.shape[0], bt_packed, rank_offsets, seg_starts, seg_adapters)
+    rows = min(a_packed.shape[0], bt_packed.shape[0])
+    index = (rank_offsets, seg_starts, seg_adapters)
+    return check_layout(op, x.shape[0], a_packed, *index, scales, packed_rows=rows)

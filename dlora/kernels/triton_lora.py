@@ -154,7 +154,8 @@ def _interpreted(tensor: torch.Tensor) -> bool:
 
 def _upcast(tensor: torch.Tensor) -> bool:
     """Dot in float32 with IEEE products: for float32 inputs (no TF32), and in the interpreter,
-    whose ``tl.dot`` gives garbage on bfloat16 operands (half types are exact in float32)."""
+    whose ``tl.dot`` multiplies the raw bits of bfloat16 operands (triton-lang/triton#11584);
+    half types are exact in float32, so the products are the same."""
     return tensor.dtype == torch.float32 or tensor.device.type == "cpu"
 
 

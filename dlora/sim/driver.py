@@ -85,12 +85,18 @@ class _Sim:
 
     def replica(self, rep: ReplicaScheduler, executor: Executor):  # type: ignore[no-untyped-def]
         env = self.env
+        cluster = self.cluster
         while True:
+            cluster.in_flight[rep.id] = ()
+            if cluster.deferred:  # migrations that waited for this replica's last iteration
+                for dst in cluster.run_deferred(rep.id, env.now):
+                    self._wake(dst.id)
             batch = rep.schedule(env.now)
             if batch is None:
                 self.wake[rep.id] = env.event()
                 yield self.wake[rep.id]
                 continue
+            cluster.in_flight[rep.id] = batch.request_ids
             if self.batch_log is not None:
                 self.batch_log.append((rep.id, batch.step, str(batch.mode), batch.merged_adapter, batch.request_ids))
             result = executor.execute(batch)

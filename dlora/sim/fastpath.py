@@ -87,15 +87,10 @@ class FastPath:
         mem = rep.memory
         shape = batch.shape(self.ranks)
         n = len(reqs)
-        lat = self.latency.latency
-        # the float operations of LatencyModel.step_terms_s, with the constant parts hoisted
-        # (each hoisted part is a whole right-hand side there, so results are bit-identical)
-        base = lat.linear(n) + lat.per_seq_s * (shape.decode_seqs + shape.prefill_seqs)
-        attn = lat.attention_decode_s_per_token
-        pairs_term = lat.attention_prefill_s_per_pair * 0
-        unmerged = shape.mode == BatchMode.UNMERGED and len(shape.adapter_ranks) > 0
-        lora_fixed = lat.lora.fixed_s + lat.lora.per_adapter_s * len(shape.adapter_ranks)
-        lora_tokens = lat.lora.per_token_rank_s * shape.lora_token_rank
+        # LatencyModel.step_parts_s with its constant parts evaluated once (bit-identical)
+        head = self.latency.head_s(shape)
+        attn = self.latency.latency.attention_decode_s_per_token
+        tail = self.latency.tail_s(shape)
         block = mem.block_tokens
         # a request needs a new block when its KV tokens before the step fill whole blocks
         ctx = [r.computed_tokens for r in reqs]
@@ -117,12 +112,9 @@ class FastPath:
                     break
                 free_blocks -= need
             decode_ctx += n
-            t = base
+            t = head
             t += attn * decode_ctx
-            t += pairs_term
-            if unmerged:
-                t += lora_fixed
-                t += lora_tokens
+            t += tail
             end = end + t
             times.append(t)
             ends.append(end)

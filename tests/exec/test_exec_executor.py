@@ -190,3 +190,15 @@ def test_cuda_executor_matches_cpu(demo_dir: Path, adapter_paths):
     reqs = [make_request(i, p, i % 4, 6) for i, p in enumerate(PROMPTS)]
     reqs_cpu = [make_request(i, p, i % 4, 6) for i, p in enumerate(PROMPTS)]
     assert Driver(gpu).run(reqs) == Driver(cpu).run(reqs_cpu)
+
+
+@pytest.mark.parametrize(
+    "per_token",
+    [[], [0], [-1, -1, 0, 0, 0, 2, 2, -1, 1], [3] * 7, [0, 1, 2, 3, 4], [-1, 0, -1, 0]],
+)
+def test_segment_runs_match_kernels_make_segments(per_token: list[int]):
+    from dlora.exec.lora_slots import _segments
+    from dlora.kernels import make_segments
+
+    starts, adapters = make_segments(per_token)
+    assert _segments(per_token) == (starts.tolist(), adapters.tolist())

@@ -1,0 +1,150 @@
+"""Throughput under an SLO (PAPER.md section 7): the largest arrival rate whose average latency
+per output token stays within `slo.latency_per_token_s`, found by bisection over rates.
+
+A probe simulates the scenario at one rate (issuing `requests_per_rate * rate` requests, the
+paper's 100 x rate, when set) and passes when every request completed (unfinished at the
+horizon is a violation) and the mean latency per token is within the SLO. The search expands
+the bracket upward while `high` still passes, then bisects until the bracket is narrower than
+`tol` (req/s). Deterministic: the same scenario gives the same path. Capacity planning reuses
+`max_rate_under_slo`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..config import set_path, to_plain
+from ..errors import ConfigError
+from ..scenario import Scenario, scenario_from_dict, sweep_points
+from .driver import simulate
+from .report import build_report
+
+log = logging.getLogger(__name__)
+RATE_KEY = "workload.arrival.rate_per_s"
+
+
+@dataclass(frozen=True, slots=True)
+class Probe:
+    rate: float
+    latency_per_token_s: float | None  # mean over completed requests
+    ok: bool
+    completed: int
+    unfinished: int
+
+
+@dataclass(frozen=True, slots=True)
+class CapacityResult:
+    rate: float  # the largest passing rate found (0.0 when even `low` fails)
+    path: tuple[Probe, ...]  # every probe, in the order run
+    slo_latency_per_token_s: float
+    bracket: tuple[float, float]  # (last passing, first failing) rate; inf when none failed
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"rate": self.rate, "slo_latency_per_token_s": self.slo_latency_per_token_s,
+                "bracket": list(self.bracket),
+                "path": [[p.rate, p.latency_per_token_s, p.ok] for p in self.path]}
+
+
+def _raw(scenario: Scenario) -> dict[str, Any]:
+    data = to_plain(scenario)
+    data.pop("base_dir", None)
+    data.pop("sweep", None)
+    return data
+
+
+def scenario_at_rate(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
+                     requests_per_rate: float | None = 100.0) -> Scenario:
+    """The scenario with `rate_key` set to `rate` (and `workload.num_requests` to
+    `ceil(requests_per_rate * rate)` when given)."""
+    data = copy.deepcopy(_raw(scenario))
+    set_path(data, rate_key.split("."), float(rate), f"capacity rate_key {rate_key}")
+    if requests_per_rate is not None:
+        set_path(data, ["workload", "num_requests"], max(1, math.ceil(requests_per_rate * rate)),
+                 "capacity requests_per_rate")
+    data["run"] = {**data.get("run", {}), "progress": False}
+    return scenario_from_dict(data, Path(scenario.base_dir))
+
+
+def probe(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
+          requests_per_rate: float | None = 100.0) -> Probe:
+    """Simulate at one rate and judge it against the scenario's SLO."""
+    sc = scenario_at_rate(scenario, rate, rate_key, requests_per_rate)
+    summary = build_report(simulate(sc)).summary
+    mean = summary["latency_per_token_s"]["mean"]
+    ok = (summary["unfinished"] == 0 and summary["completed"] > 0 and mean is not None
+          and mean <= scenario.slo.latency_per_token_s)
+    log.info("capacity probe rate %.4g: mean latency/token %s -> %s", rate, mean, "ok" if ok else "over")
+    return Probe(float(rate), mean, ok, summary["completed"], summary["unfinished"])
+
+
+def max_rate_under_slo(
+    scenario: Scenario,
+    low: float,
+    high: float,
+    tol: float = 0.5,
+    rate_key: str = RATE_KEY,
+    requests_per_rate: float | None = 100.0,
+    max_expansions: int = 6,
+    probe_fn: Callable[[float], Probe] | None = None,
+) -> CapacityResult:
+    """Largest rate in req/s (within `tol`) whose mean latency per token meets the SLO.
+
+    `low` < `high` bracket the search; when `high` passes, it doubles up to `max_expansions`
+    times. `probe_fn(rate)` replaces the simulation (tests)."""
+    if not 0 < low < high:
+        raise ConfigError(f"capacity search needs 0 < low < high, got low={low}, high={high}")
+    if not tol > 0:
+        raise ConfigError(f"capacity search needs tol > 0 (req/s), got {tol}")
+    run = probe_fn or (lambda rate: probe(scenario, rate, rate_key, requests_per_rate))
+    path: list[Probe] = []
+
+    def check(rate: float) -> bool:
+        p = run(rate)
+        path.append(p)
+        return p.ok
+
+    slo = scenario.slo.latency_per_token_s
+    if not check(low):
+        return CapacityResult(0.0, tuple(path), slo, (0.0, low))
+    good, bad = low, math.inf
+    rate = high
+    for _ in range(max_expansions + 1):
+        if check(rate):
+            good, rate = rate, rate * 2
+        else:
+            bad = rate
+            break
+    if math.isinf(bad):
+        log.warning("capacity: still within the SLO at %.4g req/s; raise --high", good)
+        return CapacityResult(good, tuple(path), slo, (good, bad))
+    while bad - good > tol:
+        mid = (good + bad) / 2
+        if check(mid):
+            good = mid
+        else:
+            bad = mid
+    return CapacityResult(good, tuple(path), slo, (good, bad))
+
+
+def capacity_by_variant(scenario: Scenario, low: float, high: float, tol: float = 0.5,
+                        rate_key: str = RATE_KEY, requests_per_rate: float | None = 100.0,
+                        ) -> dict[str, CapacityResult]:
+    """`max_rate_under_slo` for every policy variant of the scenario's sweep (the sweep's
+    parameter is ignored: the rate is what is searched); the scenario itself without one."""
+    if scenario.sweep is None or not scenario.sweep.variants:
+        return {"": max_rate_under_slo(scenario, low, high, tol, rate_key, requests_per_rate)}
+    data = to_plain(scenario)
+    data.pop("base_dir", None)
+    sweep = data["sweep"]
+    sweep["parameter"], sweep["values"] = None, []
+    out = {}
+    for point in sweep_points(scenario_from_dict(data, Path(scenario.base_dir)), data):
+        sc = scenario_from_dict(point.data, Path(scenario.base_dir))
+        out[point.variant] = max_rate_under_slo(sc, low, high, tol, rate_key, requests_per_rate)
+    return out

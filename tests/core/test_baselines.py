@@ -1,0 +1,95 @@
+"""The paper's baselines as named policies (PAPER.md section 6): each one's defining rule."""
+
+from __future__ import annotations
+
+import random
+
+from dlora.core.memory import MemoryConfig, MemoryPool
+from dlora.core.replica import ReplicaConfig, ReplicaScheduler
+from dlora.core.batching import BATCH_POLICIES, PolicyContext
+from dlora.testing import ScriptedExecutor, latency_model, make_adapters, make_replica, make_request, run_replica
+from dlora.types import BatchMode
+
+
+def workload(n: int = 60, adapters: int = 6, seed: int = 0):  # type: ignore[no-untyped-def]
+    rng = random.Random(seed)
+    return [make_request(i, rng.randrange(adapters), rng.uniform(0, 0.5), rng.randint(1, 40), rng.randint(1, 20))
+            for i in range(n)]
+
+
+def test_peft_never_mixes_adapters_and_never_merges() -> None:
+    rep = make_replica("peft", num_adapters=6, max_batch_size=8)
+    ex = ScriptedExecutor()
+    reqs = workload()
+    run_replica(rep, reqs, ex)
+    assert all(r.is_done for r in reqs)
+    for b in ex.batches:
+        assert b.mode == BatchMode.UNMERGED and not b.is_switch
+        assert len({it.adapter_id for it in b.items}) == 1
+
+
+def test_slora_never_merges_and_uses_the_unified_pool() -> None:
+    rep = make_replica("slora", num_adapters=6, max_batch_size=8)
+    ex = ScriptedExecutor()
+    run_replica(rep, workload(), ex)
+    assert all(b.mode == BatchMode.UNMERGED and not b.is_switch for b in ex.batches)
+    assert any(len({it.adapter_id for it in b.items}) > 1 for b in ex.batches)
+    lat = latency_model()
+    adapters = make_adapters(2)
+    cfg = MemoryConfig(capacity_bytes=1 << 20, block_tokens=16, block_bytes=1024, adapter_budget_bytes=1024)
+    ctx = PolicyContext(lat, {a: 16 for a in adapters}, 8)
+    rep2 = ReplicaScheduler(0, ReplicaConfig(), MemoryPool(cfg), BATCH_POLICIES.create("slora", {}, "p", ctx),
+                            lat, adapters)
+    assert rep2.memory.config.adapter_budget_bytes is None  # static split overridden
+
+
+def test_vllm_models_resident_one_model_per_iteration_no_switch_cost() -> None:
+    lat = latency_model()
+    model_bytes = lat.model.weight_bytes
+    adapters = make_adapters(6)
+    block_bytes = 16 * lat.kv_bytes_per_token
+    cfg = MemoryConfig(capacity_bytes=lat.kv_capacity_bytes(), block_tokens=16, block_bytes=block_bytes)
+    ctx = PolicyContext(lat, {a: 16 for a in adapters}, 8)
+    pol = BATCH_POLICIES.create("vllm", {"max_models": 2}, "p", ctx)
+    rep = ReplicaScheduler(0, ReplicaConfig(8, 512), MemoryPool(cfg), pol, lat, adapters)
+    assert rep.memory.capacity_bytes == cfg.capacity_bytes + model_bytes
+    assert all(a.size_bytes == model_bytes for a in rep.adapters.values())
+    ex = ScriptedExecutor()
+    seen_resident = []
+
+    def script(batch):  # type: ignore[no-untyped-def]
+        seen_resident.append(len(rep.memory.adapters))
+        rep.memory.check()
+        from dlora.types import StepResult
+        return StepResult(0.01)
+
+    ex.script = script
+    reqs = workload(adapters=6)
+    run_replica(rep, reqs, ex)
+    assert all(r.is_done for r in reqs)
+    assert max(seen_resident) <= 2 and rep.stats.adapter_evictions > 0
+    for b in ex.batches:
+        assert not b.is_switch  # selecting a resident model merges nothing
+        assert len({it.adapter_id for it in b.items}) == 1
+        assert b.load_bytes == len(b.load_adapters) * model_bytes
+    # resident models take room from the KV cache
+    assert rep.memory.kv_capacity_blocks == (rep.memory.capacity_bytes - len(rep.memory.adapters) * model_bytes) // block_bytes
+
+
+def test_vllm_evicts_least_recently_used_model() -> None:
+    lat = latency_model()
+    adapters = make_adapters(3)
+    cfg = MemoryConfig(capacity_bytes=lat.kv_capacity_bytes(), block_tokens=16, block_bytes=16 * lat.kv_bytes_per_token)
+    pol = BATCH_POLICIES.create("vllm", {"max_models": 2}, "p", PolicyContext(lat, {a: 16 for a in adapters}, 8))
+    rep = ReplicaScheduler(0, ReplicaConfig(8, 512), MemoryPool(cfg), pol, lat, adapters)
+    ex = ScriptedExecutor()
+    for i, a in enumerate([0, 1]):
+        rep.add(make_request(i, a, 0.0, 4, 2), 0.0)
+    while rep.has_work:
+        b = rep.schedule(0.0)
+        rep.complete(b, ex.execute(b), 0.0)
+    # 0 then 1 ran; both resident; a request of 2 evicts model 0 (least recently used)
+    assert set(rep.memory.adapters) == {0, 1}
+    rep.add(make_request(9, 2, 1.0, 4, 2), 1.0)
+    b = rep.schedule(1.0)
+    assert b.evict_adapters == (0,) and b.load_adapters == (2,)

@@ -1,0 +1,137 @@
+"""Dispatchers on hand-made views (cheapest candidate, merged discount, baselines) and the
+placement component (coverage, slots, memory, replication, actions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dlora.build import DispatchContext
+from dlora.core.dispatch import DISPATCHERS
+from dlora.core.dispatch_dlora import DispatchCost
+from dlora.core.placement_policy import PlacementParams, Placer
+from dlora.profile import LatencyModel, load_profile
+from dlora.types import Adapter, ClusterView, DropAdapter, LoadAdapter, ReplicaView, Request
+
+ROOT = Path(__file__).resolve().parents[2]
+LATENCY = LatencyModel(load_profile(ROOT / "profiles" / "a800-llama-2-7b.yaml"))
+SIZE = 100 * 2**20
+
+
+def ctx(num_adapters=4, replicas=3, slots=None, budget=None):
+    adapters = {k: Adapter(k, f"a{k}", 16, SIZE) for k in range(num_adapters)}
+    return DispatchContext(LATENCY, adapters, replicas, 0, 16, slots, budget, 64 * 2**30)
+
+
+def rv(rid, work=0.0, resident=(), per_adapter=(), slots_free=4, kv_used=0, kv_total=1000,
+       merged=None):  # fmt: skip
+    n = sum(c for _, c in per_adapter)
+    return ReplicaView(rid, True, n, 0, 0, kv_used, kv_total, frozenset(resident), merged, work,
+                       tuple(per_adapter), slots_free)  # fmt: skip
+
+
+def req(adapter, rid=0):
+    return Request(rid, adapter, 0.0, 100, 100)
+
+
+def make(name, c=None, **params):
+    return DISPATCHERS.create(name, params, "policies.dispatch", c or ctx())
+
+
+def test_dlora_picks_the_cheapest_holder():
+    d = make("dlora", placement="none")
+    view = ClusterView(0.0, (rv(0, 5.0, {1}), rv(1, 2.0, {1}), rv(2, 0.5, {2}, slots_free=0,
+                                                                   per_adapter=((2, 3),))))
+    # replica 2 is idle-ish but cannot load adapter 1 (no slot, its adapter is busy)
+    assert d.choose(req(1), view, 0.0) == 1
+
+
+def test_dlora_loads_on_a_cheaper_replica_only_when_load_time_pays():
+    d = make("dlora", placement="none")
+    load = LATENCY.load_s(SIZE)
+    holder = rv(0, 1.0, {1})
+    view = ClusterView(0.0, (holder, rv(1, 1.0 - 2 * load, {2})))
+    assert d.choose(req(1), view, 0.0) == 1  # cheaper even after paying the load
+    view = ClusterView(0.0, (holder, rv(1, 1.0 - load / 2, {2})))
+    assert d.choose(req(1), view, 0.0) == 0  # the load makes it dearer
+    no_load = make("dlora", placement="none", load_candidates=False)
+    view = ClusterView(0.0, (holder, rv(1, 0.0, {2})))
+    assert no_load.choose(req(1), view, 0.0) == 0
+
+
+def test_merged_discount_prefers_full_single_adapter_batches():
+    cost = DispatchCost(ctx())
+    assert 0.5 < cost.merged_ratio < 1.0
+    one_adapter = rv(0, 3.0, {0}, per_adapter=((0, 16),))
+    mixed = rv(1, 3.0, {0}, per_adapter=tuple((k, 4) for k in range(4)))
+    assert cost.queued_s(one_adapter) == pytest.approx(3.0 * cost.merged_ratio)
+    assert cost.queued_s(mixed) == pytest.approx(3.0)
+    d = make("dlora", placement="none")
+    assert d.choose(req(0), ClusterView(0.0, (mixed, one_adapter)), 0.0) == one_adapter.id
+
+
+def test_dlora_follows_placement_holders():
+    c = ctx(num_adapters=4, replicas=2)
+    d = make("dlora", c, placement="round_robin", load_candidates=False)
+    view = ClusterView(0.0, (rv(0, 9.0), rv(1, 0.0)))
+    d.placer.initial(view)
+    assert d.choose(req(2), view, 0.0) == 0  # adapter 2 lives on replica 0 only
+    assert d.choose(req(3), view, 0.0) == 1
+
+
+def test_consolidate_packs_the_busiest_replica_with_room():
+    d = make("consolidate")
+    view = ClusterView(0.0, (rv(0, 1.0, per_adapter=((0, 3),)), rv(1, 2.0, per_adapter=((0, 9),)),
+                             rv(2, 9.0, per_adapter=((0, 16),))))  # fmt: skip
+    assert d.choose(req(0), view, 0.0) == 1  # replica 2 is full (16 = max_batch_size)
+    full = ClusterView(0.0, tuple(rv(i, w, per_adapter=((0, 16),)) for i, w in enumerate((3.0, 1.0))))
+    assert d.choose(req(0), full, 0.0) == 1  # no room anywhere: least loaded
+
+
+def test_affinity_routes_to_a_holder_else_least_loaded():
+    d = make("affinity")
+    view = ClusterView(0.0, (rv(0, 0.0, {1}), rv(1, 5.0, {2}), rv(2, 3.0, {2})))
+    assert d.choose(req(2), view, 0.0) == 2
+    assert d.choose(req(3), view, 0.0) == 0
+
+
+def test_round_robin_placement_sends_requests_to_their_holder():
+    d = make("round_robin", ctx(num_adapters=6, replicas=3), placement="round_robin")
+    view = ClusterView(0.0, tuple(rv(i) for i in range(3)))
+    actions = d.placer.initial(view)
+    assert all(isinstance(a, LoadAdapter) for a in actions)
+    assert sorted((a.replica, a.adapter_id) for a in actions) == sorted((k % 3, k) for k in range(6))
+    assert [d.choose(req(k), view, 0.0) for k in range(6)] == [0, 1, 2, 0, 1, 2]
+    plain = make("round_robin")
+    assert [plain.choose(req(5), view, 0.0) for _ in range(4)] == [0, 1, 2, 0]
+
+
+@pytest.mark.parametrize("slots,budget", [(3, None), (None, 5 * SIZE), (2, 3 * SIZE)])
+def test_placer_covers_every_adapter_within_slots_and_memory(slots, budget):
+    num_adapters, replicas = 6, 4
+    placer = Placer(PlacementParams(placement="proactive"), ctx(num_adapters, replicas).adapters,
+                    replicas, slots, budget or 10**12)
+    view = ClusterView(0.0, tuple(rv(i) for i in range(replicas)))
+    first = placer.initial(view)
+    before = placer.placement.pairs
+    assert all(isinstance(a, LoadAdapter) for a in first)
+    for k in range(num_adapters):
+        assert placer.holders(k), f"adapter {k} not placed"
+    for i in range(replicas):
+        on = placer.placement.adapters_on(i)
+        assert len(on) <= (slots or num_adapters)
+        assert len(on) * SIZE <= (budget or 10**12)
+    # a hot adapter gets replicated once history shows it
+    for t in range(400):
+        placer.record(0, t * 0.1)
+    for t in range(40):
+        placer.record(1 + t % (num_adapters - 1), t)
+    changes = placer.replan(view, 40.0)
+    assert len(placer.holders(0)) > 1
+    loads = {(a.replica, a.adapter_id) for a in changes if isinstance(a, LoadAdapter)}
+    drops = {(a.replica, a.adapter_id) for a in changes if isinstance(a, DropAdapter)}
+    assert placer.placement.pairs == (before - drops) | loads
+    assert not loads & drops and not loads & before and drops <= before
+    for k in range(num_adapters):
+        assert placer.holders(k)
