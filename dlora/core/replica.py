@@ -309,7 +309,9 @@ class ReplicaScheduler:
         return False
 
     def _eviction_order(self, needed: set[int], idle_only: bool) -> list[int]:
-        out = [a for a in self.memory.adapters if a not in needed and a != self.merged_adapter]
+        # the merged adapter may go too unless this batch keeps it merged (then it is in `needed`):
+        # the executor unmerges before it evicts
+        out = [a for a in self.memory.adapters if a not in needed]
         if idle_only:
             out = [a for a in out if self.outstanding[a] == 0]
         if self.eviction_lru:

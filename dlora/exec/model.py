@@ -85,14 +85,11 @@ def build_group(
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # one fused op; same math as below
+        return F.rms_norm(x, weight.shape, weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class LlamaModel:
@@ -165,9 +162,12 @@ class LlamaModel:
         return self.layers[layer][module]
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, signed sin), each (T, 1, head_dim): rotating x is
+        `x * cos + x.roll(head_dim / 2) * signed_sin`, the same as HF's rotate_half form."""
         freqs = positions.float()[:, None] * self._inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+        cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)
+        signed_sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)
+        return cos.to(self.dtype)[:, None, :], signed_sin.to(self.dtype)[:, None, :]
 
     def _linear(self, i: int, m: str, x: torch.Tensor, lora: LoraHook | None) -> torch.Tensor:
         y = F.linear(x, self.layers[i][m], self.layers[i].get(m + ".bias"))
@@ -204,11 +204,10 @@ class LlamaModel:
             h = _rms_norm(x, layer["input_norm"], c.rms_norm_eps)
             qkv = self._linear(i, "qkv", h, lora)
             q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-            q = qkv[:, :q_size].view(t, c.num_heads, c.head_dim)
-            k = qkv[:, q_size : q_size + kv_size].view(t, c.num_kv_heads, c.head_dim)
+            qk = qkv[:, : q_size + kv_size].view(t, c.num_heads + c.num_kv_heads, c.head_dim)
+            qk = qk * cos + qk.roll(c.head_dim // 2, dims=-1) * sin
+            q, k = qk.split((c.num_heads, c.num_kv_heads), dim=1)
             v = qkv[:, q_size + kv_size :].view(t, c.num_kv_heads, c.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             k_cache, v_cache = kv_pool[i, 0], kv_pool[i, 1]
             k_cache[step.slot_mapping] = k
             v_cache[step.slot_mapping] = v

@@ -187,14 +187,19 @@ class LiveCluster:
                         if self.kv is not None:
                             self.kv.fail_exports(i)
                         return
+                    now = self.clock.now()
+                    self.cluster.in_flight[i] = ()
+                    if self.cluster.deferred:  # migrations that waited for this replica's step
+                        self._run_deferred(i, now)
                     exports = self.kv.take_exports(i) if self.kv is not None else []
                     t0 = time.perf_counter()
-                    batch = rep.schedule(self.clock.now())
+                    batch = rep.schedule(now)
                     self.stats.schedule_s += time.perf_counter() - t0
                     if batch is not None or exports:
                         break
                     wake.wait()
                 if batch is not None:
+                    self.cluster.in_flight[i] = batch.request_ids
                     self._in_flight.update(batch.request_ids)
                     if self.batch_log is not None:
                         self.batch_log.append((i, batch.step, str(batch.mode), batch.merged_adapter, batch.request_ids))
@@ -300,17 +305,33 @@ class LiveCluster:
 
     # ---- helpers (the lock held) ----
     def _apply(self, actions: Sequence[Action], now: float) -> None:
-        busy = self._in_flight | (self.kv.pending if self.kv is not None else set())
-        safe: list[Action] = []
-        for act in actions:
-            if isinstance(act, MigrateRequest) and act.request_id in busy:
-                self.stats.deferred_migrations += 1
-                continue
-            safe.append(act)
-        transfers = [a for a in safe if isinstance(a, MigrateRequest) and a.mode == MigrateMode.TRANSFER
-                     and self._has_kv(a.request_id, a.source)]
+        """Migrations and placement changes; a move of a request in a step in flight waits
+        for the step (Cluster.deferred), one whose KV is still on its way is dropped."""
+        pending = self.kv.pending if self.kv is not None else set()
+        safe = [a for a in actions if not (isinstance(a, MigrateRequest) and a.request_id in pending)]
+        self.stats.dropped_migrations += len(actions) - len(safe)
+        transfers = self._transfers(safe)
         for rep in self.cluster.apply(safe, now):
             self._wake[rep.id].notify_all()
+        self._expect_kv(transfers)
+
+    def _run_deferred(self, i: int, now: float) -> None:
+        acts = self.cluster.deferred.get(i, [])
+        self.stats.deferred_migrations += len(acts)
+        transfers = self._transfers(acts)
+        for dst in self.cluster.run_deferred(i, now):
+            self._wake[dst.id].notify_all()
+        self._expect_kv(transfers)
+
+    def _transfers(self, actions: Sequence[Action]) -> list[MigrateRequest]:
+        """The KV-transfer moves whose request holds KV on its source now."""
+        if self.kv is None:
+            return []
+        return [a for a in actions if isinstance(a, MigrateRequest) and a.mode == MigrateMode.TRANSFER
+                and self._has_kv(a.request_id, a.source)]
+
+    def _expect_kv(self, transfers: list[MigrateRequest]) -> None:
+        """Register the copies of the moves that happened (deferred ones register later)."""
         for act in transfers:
             r = self.cluster.requests[act.request_id]
             if r.replica == act.destination and r.computed_tokens > 0 and self.kv is not None:
@@ -332,10 +353,9 @@ class LiveCluster:
                 replica = self.cluster.submit(r, now)
             except RuntimeError as exc:  # no live replica
                 reason = str(exc)
-        elif r.status != RequestStatus.ABORTED:
-            self.cluster.requests[r.id] = r
         if replica is None:
             if reason is not None:
+                self.cluster.requests[r.id] = r
                 self.cluster.reject(r, now, reason)
             self._finished(r)
             return False
@@ -367,11 +387,15 @@ class LiveCluster:
         """Mark a replica dead and move its requests to live replicas (recomputed there)."""
         rep.is_alive = False
         self.stats.dead_replicas.append(rep.id)
+        self.cluster.in_flight[rep.id] = ()
+        self.cluster.deferred.pop(rep.id, None)
         moving = list(rep.unfinished)
         log.error("replica %d failed %d steps in a row: marked dead; moving its %d requests",
                   rep.id, self._failures[rep.id], len(moving))
         for r in moving:
             rep.remove(r)
+            if self.kv is not None:
+                self.kv.forget(r.id)
             r.computed_tokens = 0
             r.status = RequestStatus.WAITING
             try:

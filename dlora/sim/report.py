@@ -1,13 +1,34 @@
-"""Turn a simulation result into the Report (summary, per-replica rows, policy and migration
-decisions)."""
+"""Turn a run's result (simulated or live) into the Report (summary, per-replica rows, policy
+and migration decisions)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
+from ..core.cluster import Cluster
+from ..core.migration import Migrator
 from ..metrics import Report, replica_rows, summarize
-from .driver import SimResult
+from ..scenario import Scenario
+from ..types import Request
 
 
-def build_report(result: SimResult) -> Report:
+class RunResult(Protocol):
+    """What the report reads of a run: `SimResult` and the live driver's `LiveResult`."""
+
+    @property
+    def scenario(self) -> Scenario: ...
+    @property
+    def requests(self) -> Sequence[Request]: ...
+    @property
+    def cluster(self) -> Cluster: ...
+    @property
+    def migrator(self) -> Migrator: ...
+    @property
+    def end_s(self) -> float: ...
+
+
+def build_report(result: RunResult) -> Report:
     sc = result.scenario
     summary = summarize(result.requests, result.end_s, sc.slo.latency_per_token_s, sc.slo.ttft_s)
     stats = [rep.summary() for rep in result.cluster.replicas]

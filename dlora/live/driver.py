@@ -1,0 +1,159 @@
+"""The live driver: `run(scenario)` replays a scenario's workload on wall time through the same
+scheduler objects as `simulate` (dlora.build.make_cluster), with one executor per replica
+(TorchExecutor by default), and returns a result the simulator's report builder accepts.
+
+`create_live_cluster` builds the same cluster for a long-running server (issue 7): start it,
+`submit` requests, stream tokens through `on_token` / `on_finish`, `abort`, `stop`."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..build import load_latency, make_adapters, make_cluster
+from ..core.cluster import Cluster
+from ..core.migration import Migrator
+from ..errors import ConfigError
+from ..metrics import Report
+from ..output import write_outputs
+from ..scenario import Scenario
+from ..sim.report import build_report
+from ..sim.run import Outcome
+from ..types import Adapter, Executor, Request
+from ..workload import build_requests
+from .clock import Clock, MonotonicClock
+from .engine import FinishCallback, LiveCluster, TokenCallback
+from .executors import ModelLimits, prepare_requests, torch_executors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LiveResult:
+    """What a live run produced; the fields `build_report` reads match `SimResult`'s."""
+
+    scenario: Scenario
+    requests: list[Request]
+    cluster: Cluster
+    migrator: Migrator
+    adapters: dict[int, Adapter]
+    end_s: float
+    wall_s: float
+    queue_samples: list[list[tuple[float, int]]] = field(default_factory=list)
+    batch_log: list[tuple[int, int, str, int | None, tuple[int, ...]]] | None = None
+    live: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveSystem:
+    live: LiveCluster
+    adapters: dict[int, Adapter]  # scenario adapter id -> Adapter (name, rank, path)
+    limits: ModelLimits  # vocabulary and context length of the model
+
+
+def create_live_cluster(
+    scenario: Scenario, executor_factory: Callable[[int], Executor] | None = None, *,
+    clock: Clock | None = None, device: str | None = None, on_token: TokenCallback | None = None,
+    on_finish: FinishCallback | None = None, max_step_failures: int = 3,
+    record_batches: bool = False, retain_requests: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> LiveSystem:
+    """The scenario's cluster (same objects as `simulate`) with one executor per replica:
+    `executor_factory(replica_id)` if given, else TorchExecutors of the scenario's model."""
+    if scenario.sweep is not None:
+        raise ConfigError("sweep: a live run takes one scenario; remove the sweep section "
+                          "(or use `dlora simulate` for sweeps)")
+    latency = load_latency(scenario)
+    adapters = make_adapters(scenario, latency)
+    cluster, migrator = make_cluster(scenario, latency, adapters)
+    if executor_factory is None:
+        executors, limits = torch_executors(scenario, cluster, adapters, device)
+        require_ids = True
+    else:
+        executors, limits, require_ids = [executor_factory(r.id) for r in cluster.replicas], ModelLimits(), False
+    live = LiveCluster(
+        cluster, migrator, executors, clock=clock, on_token=on_token, on_finish=on_finish,
+        max_step_failures=max_step_failures, record_batches=record_batches,
+        retain_requests=retain_requests, max_context_tokens=limits.max_context_tokens,
+        require_token_ids=require_ids, progress=progress,
+    )
+    return LiveSystem(live, adapters, limits)
+
+
+def workload_requests(scenario: Scenario) -> list[Request]:
+    """The scenario's requests, identical to the ones `simulate` builds."""
+    rng = np.random.default_rng(scenario.seed)
+    return build_requests(scenario.workload, scenario.adapters.adapter_names(), rng, Path(scenario.base_dir))
+
+
+def run(
+    scenario: Scenario, requests: list[Request] | None = None,
+    executor_factory: Callable[[int], Executor] | None = None, *, clock: Clock | None = None,
+    record_batches: bool = False, progress: Callable[[int, int], None] | None = None,
+    device: str | None = None, max_step_failures: int = 3,
+    on_token: TokenCallback | None = None, on_finish: FinishCallback | None = None,
+) -> LiveResult:
+    """Run a scenario live: its workload (or `requests`) is submitted at the arrival times,
+    measured from the start on `clock` (wall time by default). Ends when every request is
+    done, or at `run.horizon_s` with the rest reported unfinished."""
+    if requests is None:
+        requests = workload_requests(scenario)
+    clock = clock or MonotonicClock()
+    system = create_live_cluster(
+        scenario, executor_factory, clock=clock, device=device, on_token=on_token,
+        on_finish=on_finish, max_step_failures=max_step_failures, record_batches=record_batches,
+        progress=progress)
+    prepare_requests(requests, scenario.seed, system.limits.vocab_size)
+    live = system.live
+    reset = getattr(clock, "reset", None)
+    if reset is not None:
+        reset()  # arrival times count from here, not from the model load
+    wall0 = time.perf_counter()
+    live.start(replay=requests)
+    try:
+        live.wait(scenario.run.horizon_s)
+        end_s = live.now()
+    finally:
+        live.stop()
+    wall = time.perf_counter() - wall0
+    stats = live.stats.as_dict()
+    stats.update(wall_s=wall, replicas_alive=sum(r.is_alive for r in live.cluster.replicas))
+    return LiveResult(scenario, requests, live.cluster, live.migrator, system.adapters, end_s, wall,
+                      live.queue_samples, live.batch_log, stats)
+
+
+def build_live_report(result: LiveResult) -> Report:
+    """The simulator's report plus `live`: scheduler share, failures, transfers."""
+    report = build_report(result)
+    report.extra["live"] = result.live
+    return report
+
+
+def run_live(scenario: Scenario, out_dir: Path | None,
+             progress: Callable[[int, int], None] | None = None) -> tuple[Outcome, bool]:
+    """`dlora run`: the outcome to print and whether every request completed."""
+    result = run(scenario, progress=progress)
+    report = build_live_report(result)
+    s, live = report.summary, result.live
+    outcome = Outcome(report=report)
+    outcome.notes.append(
+        f"ran {len(result.requests)} requests live in {result.wall_s:.2f} s wall; scheduler "
+        f"{live['scheduler_share'] * 100:.2f}% of {live['iterations']} iterations "
+        f"({live['scheduler_us_per_iteration']:.0f} us of {live['executor_ms_per_iteration']:.2f} ms)")
+    if live["failed_steps"]:
+        outcome.notes.append(f"{live['failed_steps']} failed steps ({live['requeued_requests']} requests "
+                             f"requeued); dead replicas: {live['dead_replicas'] or 'none'}")
+    if out_dir is not None:
+        outcome.paths = write_outputs(out_dir, report, result.requests, scenario.adapters.adapter_names(),
+                                      result.queue_samples)
+        outcome.notes.append(f"wrote {', '.join(p.name for p in outcome.paths)} to {out_dir}")
+    ok = s["completed"] == s["requests"]
+    if not ok:
+        outcome.notes.append(f"{s['requests'] - s['completed']} requests did not complete")
+    return outcome, ok
