@@ -57,51 +57,68 @@ def run_executor(ex: TorchExecutor, reqs: list[Request]) -> None:
                 done.append(r)
         for r in done:
             active.remove(r)
-        ex.execute(
-            Batch(
-                0, step, BatchMode.UNMERGED, None, (), (), free_requests=tuple(r.id for r in done)
+        if done:
+            ex.execute(
+                Batch(
+                    0,
+                    step,
+                    BatchMode.UNMERGED,
+                    None,
+                    (),
+                    (),
+                    free_requests=tuple(r.id for r in done),
+                )
             )
-        )
         step += 1
 
 
-def bench_throughput(demo: Path, num_requests: int, max_new: int) -> dict[str, float]:
+def _extra_adapters(demo: Path, count: int) -> dict[int, Path]:
+    """The demo adapters plus copies with fresh random weights, up to `count`."""
+    from dlora.exec.demo import _adapter
+
+    paths = demo_adapter_paths(demo)
+    specs = list(DEMO_ADAPTERS.values())
+    gen = torch.Generator().manual_seed(123)
+    for i in range(len(paths), count):
+        folder = demo / "adapters" / f"extra-{i}"
+        if not folder.exists():
+            _adapter(folder, gen, specs[i % len(specs)])
+        paths[i] = folder
+    return paths
+
+
+def bench_throughput(
+    demo: Path, num_requests: int, num_adapters: int, max_new: int, rounds: int
+) -> dict[str, float]:
+    """Best of `rounds` alternating runs of each system on the same requests."""
     import peft
     import transformers
 
-    paths = demo_adapter_paths(demo)
-    names = list(DEMO_ADAPTERS)
+    paths = _extra_adapters(demo, num_adapters)
+    names = [p.name for p in paths.values()]
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (16,), generator=gen).tolist() for _ in range(num_requests)]
-    adapters = [i % len(paths) for i in range(num_requests)]
-
+    adapters = [i % num_adapters for i in range(num_requests)]
     ex = TorchExecutor(demo, paths, num_kv_blocks=4096)
-    run_executor(
-        ex,
-        [
-            _request(1000 + i, p[:4], a, 2)
-            for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
-        ],
-    )  # warm-up
-    reqs = [
-        _request(i, p, a, max_new) for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
-    ]
-    t = time.perf_counter()
-    run_executor(ex, reqs)
-    ours_s = time.perf_counter() - t
-
     base = transformers.LlamaForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
     model = peft.PeftModel.from_pretrained(base, str(paths[0]), adapter_name=names[0])
-    for i in range(1, len(names)):
+    for i in range(1, num_adapters):
         model.load_adapter(str(paths[i]), adapter_name=names[i])
     model.eval()
 
-    def peft_run(n_new: int) -> list[list[int]]:
+    def ours(n_new: int) -> tuple[float, list[list[int]]]:
+        reqs = [
+            _request(i, p, a, n_new) for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
+        ]
+        t = time.perf_counter()
+        run_executor(ex, reqs)
+        return time.perf_counter() - t, [r.output_token_ids for r in reqs]
+
+    def peft_run(n_new: int) -> tuple[float, list[list[int]]]:
         out: list[list[int]] = [[] for _ in prompts]
-        for a, name in enumerate(names):
+        t = time.perf_counter()
+        for a, name in enumerate(names):  # one adapter at a time, its requests batched
             idx = [i for i in range(num_requests) if adapters[i] == a]
-            if not idx:
-                continue
             model.set_adapter(name)
             inputs = torch.tensor([prompts[i] for i in idx])
             with torch.no_grad():
@@ -115,13 +132,15 @@ def bench_throughput(demo: Path, num_requests: int, max_new: int) -> dict[str, f
                 )
             for row, i in enumerate(idx):
                 out[i] = gen_ids[row, inputs.shape[1] :].tolist()
-        return out
+        return time.perf_counter() - t, out
 
-    peft_run(2)  # warm-up
-    t = time.perf_counter()
-    peft_out = peft_run(max_new)
-    peft_s = time.perf_counter() - t
-    same = sum(r.output_token_ids == peft_out[r.id] for r in reqs)
+    ours(2), peft_run(2)  # warm-up
+    ours_s, peft_s = float("inf"), float("inf")
+    for _ in range(rounds):
+        t_ours, out_ours = ours(max_new)
+        t_peft, out_peft = peft_run(max_new)
+        ours_s, peft_s = min(ours_s, t_ours), min(peft_s, t_peft)
+    same = sum(a == b for a, b in zip(out_ours, out_peft, strict=True))
     tokens = num_requests * max_new
     return {
         "ours_tok_s": tokens / ours_s,
@@ -176,39 +195,41 @@ def _random_adapter(cfg: LlamaConfig, rank: int, seed: int) -> LoraAdapter:
     )
 
 
-def _median_step(ex: TorchExecutor, batch: Batch, repeats: int) -> float:
-    ex.execute(batch)
-    times = [ex.execute(batch).elapsed_s for _ in range(repeats)]
-    return statistics.median(times)
-
-
 def bench_overhead(
     model: LlamaModel, batch_size: int, context: int, repeats: int, rank: int = 16
 ) -> list[tuple[str, float, float]]:
-    """Decode step of `batch_size` requests at `context` tokens: merged vs unmerged."""
+    """Decode step of `batch_size` requests at `context` tokens, merged vs unmerged, in
+    interleaved rounds; each step's time excludes its merge / unmerge (`switch_s`)."""
     adapters = {a: _random_adapter(model.config, rank, a) for a in range(16)}
     ex = TorchExecutor(model, adapters, num_kv_blocks=batch_size * (context // 16 + 2))
     reqs = [_request(i, [5] * (context + 1), 0, 10) for i in range(batch_size)]
     for r in reqs:  # prefill (untimed) so each request holds `context` tokens of KV
-        ex.execute(
-            Batch(0, 0, BatchMode.UNMERGED, None, (BatchItem(r.id, None, 0, context, False),), (r,))
-        )
+        item = BatchItem(r.id, None, 0, context, False)
+        ex.execute(Batch(0, 0, BatchMode.UNMERGED, None, (item,), (r,)))
 
-    def batch(mode: BatchMode, num_adapters: int) -> Batch:
-        items = tuple(
-            BatchItem(r.id, i % num_adapters, context, 1, True) for i, r in enumerate(reqs)
-        )
-        rs = tuple(
-            _request(r.id, [5] * (context + 1), i % num_adapters, 10) for i, r in enumerate(reqs)
-        )
-        return Batch(0, 1, mode, 0 if mode == BatchMode.MERGED else None, items, rs)
+    def batch(num_adapters: int | None) -> Batch:
+        n = num_adapters or 1
+        items = tuple(BatchItem(r.id, i % n, context, 1, True) for i, r in enumerate(reqs))
+        rs = tuple(_request(r.id, [5] * (context + 1), i % n, 10) for i, r in enumerate(reqs))
+        if num_adapters is None:
+            return Batch(0, 1, BatchMode.MERGED, 0, items, rs, merge_adapter=0)
+        return Batch(0, 1, BatchMode.UNMERGED, None, items, rs, unmerge_adapter=0)
 
-    merged = _median_step(ex, batch(BatchMode.MERGED, 1), repeats)
+    kinds: list[int | None] = [None, 1, 4, 16]
+    batches = {k: batch(k) for k in kinds}
+    times: dict[int | None, list[float]] = {k: [] for k in kinds}
+    for round_ in range(repeats + 1):
+        for k in kinds:
+            for _ in range(3):
+                res = ex.execute(batches[k])
+                assert res.error is None, res.error
+                if round_:  # round 0 warms up
+                    times[k].append(res.elapsed_s - res.switch_s)
+    merged = statistics.median(times[None])
     rows = [("merged (1 adapter)", merged, 0.0)]
-    ex.execute(Batch(0, 1, BatchMode.UNMERGED, None, (), (), unmerge_adapter=0))
-    for n in (1, 4, 16):
-        t = _median_step(ex, batch(BatchMode.UNMERGED, n), repeats)
-        rows.append((f"unmerged, {n} adapter(s)", t, 100.0 * (t - merged) / merged))
+    for k in kinds[1:]:
+        t = statistics.median(times[k])
+        rows.append((f"unmerged, {k} adapter(s)", t, 100.0 * (t - merged) / merged))
     return rows
 
 
@@ -232,37 +253,48 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both)")
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats")
+    parser.add_argument("--parts", default="bcd", help="which benchmarks to run (b, c, d)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    max_new, repeats = (16, 5) if args.quick else (64, 15)
+    max_new, repeats = (16, 3) if args.quick else (64, 10)
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU float32")
-    with tempfile.TemporaryDirectory() as tmp:
-        demo = write_demo(Path(tmp) / "demo")
-        print(f"\n(b) decode throughput, demo model, {max_new} new tokens per request")
-        print(
-            f"{'requests':>8} {'adapters':>8} {'ours tok/s':>11} {'PEFT tok/s':>11} "
-            f"{'speedup':>8} {'same tokens':>11}"
-        )
-        for n in (8, 16, 32):
-            r = bench_throughput(demo, n, max_new)
+    if "b" in args.parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            demo = write_demo(Path(tmp) / "demo")
             print(
-                f"{n:>8} {4:>8} {r['ours_tok_s']:>11.0f} {r['peft_tok_s']:>11.0f} "
-                f"{r['speedup']:>7.1f}x {r['identical']:>10.0%}"
+                f"\n(b) decode throughput, demo model, 16-token prompts, {max_new} new tokens "
+                "each, best of 3 alternating runs"
             )
+            print(
+                f"{'requests':>8} {'adapters':>8} {'ours tok/s':>11} {'PEFT tok/s':>11} "
+                f"{'speedup':>8} {'same tokens':>11}"
+            )
+            for n, k in ((8, 4), (16, 4), (32, 4), (16, 8)):
+                r = bench_throughput(demo, n, k, max_new, rounds=2 if args.quick else 3)
+                print(
+                    f"{n:>8} {k:>8} {r['ours_tok_s']:>11.0f} {r['peft_tok_s']:>11.0f} "
+                    f"{r['speedup']:>7.1f}x {r['identical']:>10.0%}"
+                )
     model = _random_model(0)
     c = model.config
-    print(
-        f"\n(c) decode step, random Llama hidden {c.hidden_size}, {c.num_layers} layers, "
-        f"32 requests at 256 context, rank 16 on all 7 projections"
-    )
-    print(f"{'batch':<26} {'step ms':>8} {'overhead':>9}")
-    for name, t, pct in bench_overhead(model, 32, 256, repeats):
-        print(f"{name:<26} {t * 1e3:>8.2f} {pct:>8.1f}%")
-    print(f"\n(d) merge / unmerge per adapter (all 7 projections x {c.num_layers} layers)")
-    print(f"{'model':<22} {'rank':>5} {'merge ms':>9} {'unmerge ms':>11}")
-    for rank in (8, 16, 64):
-        m, u = bench_merge(model, rank, repeats)
-        print(f"{'hidden 1024 x 4':<22} {rank:>5} {m * 1e3:>9.2f} {u * 1e3:>11.2f}")
+    if "c" in args.parts:
+        print(
+            f"\n(c) decode step, random Llama hidden {c.hidden_size}, {c.num_layers} layers, "
+            f"32 requests at 256 context, rank 16 on all 7 projections, median of "
+            f"{3 * repeats} interleaved steps"
+        )
+        print(f"{'batch':<26} {'step ms':>8} {'overhead':>9}")
+        for name, t, pct in bench_overhead(model, 32, 256, repeats):
+            print(f"{name:<26} {t * 1e3:>8.2f} {pct:>8.1f}%")
+    if "d" in args.parts:
+        print(
+            f"\n(d) merge / unmerge per adapter (all 7 projections x {c.num_layers} layers, "
+            "backups on the host)"
+        )
+        print(f"{'model':<22} {'rank':>5} {'merge ms':>9} {'unmerge ms':>11}")
+        for rank in (8, 16, 64):
+            m, u = bench_merge(model, rank, repeats)
+            print(f"{'hidden 1024 x 4':<22} {rank:>5} {m * 1e3:>9.2f} {u * 1e3:>11.2f}")
     sys.stdout.flush()
 
 

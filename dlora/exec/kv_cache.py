@@ -43,6 +43,7 @@ class PagedKVCache:
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}  # tokens whose KV is present per request
+        self._slots: dict[int, list[int]] = {}  # flat slots of every reserved position
         self._host: dict[int, tuple[torch.Tensor, int]] = {}  # swapped-out KV
 
     @property
@@ -69,13 +70,15 @@ class PagedKVCache:
                 f"request {request_id} needs {need} more KV blocks but {len(self._free)} of "
                 f"{self.num_blocks} are free; admit fewer tokens or give the cache more blocks"
             )
+        slots = self._slots.setdefault(request_id, [])
         for _ in range(max(0, need)):
-            table.append(self._free.pop())
+            block = self._free.pop()
+            table.append(block)
+            slots.extend(range(block * self.block_size, (block + 1) * self.block_size))
 
     def slots(self, request_id: int, start: int, stop: int) -> list[int]:
         """Flat slot indices of positions start..stop-1 (already reserved)."""
-        table, bs = self.tables[request_id], self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, stop)]
+        return self._slots[request_id][start:stop]
 
     def mark_written(self, request_id: int, num_tokens: int) -> None:
         self.lengths[request_id] = num_tokens
@@ -84,6 +87,7 @@ class PagedKVCache:
         """Drop the request's KV on the device and on the host (finished, aborted, recompute)."""
         self._free.extend(reversed(self.tables.pop(request_id, [])))
         self.lengths.pop(request_id, None)
+        self._slots.pop(request_id, None)
         self._host.pop(request_id, None)
 
     def export(self, request_id: int) -> torch.Tensor:
@@ -116,6 +120,7 @@ class PagedKVCache:
         n = kv.shape[2]
         self._free.extend(reversed(self.tables.pop(request_id)))
         self.lengths.pop(request_id, None)
+        self._slots.pop(request_id, None)
         self._host[request_id] = (kv, n)
         return n
 

@@ -192,9 +192,10 @@ class LiveCluster:
                     if self.cluster.deferred:  # migrations that waited for this replica's step
                         self._run_deferred(i, now)
                     exports = self.kv.take_exports(i) if self.kv is not None else []
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.thread_time()
                     batch = rep.schedule(now)
                     self.stats.schedule_s += time.perf_counter() - t0
+                    self.stats.scheduler_cpu_s += time.thread_time() - c0
                     if batch is not None or exports:
                         break
                     wake.wait()
@@ -213,9 +214,10 @@ class LiveCluster:
             with self._lock:
                 self._in_flight.difference_update(batch.request_ids)
                 now = self.clock.now()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 finished = rep.complete(batch, result, now)
                 self.stats.complete_s += time.perf_counter() - t0
+                self.stats.scheduler_cpu_s += time.thread_time() - c0
                 self.stats.executor_s += exec_s
                 self.stats.iterations += 1
                 self._after_step(rep, batch, result, finished, kind, now)

@@ -17,6 +17,7 @@ class LiveStats:
     schedule_s: float = 0.0  # inside ReplicaScheduler.schedule
     complete_s: float = 0.0  # inside ReplicaScheduler.complete
     executor_s: float = 0.0  # inside executor.execute (wall)
+    scheduler_cpu_s: float = 0.0  # CPU time of schedule + complete (no waiting for the GIL)
     failed_steps: int = 0
     executor_exceptions: int = 0
     requeued_requests: int = 0
@@ -42,16 +43,21 @@ class LiveStats:
         return self.schedule_s + self.complete_s
 
     @property
+    def iteration_s(self) -> float:
+        return self.scheduler_s + self.executor_s
+
+    @property
     def scheduler_share(self) -> float:
-        """The scheduler's own time as a share of the iterations (scheduler + executor)."""
-        total = self.scheduler_s + self.executor_s
-        return self.scheduler_s / total if total > 0 else 0.0
+        """The scheduler's own wall time as a share of the iterations (scheduler + executor)."""
+        return self.scheduler_s / self.iteration_s if self.iteration_s > 0 else 0.0
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         n = max(1, self.iterations)
         out["scheduler_s"] = self.scheduler_s
         out["scheduler_share"] = self.scheduler_share
+        out["scheduler_cpu_share"] = self.scheduler_cpu_s / self.iteration_s if self.iteration_s > 0 else 0.0
         out["scheduler_us_per_iteration"] = 1e6 * self.scheduler_s / n
+        out["scheduler_cpu_us_per_iteration"] = 1e6 * self.scheduler_cpu_s / n
         out["executor_ms_per_iteration"] = 1e3 * self.executor_s / n
         return out

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import random
 
+from dlora.core.batching import BATCH_POLICIES, PolicyContext
 from dlora.core.memory import MemoryConfig, MemoryPool
 from dlora.core.replica import ReplicaConfig, ReplicaScheduler
-from dlora.core.batching import BATCH_POLICIES, PolicyContext
-from dlora.testing import ScriptedExecutor, latency_model, make_adapters, make_replica, make_request, run_replica
+from dlora.testing import (
+    ScriptedExecutor,
+    latency_model,
+    make_adapters,
+    make_replica,
+    make_request,
+    run_replica,
+)
 from dlora.types import BatchMode
 
 

@@ -103,7 +103,7 @@ def test_starvation_bound_on_adversarial_queue() -> None:
         streak: dict[int, int] = {}
         worst = [0]
 
-        def check(rep, batch, fcfs):  # type: ignore[no-untyped-def]
+        def check(rep, batch, fcfs, pol=pol, streak=streak, worst=worst):  # type: ignore[no-untyped-def]
             credit_invariants(pol, 4)
             for rid in fcfs:
                 streak[rid] = 0 if rid in batch.request_ids else streak.get(rid, 0) + 1

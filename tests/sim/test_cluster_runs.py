@@ -53,7 +53,7 @@ def check_exactly_once(res) -> None:  # type: ignore[no-untyped-def]
         rep.memory.check()
 
 
-FAST_MIGRATION = {"interval_s": 0.05, "count_imbalance": 3, "time_limit_s": 0.5}
+FAST_MIGRATION = {"interval_s": 0.05, "count_imbalance": 3, "time_limit_s": 5.0, "max_candidates": 12}
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
