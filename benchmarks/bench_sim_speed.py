@@ -17,7 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_TRACE = ROOT.parent / "shared" / "data" / "azure_llm_inference_2023" / "AzureLLMInferenceTrace_conv.csv"
+DEFAULT_TRACE = (
+    ROOT.parent / "shared" / "data" / "azure_llm_inference_2023" / "AzureLLMInferenceTrace_conv.csv"
+)
 
 
 def scenario_dict(trace: Path, policy: str, fast: bool) -> dict:
@@ -50,18 +52,26 @@ def main() -> int:
     from dlora.sim.driver import simulate
     from dlora.sim.report import build_report
 
-    table = Table(title=f"simulator speed: Azure LLM conv trace, 4 x 7B, 32 adapters, {args.policy}")
+    table = Table(
+        title=f"simulator speed: Azure LLM conv trace, 4 x 7B, 32 adapters, {args.policy}"
+    )
     for col in ("mode", "requests", "simulated s", "wall s", "requests / wall s", "iterations"):
         table.add_column(col, justify="right")
     reports = {}
-    for fast in ([True, False] if args.compare else [True]):
+    for fast in [True, False] if args.compare else [True]:
         sc = scenario_from_dict(scenario_dict(args.trace, args.policy, fast), ROOT)
         res = simulate(sc)
         rep = build_report(res)
         reports[fast] = rep.to_json()
         n = len(res.requests)
-        table.add_row("fast path" if fast else "every iteration", str(n), f"{res.end_s:.0f}",
-                      f"{res.wall_s:.2f}", f"{n / res.wall_s:.0f}", str(rep.summary["totals"]["iterations"]))
+        table.add_row(
+            "fast path" if fast else "every iteration",
+            str(n),
+            f"{res.end_s:.0f}",
+            f"{res.wall_s:.2f}",
+            f"{n / res.wall_s:.0f}",
+            str(rep.summary["totals"]["iterations"]),
+        )
     Console().print(table)
     if args.compare:
         print("reports identical:", reports[True] == reports[False])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -93,7 +93,11 @@ def capacity(
 
     try:
         sc = load_scenario(scenario, overrides or [])
-        results = capacity_by_variant(sc, low, high, tol, rate_key, requests_per_rate or None)
+        def show(variant: str, p: Any) -> None:
+            err.print(f"{variant or sc.name}: {p.rate:.4g} req/s -> mean latency/token "
+                      f"{p.latency_per_token_s} s {'ok' if p.ok else 'over the SLO'}", highlight=False)
+
+        results = capacity_by_variant(sc, low, high, tol, rate_key, requests_per_rate or None, show)
     except DloraError as exc:
         fail(str(exc))
         return
@@ -110,6 +114,80 @@ def capacity(
         data = {"scenario": sc.name, "variants": {k: v.as_dict() for k, v in results.items()}}
         (out_dir / "capacity.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
         err.print(f"wrote capacity.json to {out_dir}", highlight=False)
+
+
+@app.command("run")
+def run_live(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (model.path: a model folder; the demo if unset)")],
+    out_dir: OutOpt = None,
+    overrides: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no table")] = False,
+) -> None:
+    """Run a scenario live: replay its workload on wall time through the real executor."""
+    from .live.driver import run_live as run_scenario_live
+    from .scenario import load_scenario
+
+    try:
+        sc = load_scenario(scenario, overrides or [])
+        prog, update = _progress_bar(sc.run.progress)
+        if prog is not None:
+            with prog:
+                outcome, ok = run_scenario_live(sc, out_dir, progress=update)
+        else:
+            outcome, ok = run_scenario_live(sc, out_dir)
+    except DloraError as exc:
+        fail(str(exc))
+        return
+    if not quiet:
+        outcome.print(out)
+    for line in outcome.notes:
+        err.print(line, highlight=False)
+    if not ok:
+        raise typer.Exit(1)
+
+
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def serve_cmd(
+    ctx: typer.Context,
+    model: Annotated[str | None, typer.Option("--model", help="Hugging Face Llama folder (the embedded demo if unset)")] = None,
+    lora_modules: Annotated[list[str] | None, typer.Option("--lora-modules", help="name=path (repeat, or list after one flag)")] = None,
+    served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="the base model's name in the API")] = None,
+    max_loras: Annotated[int, typer.Option("--max-loras", help="adapter slots on the device per replica")] = 4,
+    max_lora_rank: Annotated[int, typer.Option("--max-lora-rank", help="refuse adapters of higher rank")] = 64,
+    max_cpu_loras: Annotated[int | None, typer.Option("--max-cpu-loras", help="bound on loaded adapters")] = None,
+    host: Annotated[str, typer.Option("--host")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port")] = 8000,
+    replicas: Annotated[int, typer.Option("--replicas", help="replicas (one executor each)")] = 1,
+    policy: Annotated[str, typer.Option("--policy", help="batching policy (credit = dLoRA)")] = "credit",
+    dispatch: Annotated[str, typer.Option("--dispatch", help="dispatcher")] = "least_loaded",
+    migration: Annotated[str, typer.Option("--migration", help="migrator")] = "none",
+    max_queue: Annotated[int, typer.Option("--max-queue", help="unfinished requests before 429")] = 256,
+    max_batch_size: Annotated[int, typer.Option("--max-num-seqs", help="sequences per iteration")] = 16,
+    max_batched_tokens: Annotated[int, typer.Option("--max-num-batched-tokens")] = 512,
+    memory_fraction: Annotated[float, typer.Option("--memory-fraction", help="share of the profile's KV memory")] = 0.01,
+    profile: Annotated[str | None, typer.Option("--profile", help="latency profile YAML")] = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu | cuda")] = None,
+    ray: Annotated[str | None, typer.Option("--ray", is_flag=False, flag_value="local", help="replicas as Ray actors (ADDRESS, or alone: a local Ray)")] = None,
+    log_level: Annotated[str, typer.Option("--log-level")] = "info",
+) -> None:
+    """Serve the OpenAI API (completions, chat, models, LoRA load/unload, metrics) over the live cluster."""
+    from .live.server import ServeConfig, ServingEngine, parse_lora_modules, serve
+
+    try:
+        cfg = ServeConfig(
+            model=model, served_model_name=served_model_name,
+            lora_modules=parse_lora_modules([*(lora_modules or []), *ctx.args]), max_loras=max_loras,
+            max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras, replicas=replicas, policy=policy,
+            dispatch=dispatch, migration=migration, max_queue=max_queue, max_batch_size=max_batch_size,
+            max_batched_tokens=max_batched_tokens, memory_fraction=memory_fraction, profile=profile,
+            device=device, ray_address=ray)
+        engine = ServingEngine(cfg)
+    except DloraError as exc:
+        fail(str(exc))
+        return
+    err.print(f"dlora serve: {engine.model_name} with {len(engine.adapters)} adapters on "
+              f"http://{host}:{port}/v1 ({replicas} replica(s){', Ray' if ray else ''})", highlight=False)
+    serve(engine, host, port, log_level)
 
 
 @app.command("init-demo")

@@ -283,25 +283,35 @@ def _replicate(st: _State, problem: PlacementProblem, max_copies: int) -> None:
         on_worst = st.x[worst].any(axis=0)
         cands = set(worst.tolist()) | set(np.nonzero(st.x[:, on_worst].any(axis=1))[0].tolist())
         cands = {k for k in cands if st.share[k] > 0 and st.x[k].sum() < max_copies}
-        best: tuple[int, int] | None = None
-        best_vec = old
-        for k in sorted(cands):
-            for j in range(st.x.shape[1]):
-                if not st.fits(k, j):
-                    continue
-                st.x[k, j] = True
-                vec = np.sort(st.ratios())
-                st.x[k, j] = False
-                if best is None:
-                    if _leximin_better(vec, old, problem.min_relative_gain):
-                        best, best_vec = (k, j), vec
-                elif _leximin_better(vec, best_vec, _TIE) or (
-                    not _leximin_better(best_vec, vec, _TIE) and st.kept[k, j] and not st.kept[best]
-                ):
-                    best, best_vec = (k, j), vec
+        best = _best_copy(st, problem, cands, old)
+        if best is None:  # a copy of an adapter elsewhere can still relieve the worst
+            rest = {k for k in positive.tolist() if k not in cands and st.x[k].sum() < max_copies}
+            best = _best_copy(st, problem, rest, old)
         if best is None:
             return
         st.x[best] = True
+
+
+def _best_copy(st: _State, problem: PlacementProblem, cands: set[int],
+               old: np.ndarray) -> tuple[int, int] | None:
+    """The extra copy among `cands` that most improves the sorted ratios (leximin), if any."""
+    best: tuple[int, int] | None = None
+    best_vec = old
+    for k in sorted(cands):
+        for j in range(st.x.shape[1]):
+            if not st.fits(k, j):
+                continue
+            st.x[k, j] = True
+            vec = np.sort(st.ratios())
+            st.x[k, j] = False
+            if best is None:
+                if _leximin_better(vec, old, problem.min_relative_gain):
+                    best, best_vec = (k, j), vec
+            elif _leximin_better(vec, best_vec, _TIE) or (
+                not _leximin_better(best_vec, vec, _TIE) and st.kept[k, j] and not st.kept[best]
+            ):
+                best, best_vec = (k, j), vec
+    return best
 
 
 def placement_ratios(problem: PlacementProblem, placement: Placement) -> dict[int, float]:

@@ -197,24 +197,32 @@ class ReplicaScheduler:
         swap_tokens = [0, 0]  # out, in
         tokens_left = self.config.max_batched_tokens
         protect: set[int] = set()  # admitted requests (never preempted for later ones)
+        block_tokens, block_bytes, kv_blocks = mem.block_tokens, mem.block_bytes, mem.kv_blocks
+        resident = mem.adapters
+        free_bytes = mem.free_bytes  # kept in step with allocations below (hot path)
         i = 0
         while i < len(candidates) and tokens_left > 0:
             r = candidates[i]
             i += 1
-            new = min(r.uncomputed_tokens, tokens_left)
-            held = 0 if r.status == RequestStatus.SWAPPED else mem.held(r.id)
-            blocks = mem.blocks_for(r.computed_tokens + new) - held
+            computed = r.computed_tokens
+            new = r.prompt_tokens + r.generated_tokens - computed
+            if new > tokens_left:
+                new = tokens_left
+            held = 0 if r.status == RequestStatus.SWAPPED else kv_blocks.get(r.id, 0)
+            blocks = -(-(computed + new) // block_tokens) - held
             adapter = r.adapter_id
             adapter_bytes = 0
-            if adapter is not None and not mem.is_resident(adapter):
+            if adapter is not None and adapter not in resident:
                 adapter_bytes = self.adapters[adapter].size_bytes
-            need_bytes = blocks * mem.block_bytes + adapter_bytes
-            fits = mem.free_bytes >= need_bytes and (not adapter_bytes or mem.adapter_fits(adapter_bytes))
+            need_bytes = blocks * block_bytes + adapter_bytes
+            fits = free_bytes >= need_bytes and (not adapter_bytes or mem.adapter_fits(adapter_bytes))
             if not fits:
                 protect.add(r.id)
                 needed_now = needed_adapters | ({adapter} if adapter is not None else set())
-                if not self._make_room(need_bytes, adapter_bytes > 0, protect, in_plan, candidates, i,
-                                       needed_now, evicts, swap_out, swap_tokens):
+                ok = self._make_room(need_bytes, adapter_bytes > 0, protect, in_plan, candidates, i,
+                                     needed_now, evicts, swap_out, swap_tokens)
+                free_bytes = mem.free_bytes
+                if not ok:
                     protect.discard(r.id)
                     continue
             if adapter_bytes:
@@ -231,14 +239,16 @@ class ReplicaScheduler:
                 swap_in.append(r.id)
                 swap_tokens[1] += r.computed_tokens
                 blocks = mem.blocks_for(r.computed_tokens + new) - mem.held(r.id)
-            mem.allocate(r.id, blocks)
+            if blocks:
+                mem.allocate(r.id, blocks)
+            free_bytes = mem.free_bytes if (adapter_bytes or blocks) else free_bytes
             r.status = RequestStatus.RUNNING
             protect.add(r.id)
             if r.first_scheduled_s is None:
                 r.first_scheduled_s = now
             admitted.append(r)
-            items.append(BatchItem(r.id, adapter, r.computed_tokens, new,
-                                   r.computed_tokens + new == r.context_tokens))
+            items.append(BatchItem(r.id, adapter, computed, new,
+                                   computed + new == r.prompt_tokens + r.generated_tokens))
             tokens_left -= new
         assert admitted, "the first planned request always fits (checked at add)"
         merge = unmerge = None
@@ -416,14 +426,10 @@ class ReplicaScheduler:
 
     # ---- views ----
     def view(self, now: float) -> ReplicaView:
-        waiting = running = swapped = 0
-        for r in self.unfinished:
-            if r.status == RequestStatus.RUNNING:
-                running += 1
-            elif r.status == RequestStatus.SWAPPED:
-                swapped += 1
-            else:
-                waiting += 1
+        # a request holds device KV blocks iff it is RUNNING, host blocks iff SWAPPED
+        running = len(self.memory.kv_blocks)
+        swapped = len(self.memory.swapped_blocks)
+        waiting = len(self.unfinished) - running - swapped
         slots = self.memory.config.max_adapter_slots
         return ReplicaView(
             id=self.id, is_alive=self.is_alive, num_waiting=waiting, num_running=running,

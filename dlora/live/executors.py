@@ -42,7 +42,7 @@ class ModelLimits:
 
 def model_source(scenario: Scenario, adapters: dict[int, Adapter]) -> ModelSource:
     """Where the model and each adapter come from; the demo is written once when needed."""
-    from ..exec.demo import demo_adapter_paths, ensure_demo
+    from ..exec.demo import demo_adapter_paths, ensure_demo  # noqa: I001  (imports torch)
 
     if scenario.model.path is None:
         folder, is_demo = ensure_demo(), True

@@ -27,6 +27,7 @@ from .report import build_report
 
 log = logging.getLogger(__name__)
 RATE_KEY = "workload.arrival.rate_per_s"
+HORIZON_FACTOR = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,15 +60,21 @@ def _raw(scenario: Scenario) -> dict[str, Any]:
 
 
 def scenario_at_rate(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
-                     requests_per_rate: float | None = 100.0) -> Scenario:
+                     requests_per_rate: float | None = 100.0,
+                     horizon_factor: float | None = HORIZON_FACTOR) -> Scenario:
     """The scenario with `rate_key` set to `rate` (and `workload.num_requests` to
-    `ceil(requests_per_rate * rate)` when given)."""
+    `ceil(requests_per_rate * rate)` when given). Without a horizon of its own, a probe stops at
+    `horizon_factor` times its arrival span (`requests_per_rate` seconds): what is unfinished
+    then counts as a violation, and hopelessly overloaded probes end early."""
     data = copy.deepcopy(_raw(scenario))
     set_path(data, rate_key.split("."), float(rate), f"capacity rate_key {rate_key}")
     if requests_per_rate is not None:
         set_path(data, ["workload", "num_requests"], max(1, math.ceil(requests_per_rate * rate)),
                  "capacity requests_per_rate")
-    data["run"] = {**data.get("run", {}), "progress": False}
+    run = {**data.get("run", {}), "progress": False}
+    if horizon_factor is not None and run.get("horizon_s") is None and requests_per_rate is not None:
+        run["horizon_s"] = horizon_factor * max(1.0, requests_per_rate)
+    data["run"] = run
     return scenario_from_dict(data, Path(scenario.base_dir))
 
 
@@ -92,11 +99,12 @@ def max_rate_under_slo(
     requests_per_rate: float | None = 100.0,
     max_expansions: int = 6,
     probe_fn: Callable[[float], Probe] | None = None,
+    on_probe: Callable[[Probe], None] | None = None,
 ) -> CapacityResult:
     """Largest rate in req/s (within `tol`) whose mean latency per token meets the SLO.
 
     `low` < `high` bracket the search; when `high` passes, it doubles up to `max_expansions`
-    times. `probe_fn(rate)` replaces the simulation (tests)."""
+    times. `probe_fn(rate)` replaces the simulation (tests); `on_probe` sees every probe."""
     if not 0 < low < high:
         raise ConfigError(f"capacity search needs 0 < low < high, got low={low}, high={high}")
     if not tol > 0:
@@ -107,6 +115,8 @@ def max_rate_under_slo(
     def check(rate: float) -> bool:
         p = run(rate)
         path.append(p)
+        if on_probe is not None:
+            on_probe(p)
         return p.ok
 
     slo = scenario.slo.latency_per_token_s
@@ -134,11 +144,14 @@ def max_rate_under_slo(
 
 def capacity_by_variant(scenario: Scenario, low: float, high: float, tol: float = 0.5,
                         rate_key: str = RATE_KEY, requests_per_rate: float | None = 100.0,
+                        on_probe: Callable[[str, Probe], None] | None = None,
                         ) -> dict[str, CapacityResult]:
     """`max_rate_under_slo` for every policy variant of the scenario's sweep (the sweep's
     parameter is ignored: the rate is what is searched); the scenario itself without one."""
     if scenario.sweep is None or not scenario.sweep.variants:
-        return {"": max_rate_under_slo(scenario, low, high, tol, rate_key, requests_per_rate)}
+        report = (lambda p: on_probe("", p)) if on_probe else None
+        return {"": max_rate_under_slo(scenario, low, high, tol, rate_key, requests_per_rate,
+                                       on_probe=report)}
     data = to_plain(scenario)
     data.pop("base_dir", None)
     sweep = data["sweep"]
@@ -146,5 +159,7 @@ def capacity_by_variant(scenario: Scenario, low: float, high: float, tol: float 
     out = {}
     for point in sweep_points(scenario_from_dict(data, Path(scenario.base_dir)), data):
         sc = scenario_from_dict(point.data, Path(scenario.base_dir))
-        out[point.variant] = max_rate_under_slo(sc, low, high, tol, rate_key, requests_per_rate)
+        report = (lambda p, v=point.variant: on_probe(v, p)) if on_probe else None
+        out[point.variant] = max_rate_under_slo(sc, low, high, tol, rate_key, requests_per_rate,
+                                                on_probe=report)
     return out

@@ -1,0 +1,21 @@
+"""`dlora serve`: an OpenAI-compatible multi-LoRA server on the live cluster (DESIGN.md
+section 7). `ServingEngine(ServeConfig(...))` builds the replicas; `create_app(engine)` is
+the FastAPI app; `serve(engine, host, port)` runs it; `BackgroundServer` runs it on a thread."""
+
+from __future__ import annotations
+
+from .app import BackgroundServer, create_app, serve
+from .config import ServeConfig, parse_lora_modules
+from .engine import Generation, GenerationParams, ServeError, ServingEngine
+
+__all__ = [
+    "BackgroundServer",
+    "Generation",
+    "GenerationParams",
+    "ServeConfig",
+    "ServeError",
+    "ServingEngine",
+    "create_app",
+    "parse_lora_modules",
+    "serve",
+]

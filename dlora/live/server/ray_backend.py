@@ -1,0 +1,209 @@
+"""Replicas as Ray actors (`dlora serve --ray [ADDRESS]`).
+
+Each replica's TorchExecutor lives in a Ray actor (one GPU each where the cluster has GPUs,
+one CPU otherwise); the server's process keeps the scheduler, the dispatcher and the migrator
+and sends each frozen `Batch` to its replica's actor. KV blocks a migration transfers travel
+through Ray's object store (`export_kv` on the source actor, `import_kv` on the destination).
+
+Fault tolerance: when an actor dies, its step fails; the live cluster (built with
+`max_step_failures=1` on this backend) marks the replica dead and re-dispatches its requests to
+live replicas, where they are recomputed and complete. Meanwhile a new actor is started with
+the replica's current adapters; when it is ready the replica rejoins the cluster (`revive`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ...core.cluster import Cluster
+from ...errors import ConfigError
+from ...types import Batch, StepResult
+from .replicas import ServingExecutor
+
+if TYPE_CHECKING:
+    from ..engine import LiveCluster
+    from .config import ServeConfig
+
+log = logging.getLogger(__name__)
+RESTART_TIMEOUT_S = 120.0
+
+
+def init_ray(address: str, num_cpus: int | None = None) -> Any:
+    """Connect to Ray (`local`: start a local instance). Raises ConfigError when it cannot."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray: the `ray` package is not installed; `pip install ray`") from None
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False}
+        if address == "local":
+            kwargs["num_cpus"] = num_cpus
+        else:
+            kwargs["address"] = address
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:  # noqa: BLE001  (ray raises many kinds)
+            raise ConfigError(f"--ray {address}: cannot start or reach Ray ({exc})") from None
+    return ray
+
+
+class _ReplicaActor:
+    """Body of the Ray actor: one TorchExecutor."""
+
+    def __init__(self, folder: str, sources: dict[int, str], device: str, block_size: int,
+                 num_kv_blocks: int, max_loras: int | None, seed: int, threads: int) -> None:
+        import torch
+
+        from ...exec import TorchExecutor
+
+        if device == "cpu":
+            torch.set_num_threads(threads)
+        self.ex = TorchExecutor(folder, sources, device=device, block_size=block_size,
+                                num_kv_blocks=num_kv_blocks, max_device_adapters=max_loras, seed=seed)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def execute(self, batch: Batch) -> StepResult:
+        return self.ex.execute(batch)
+
+    def register_adapter(self, adapter_id: int, path: str) -> None:
+        self.ex.register_adapter(adapter_id, path)
+
+    def unregister_adapter(self, adapter_id: int) -> None:
+        self.ex.unregister_adapter(adapter_id)
+
+    def export_kv(self, request_id: int) -> Any:
+        return self.ex.export_kv(request_id)
+
+    def import_kv(self, request_id: int, kv: Any) -> None:
+        self.ex.import_kv(request_id, kv)
+
+
+class RayReplica:
+    """The driver's proxy of one replica actor (the inner executor of a ServingExecutor)."""
+
+    def __init__(self, replica_id: int, spawn: Callable[[dict[int, str]], Any], sources: dict[int, str]) -> None:
+        self.replica_id, self.spawn = replica_id, spawn
+        self.sources = dict(sources)  # replayed into a restarted actor
+        self.actor = spawn(self.sources)
+        self.restarts = 0
+        self.on_restarted: Callable[[int], None] | None = None
+        self._restarting = threading.Lock()
+
+    def _get(self, ref: Any) -> Any:
+        import ray
+
+        return ray.get(ref)
+
+    def execute(self, batch: Batch) -> StepResult:
+        from ray.exceptions import RayActorError
+
+        t0 = time.perf_counter()
+        try:
+            return self._get(self.actor.execute.remote(batch))  # type: ignore[no-any-return]
+        except RayActorError as exc:
+            log.error("replica %d: its Ray actor died (%s); restarting it", self.replica_id, type(exc).__name__)
+            self.restart_in_background()
+            return StepResult(time.perf_counter() - t0, error=f"replica actor died: {type(exc).__name__}")
+
+    def register_adapter(self, adapter_id: int, path: str) -> None:
+        self.sources[adapter_id] = path
+        self._get(self.actor.register_adapter.remote(adapter_id, path))
+
+    def unregister_adapter(self, adapter_id: int) -> None:
+        self.sources.pop(adapter_id, None)
+        self._get(self.actor.unregister_adapter.remote(adapter_id))
+
+    def export_kv(self, request_id: int) -> Any:
+        return self._get(self.actor.export_kv.remote(request_id))
+
+    def import_kv(self, request_id: int, kv: Any) -> None:
+        self._get(self.actor.import_kv.remote(request_id, kv))
+
+    def restart_in_background(self) -> None:
+        if not self._restarting.acquire(blocking=False):
+            return
+
+        def run() -> None:
+            try:
+                actor = self.spawn(dict(self.sources))
+                self._get(actor.ready.remote())
+                self.actor = actor
+                self.restarts += 1
+                log.warning("replica %d: actor restarted", self.replica_id)
+                if self.on_restarted is not None:
+                    self.on_restarted(self.replica_id)
+            except Exception:  # noqa: BLE001
+                log.exception("replica %d: restarting its actor failed", self.replica_id)
+            finally:
+                self._restarting.release()
+
+        threading.Thread(target=run, name=f"dlora-ray-restart-{self.replica_id}", daemon=True).start()
+
+    @staticmethod
+    def close_backend(executors: list[ServingExecutor]) -> None:
+        import ray
+
+        for ex in executors:
+            try:
+                ray.kill(ex.inner.actor)
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def ray_serving_executors(cfg: ServeConfig, folder: Path, sources: dict[int, str],
+                          cluster: Cluster) -> list[ServingExecutor]:
+    """One actor per replica, KV pools sized as the schedulers count."""
+    n = len(cluster.replicas)
+    ray = init_ray(cfg.ray_address or "local", num_cpus=max(n, os.cpu_count() or 1))
+    gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
+    device = "cuda" if gpus >= 1 else "cpu"
+    threads = max(1, (os.cpu_count() or 1) // n)
+    remote = ray.remote(num_gpus=1, num_cpus=0)(_ReplicaActor) if device == "cuda" else \
+        ray.remote(num_cpus=1)(_ReplicaActor)
+    out = []
+    for rep in cluster.replicas:
+        def spawn(srcs: dict[int, str], blocks: int = rep.memory.total_blocks) -> Any:
+            return remote.options(max_restarts=0).remote(
+                str(folder), srcs, device, cfg.block_size, blocks, cfg.max_loras, cfg.seed, threads)
+        out.append(ServingExecutor(RayReplica(rep.id, spawn, sources)))
+    refs = [ex.inner.actor.ready.remote() for ex in out]
+    ray.get(refs)  # fail now, not at the first request, if an actor cannot start
+    log.info("ray: %d replica actors on %s", n, device)
+    return out
+
+
+def attach_revive(live: LiveCluster, executors: list[ServingExecutor]) -> None:
+    """When a replica's actor has been restarted, bring the replica back into the cluster.
+
+    Uses LiveCluster internals (no public hook exists yet): waits for the dead replica's
+    worker thread to end, marks the replica alive and starts a new worker for it."""
+
+    def revive(i: int) -> None:
+        rep = live.cluster.replicas[i]
+        deadline = time.monotonic() + RESTART_TIMEOUT_S
+        while rep.is_alive and time.monotonic() < deadline:  # the failed step still completing
+            time.sleep(0.01)
+        name = f"dlora-replica-{i}"
+        for t in [t for t in live._threads if t.name == name]:  # noqa: SLF001
+            t.join(RESTART_TIMEOUT_S)
+        with live._lock:  # noqa: SLF001
+            if live._stopping or rep.is_alive:  # noqa: SLF001
+                return
+            rep.is_alive = True
+            live._failures[i] = 0  # noqa: SLF001
+            live._threads = [t for t in live._threads if t.name != name]  # noqa: SLF001
+            live._threads.append(live.clock.start_thread(lambda: live._worker(i), name))  # noqa: SLF001
+        log.warning("replica %d rejoined the cluster", i)
+
+    for ex in executors:
+        inner = ex.inner
+        if isinstance(inner, RayReplica):
+            inner.on_restarted = revive
