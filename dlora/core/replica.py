@@ -241,7 +241,7 @@ class ReplicaScheduler:
                 blocks = mem.blocks_for(r.computed_tokens + new) - mem.held(r.id)
             if blocks:
                 mem.allocate(r.id, blocks)
-            free_bytes = mem.free_bytes if (adapter_bytes or blocks) else free_bytes
+            free_bytes = mem.free_bytes
             r.status = RequestStatus.RUNNING
             protect.add(r.id)
             if r.first_scheduled_s is None:
