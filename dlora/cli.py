@@ -203,6 +203,59 @@ def init_demo(directory: Annotated[Path, typer.Argument(help="folder to write th
     out.print(f"wrote demo model and adapters to {path}")
 
 
+@app.command()
+def plan(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (its sweep variants are the candidate policies)")],
+    target_rate: Annotated[float, typer.Option("--target-rate", help="offered load to serve (req/s)")],
+    min_replicas: Annotated[int, typer.Option("--min-replicas", help="smallest replica count to try")] = 1,
+    max_replicas: Annotated[int, typer.Option("--max-replicas", help="largest replica count to try")] = 256,
+    requests_per_rate: Annotated[float, typer.Option("--requests-per-rate", help="requests per probe = this x rate (paper: 100); 0 keeps num_requests")] = 100.0,
+    overrides: SetOpt = None,
+    out_dir: OutOpt = None,
+) -> None:
+    """Capacity planning: the fewest replicas, and the policy, that keep the SLO at a target rate."""
+    import json
+
+    from rich.table import Table
+
+    from .scenario import load_scenario
+    from .sim.plan import plan_replicas
+
+    try:
+        sc = load_scenario(scenario, overrides or [])
+
+        def show(step: Any) -> None:
+            p = step.probe
+            lat = "-" if p.latency_per_token_s is None else f"{p.latency_per_token_s:.4g}"
+            err.print(f"{step.variant}: {step.replicas} replicas at {target_rate:g} req/s -> mean latency/token "
+                      f"{lat} s, {p.unfinished} unfinished: {'meets' if p.ok else 'misses'} the SLO", highlight=False)
+
+        result = plan_replicas(sc, target_rate, min_replicas, max_replicas,
+                               requests_per_rate=requests_per_rate or None, on_step=show)
+    except DloraError as exc:
+        fail(str(exc))
+        return
+    table = Table(title=f"{sc.name}: replicas for {target_rate:g} req/s at mean latency/token <= {sc.slo.latency_per_token_s} s")
+    for col in ("policy variant", "fewest replicas", "mean latency/token (s)", "search path (replicas: ok/x)"):
+        table.add_column(col)
+    for v in result.variants:
+        path = ", ".join(f"{s.replicas}:{'ok' if s.probe.ok else 'x'}" for s in result.steps if s.variant == v.variant)
+        table.add_row(v.variant, "-" if v.replicas is None else str(v.replicas),
+                      "-" if v.latency_per_token_s is None else f"{v.latency_per_token_s:.4g}", path)
+    out.print(table)
+    ans = result.answer
+    if ans is None:
+        out.print(f"no policy meets the SLO at {target_rate:g} req/s with up to {max_replicas} replicas")
+    else:
+        out.print(f"answer: {ans.replicas} replicas with {ans.variant}")
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "plan.json").write_text(json.dumps({"scenario": sc.name, **result.as_dict()}, indent=2, sort_keys=True) + "\n")
+        err.print(f"wrote plan.json to {out_dir}", highlight=False)
+    if ans is None:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from dlora.errors import AdapterError, DloraError
-from dlora.exec.adapters import LoraAdapter, load_adapter
+from dlora.errors import DloraError
+from dlora.exec.adapter_store import AdapterSource, AdapterStore
+from dlora.exec.adapters import LoraAdapter
 from dlora.exec.kv_cache import PagedKVCache
 from dlora.exec.lora_slots import AdapterSlots, MergeState
 from dlora.exec.model import LlamaModel, StepInputs, build_group
@@ -39,7 +40,7 @@ class TorchExecutor:
     """The real executor of one replica.
 
     `model`: a Hugging Face Llama folder or a loaded `LlamaModel`. `adapters`: adapter id ->
-    PEFT folder (or a loaded `LoraAdapter`). Invalid adapters are logged and remembered
+    PEFT folder, `dlora.types.Adapter` with a path, or a loaded `LoraAdapter`. Invalid adapters are logged and remembered
     (`adapter_errors`); batches that use them fail with that message while the rest is served.
     KV: `num_kv_blocks` blocks of `block_size` tokens (default 1024 blocks).
     `max_device_adapters`: slot capacity (None: unbounded). `merge_backup`: where pristine copies
@@ -49,7 +50,7 @@ class TorchExecutor:
     def __init__(
         self,
         model: str | Path | LlamaModel,
-        adapters: Mapping[int, str | Path | LoraAdapter] | None = None,
+        adapters: Mapping[int, AdapterSource] | None = None,
         *,
         device: str = "cpu",
         dtype: torch.dtype | None = None,
@@ -83,41 +84,27 @@ class TorchExecutor:
         )
         self.seed = seed
         self.lora_backend = lora_backend
-        self._sources: dict[int, str | Path | LoraAdapter] = {}
-        self._host: dict[int, LoraAdapter] = {}
-        self.adapter_errors: dict[int, str] = {}
+        self.store = AdapterStore(
+            self.model.config, self.model.dtype, adapters, preload=preload_adapters
+        )
+        self.adapter_errors = self.store.errors  # adapter id -> why it cannot be served
         self.last_logits: torch.Tensor | None = None  # (sampling items, vocab) of the last step
-        for aid, src in (adapters or {}).items():
-            self._sources[aid] = src
-            if preload_adapters:
-                try:
-                    self._host_adapter(aid)
-                except AdapterError as e:
-                    log.error("%s (adapter id %d is disabled)", e, aid)
 
     # ---- adapters ----
-    def register_adapter(self, adapter_id: int, source: str | Path | LoraAdapter) -> LoraAdapter:
+    def register_adapter(self, adapter_id: int, source: AdapterSource) -> LoraAdapter:
         """Add (or replace) an adapter at run time; raises `AdapterError` if it is invalid."""
         self.unregister_adapter(adapter_id)
-        self._sources[adapter_id] = source
-        return self._host_adapter(adapter_id)
+        return self.store.add(adapter_id, source)
 
     def unregister_adapter(self, adapter_id: int) -> None:
         if self.merge_state.merged == adapter_id:
             self.merge_state.unmerge()
         self.slots.evict(adapter_id)
-        for d in (self._sources, self._host, self.adapter_errors):
-            d.pop(adapter_id, None)
+        self.store.remove(adapter_id)
 
     def has_adapter(self, adapter_id: int) -> bool:
         """Whether this executor can serve the adapter (registered and valid)."""
-        if adapter_id not in self._sources or adapter_id in self.adapter_errors:
-            return False
-        try:
-            self._host_adapter(adapter_id)
-        except AdapterError:
-            return False
-        return True
+        return self.store.is_valid(adapter_id)
 
     @property
     def resident_adapters(self) -> tuple[int, ...]:
@@ -128,23 +115,7 @@ class TorchExecutor:
         return self.merge_state.merged
 
     def _host_adapter(self, adapter_id: int) -> LoraAdapter:
-        if adapter_id in self._host:
-            return self._host[adapter_id]
-        if adapter_id in self.adapter_errors:
-            raise AdapterError(self.adapter_errors[adapter_id])
-        src = self._sources.get(adapter_id)
-        if src is None:
-            raise AdapterError(f"adapter id {adapter_id} is not registered with this executor")
-        try:
-            if isinstance(src, LoraAdapter):
-                adapter = src
-            else:
-                adapter = load_adapter(src, self.model.config, dtype=self.model.dtype)
-        except AdapterError as e:
-            self.adapter_errors[adapter_id] = str(e)
-            raise
-        self._host[adapter_id] = adapter
-        return adapter
+        return self.store.get(adapter_id)
 
     def _load(self, adapter_id: int) -> None:
         self.slots.load(adapter_id, self._host_adapter(adapter_id))
@@ -272,9 +243,7 @@ class TorchExecutor:
             slot_mapping=torch.tensor(slot_map, dtype=torch.long, device=dev),
             groups=tuple(build_group(g, dev) for g in (decode, prefill) if g),
         )
-        hook = self.slots.hook(per_token) if unmerged else None
-        if hook is not None:
-            hook._backend = self.lora_backend
+        hook = self.slots.hook(per_token, self.lora_backend) if unmerged else None
         hidden = self.model.forward(step, self.kv.pool, hook)
         for it in batch.items:
             self.kv.mark_written(it.request_id, it.computed_tokens + it.new_tokens)

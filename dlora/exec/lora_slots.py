@@ -162,7 +162,9 @@ class AdapterSlots:
         self._packs = packs
         return packs
 
-    def hook(self, adapter_per_token: Sequence[int | None]) -> LoraBatchHook | None:
+    def hook(
+        self, adapter_per_token: Sequence[int | None], backend: str | None = None
+    ) -> LoraBatchHook | None:
         """The LoRA side path for one iteration whose tokens use these adapters (None: base).
         Tokens of one adapter should be contiguous (segments are runs of equal adapters)."""
         packs = self.packs()
@@ -184,7 +186,7 @@ class AdapterSlots:
                 )
             if seen[key] is not None:
                 segments[group] = seen[key]  # type: ignore[assignment]
-        return LoraBatchHook(packs, segments) if segments else None
+        return LoraBatchHook(packs, segments, backend) if segments else None
 
 
 class LoraBatchHook:

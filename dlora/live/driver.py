@@ -27,8 +27,9 @@ from ..sim.report import build_report
 from ..sim.run import Outcome
 from ..types import Adapter, Executor, Request
 from ..workload import build_requests
+from .callbacks import FinishCallback, TokenCallback
 from .clock import Clock, MonotonicClock
-from .engine import FinishCallback, LiveCluster, TokenCallback
+from .engine import LiveCluster
 from .executors import ModelLimits, prepare_requests, torch_executors
 
 log = logging.getLogger(__name__)

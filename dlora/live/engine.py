@@ -18,23 +18,24 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 from ..core.cluster import Cluster
 from ..core.migration import Migrator
 from ..core.replica import ReplicaScheduler
 from ..errors import DloraError
-from ..types import Action, Batch, Executor, MigrateMode, MigrateRequest, Request, RequestStatus, StepResult
+from ..types import Executor, Request, RequestStatus
+from .callbacks import FinishCallback, Outbox, TokenCallback
 from .clock import Clock, MonotonicClock
-from .kv_transfer import KVMailbox, TransferError
+from .kv_transfer import KVMailbox
+from .moves import Moves
 from .stats import LiveStats
+from .worker import ReplicaWorker
 
 log = logging.getLogger(__name__)
 EPS_S = 1e-9
-TokenCallback = Callable[[Request, int], None]
-FinishCallback = Callable[[Request], None]
 
 
 class LiveCluster:
@@ -52,7 +53,7 @@ class LiveCluster:
             raise ValueError("one executor per replica")
         self.cluster, self.migrator, self.executors = cluster, migrator, list(executors)
         self.clock: Clock = clock or MonotonicClock()
-        self.on_token, self.on_finish, self.progress = on_token, on_finish, progress
+        self.progress = progress
         self.max_step_failures = max_step_failures
         self.max_context_tokens, self.require_token_ids = max_context_tokens, require_token_ids
         self.retain_requests = retain_requests
@@ -62,12 +63,10 @@ class LiveCluster:
         self._timer = self.clock.condition(self._lock)
         self._done = self.clock.condition(self._lock)
         self._in_flight: set[int] = set()  # request ids in steps being executed
-        self._failures = [0] * n
         self._aborts: set[int] = set()  # abort requested while the request's step runs
         self.kv = KVMailbox(n, transfer_timeout_s) if all(
             hasattr(e, "export_kv") and hasattr(e, "import_kv") for e in self.executors) else None
-        self._outbox: list[tuple[bool, Request, int]] = []
-        self._deliver_lock = threading.RLock()
+        self._outbox = Outbox(on_token, on_finish)
         self._replay: list[Request] = []
         self._replaying = False
         self._stopping = False
@@ -77,6 +76,8 @@ class LiveCluster:
         self.unfinished = 0
         self.total = self.done = 0
         self.stats = LiveStats()
+        self.moves = Moves(cluster, self.kv, self.stats, self._wake, self._finished)
+        self.workers = [ReplicaWorker(self, i) for i in range(n)]
         self.requests: list[Request] = []
         self.queue_samples: list[list[tuple[float, int]]] = [[] for _ in range(n)]
         self.batch_log: list[Any] | None = [] if record_batches else None
@@ -95,17 +96,42 @@ class LiveCluster:
             self.total += len(self._replay)
             self._next_id = max((r.id + 1 for r in self._replay), default=0)
         self.clock.attach()
-        start = self.clock.start_thread
         self.cluster.place(self.clock.now(), initial=True)
-        placer = self.cluster.placer
-        if placer is not None and placer.interval_s:
-            self._threads.append(start(lambda: self._timer_loop(placer.interval_s, self._place), "dlora-placement"))
+        place_s = getattr(self.cluster.placer, "interval_s", None)
+        if place_s:  # threads start in the simulator's process order (parity)
+            self._spawn("dlora-placement", partial(self._timer_loop, float(place_s), self._place))
         if self._replay:
-            self._threads.append(start(self._arrivals, "dlora-arrivals"))
+            self._spawn("dlora-arrivals", self._arrivals)
         for i in range(len(self.cluster.replicas)):
-            self._threads.append(start(lambda i=i: self._worker(i), f"dlora-replica-{i}"))
+            self._spawn(f"dlora-replica-{i}", partial(self._worker, i))
         if self.migrator.interval_s:
-            self._threads.append(start(lambda: self._timer_loop(self.migrator.interval_s, self._migrate), "dlora-migration"))
+            self._spawn("dlora-migration", partial(self._timer_loop, self.migrator.interval_s, self._migrate))
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        self._threads.append(self.clock.start_thread(target, name))
+
+    @property
+    def lock(self) -> threading.Lock:
+        """The cluster lock: hold it to change scheduler tables (e.g. register an adapter)."""
+        return self._lock
+
+    def revive(self, replica_id: int, join_timeout_s: float = 60.0) -> bool:
+        """Bring a dead replica back (its executor was restarted): alive again, with a new
+        worker. False if it is alive or the cluster is stopping."""
+        rep, name = self.cluster.replicas[replica_id], f"dlora-replica-{replica_id}"
+        old = [t for t in self._threads if t.name == name]
+        for t in old:  # a dead replica's worker ends after its last step
+            if not rep.is_alive:
+                t.join(join_timeout_s)
+        with self._lock:
+            if self._stopping or rep.is_alive:
+                return False
+            rep.is_alive = True
+            self.workers[replica_id].failures = 0
+            self._threads = [t for t in self._threads if t not in old]
+            self._spawn(name, partial(self._worker, replica_id))
+        log.warning("replica %d is back", replica_id)
+        return True
 
     def next_request_id(self) -> int:
         with self._lock:
@@ -124,7 +150,7 @@ class LiveCluster:
             self.total += 1
             self._next_id = max(self._next_id, request.id + 1)
             ok = self._submit(request, now)
-        self._deliver()
+        self._outbox.deliver()
         return ok
 
     def abort(self, request_id: int) -> bool:
@@ -138,7 +164,7 @@ class LiveCluster:
                 self._aborts.add(request_id)  # the worker aborts it when the step ends
             else:
                 self._abort_now(r, self.clock.now())
-        self._deliver()
+        self._outbox.deliver()
         return True
 
     def wait(self, timeout_s: float | None = None) -> bool:
@@ -179,94 +205,7 @@ class LiveCluster:
 
     # ---- threads ----
     def _worker(self, i: int) -> None:
-        rep, ex, wake = self.cluster.replicas[i], self.executors[i], self._wake[i]
-        while True:
-            with self._lock:
-                while True:
-                    if self._stopping or not rep.is_alive:
-                        if self.kv is not None:
-                            self.kv.fail_exports(i)
-                        return
-                    now = self.clock.now()
-                    self.cluster.in_flight[i] = ()
-                    if self.cluster.deferred:  # migrations that waited for this replica's step
-                        self._run_deferred(i, now)
-                    exports = self.kv.take_exports(i) if self.kv is not None else []
-                    t0, c0 = time.perf_counter(), time.thread_time()
-                    batch = rep.schedule(now)
-                    self.stats.schedule_s += time.perf_counter() - t0
-                    self.stats.scheduler_cpu_s += time.thread_time() - c0
-                    if batch is not None or exports:
-                        break
-                    wake.wait()
-                if batch is not None:
-                    self.cluster.in_flight[i] = batch.request_ids
-                    self._in_flight.update(batch.request_ids)
-                    if self.batch_log is not None:
-                        self.batch_log.append((i, batch.step, str(batch.mode), batch.merged_adapter, batch.request_ids))
-            if exports:
-                assert self.kv is not None
-                self.kv.export(ex, exports)
-            if batch is None:
-                continue
-            result, exec_s, kind = self._execute(i, ex, batch)
-            self.clock.sleep(result.elapsed_s)
-            with self._lock:
-                self._in_flight.difference_update(batch.request_ids)
-                now = self.clock.now()
-                t0, c0 = time.perf_counter(), time.thread_time()
-                finished = rep.complete(batch, result, now)
-                self.stats.complete_s += time.perf_counter() - t0
-                self.stats.scheduler_cpu_s += time.thread_time() - c0
-                self.stats.executor_s += exec_s
-                self.stats.iterations += 1
-                self._after_step(rep, batch, result, finished, kind, now)
-            self._deliver()
-
-    def _execute(self, i: int, ex: Executor, batch: Batch) -> tuple[StepResult, float, str]:
-        t0 = time.perf_counter()
-        kind = "ok"
-        try:
-            if batch.transfer_in and self.kv is not None:
-                self.kv.import_(ex, batch.transfer_in)
-            result = ex.execute(batch)
-            if result.error is not None:
-                kind = "error"
-        except TransferError as exc:
-            kind = "transfer"
-            result = StepResult(time.perf_counter() - t0, error=str(exc))
-        except Exception as exc:  # noqa: BLE001  (a failing executor must not kill its worker)
-            kind = "raised"
-            log.error("replica %d step %d raised %s: %s", i, batch.step, type(exc).__name__, exc,
-                      exc_info=self.stats.executor_exceptions == 0)
-            result = StepResult(time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
-        return result, time.perf_counter() - t0, kind
-
-    def _after_step(self, rep: ReplicaScheduler, batch: Batch, result: StepResult,
-                    finished: list[Request], kind: str, now: float) -> None:
-        i = rep.id
-        if result.error is not None:
-            self.stats.record_failure(i, batch, result.error, kind)
-            if kind != "transfer":
-                self._failures[i] += 1
-        else:
-            self._failures[i] = 0
-            if result.token_ids is not None and self.on_token is not None:
-                for item, r in zip(batch.items, batch.requests, strict=True):
-                    if item.samples:
-                        self._outbox.append((False, r, r.output_token_ids[-1]))
-        if finished:
-            self.cluster.on_finished(finished)
-            for r in finished:
-                self._finished(r)
-            self._sample(rep, now)
-        if self._aborts:
-            for r in batch.requests:
-                if r.id in self._aborts:
-                    self._aborts.discard(r.id)
-                    self._abort_now(r, now)
-        if self._failures[i] >= self.max_step_failures and rep.is_alive:
-            self._kill(rep, now)
+        self.workers[i].run()
 
     def _arrivals(self) -> None:
         with self._lock:
@@ -284,7 +223,7 @@ class LiveCluster:
             self._replaying = False
             if not self.unfinished:
                 self._done.notify_all()
-        self._deliver()
+        self._outbox.deliver()
 
     def _timer_loop(self, interval_s: float, action: Callable[[float], None]) -> None:
         with self._lock:
@@ -298,53 +237,13 @@ class LiveCluster:
                 action(self.clock.now())
 
     def _migrate(self, now: float) -> None:
-        actions = self.migrator.plan(self.cluster.view(now), now)
-        self._apply(actions, now)
+        self.moves.apply(self.migrator.plan(self.cluster.view(now), now), now)
 
     def _place(self, now: float) -> None:
         for rep in self.cluster.place(now):
             self._wake[rep.id].notify_all()
 
     # ---- helpers (the lock held) ----
-    def _apply(self, actions: Sequence[Action], now: float) -> None:
-        """Migrations and placement changes; a move of a request in a step in flight waits
-        for the step (Cluster.deferred), one whose KV is still on its way is dropped."""
-        pending = self.kv.pending if self.kv is not None else set()
-        safe = [a for a in actions if not (isinstance(a, MigrateRequest) and a.request_id in pending)]
-        self.stats.dropped_migrations += len(actions) - len(safe)
-        transfers = self._transfers(safe)
-        for rep in self.cluster.apply(safe, now):
-            self._wake[rep.id].notify_all()
-        self._expect_kv(transfers)
-
-    def _run_deferred(self, i: int, now: float) -> None:
-        acts = self.cluster.deferred.get(i, [])
-        self.stats.deferred_migrations += len(acts)
-        transfers = self._transfers(acts)
-        for dst in self.cluster.run_deferred(i, now):
-            self._wake[dst.id].notify_all()
-        self._expect_kv(transfers)
-
-    def _transfers(self, actions: Sequence[Action]) -> list[MigrateRequest]:
-        """The KV-transfer moves whose request holds KV on its source now."""
-        if self.kv is None:
-            return []
-        return [a for a in actions if isinstance(a, MigrateRequest) and a.mode == MigrateMode.TRANSFER
-                and self._has_kv(a.request_id, a.source)]
-
-    def _expect_kv(self, transfers: list[MigrateRequest]) -> None:
-        """Register the copies of the moves that happened (deferred ones register later)."""
-        for act in transfers:
-            r = self.cluster.requests[act.request_id]
-            if r.replica == act.destination and r.computed_tokens > 0 and self.kv is not None:
-                self.kv.expect(act.source, r.id)
-                self.stats.kv_transfers += 1
-                self._wake[act.source].notify_all()
-
-    def _has_kv(self, request_id: int, replica: int) -> bool:
-        r = self.cluster.requests.get(request_id)
-        return r is not None and not r.is_done and r.replica == replica and r.computed_tokens > 0
-
     def _submit(self, r: Request, now: float) -> bool:
         if self.retain_requests:
             self.requests.append(r)
@@ -385,37 +284,10 @@ class LiveCluster:
         self.stats.aborted += 1
         self._finished(r)
 
-    def _kill(self, rep: ReplicaScheduler, now: float) -> None:
-        """Mark a replica dead and move its requests to live replicas (recomputed there)."""
-        rep.is_alive = False
-        self.stats.dead_replicas.append(rep.id)
-        self.cluster.in_flight[rep.id] = ()
-        self.cluster.deferred.pop(rep.id, None)
-        moving = list(rep.unfinished)
-        log.error("replica %d failed %d steps in a row: marked dead; moving its %d requests",
-                  rep.id, self._failures[rep.id], len(moving))
-        for r in moving:
-            rep.remove(r)
-            if self.kv is not None:
-                self.kv.forget(r.id)
-            r.computed_tokens = 0
-            r.status = RequestStatus.WAITING
-            try:
-                dst = self.cluster.dispatcher.choose(r, self.cluster.view(now), now)
-            except RuntimeError:
-                self.cluster.reject(r, now, "every replica failed")
-                self._finished(r)
-                continue
-            self.cluster.replicas[dst].add(r, now)
-            self.stats.moved_from_dead += 1
-            self._wake[dst].notify_all()
-        self._wake[rep.id].notify_all()
-
     def _finished(self, r: Request) -> None:
         self.unfinished -= 1
         self.done += 1
-        if self.on_finish is not None:
-            self._outbox.append((True, r, -1))
+        self._outbox.finish(r)
         if not self.retain_requests:
             self.cluster.requests.pop(r.id, None)
             if self.cluster.rejected and self.cluster.rejected[-1] is r:
@@ -430,22 +302,3 @@ class LiveCluster:
         n = len(rep.unfinished)
         if not samples or samples[-1][1] != n:
             samples.append((now, n))
-
-    # ---- callbacks, in production order, outside the cluster lock ----
-    def _deliver(self) -> None:
-        if self.on_token is None and self.on_finish is None:
-            return
-        with self._deliver_lock:
-            while True:
-                with self._lock:
-                    events, self._outbox = self._outbox, []
-                if not events:
-                    return
-                for is_finish, r, token in events:
-                    try:
-                        if is_finish:
-                            self.on_finish(r)  # type: ignore[misc]
-                        else:
-                            self.on_token(r, token)  # type: ignore[misc]
-                    except Exception:  # noqa: BLE001  (a callback must not stop the cluster)
-                        log.exception("callback for request %d failed", r.id)

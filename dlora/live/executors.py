@@ -87,8 +87,8 @@ def torch_executors(scenario: Scenario, cluster: Cluster, adapters: dict[int, Ad
                            num_kv_blocks=rep.memory.total_blocks, max_device_adapters=c.max_adapter_slots,
                            seed=scenario.seed)
         if ex.adapter_errors:
-            first = next(iter(ex.adapter_errors.values()))
-            raise ConfigError(f"adapters.paths: {len(ex.adapter_errors)} adapter(s) cannot be used: {first}")
+            problem = next(iter(ex.adapter_errors.values()))
+            raise ConfigError(f"adapters.paths: {len(ex.adapter_errors)} adapter(s) cannot be used: {problem}")
         executors.append(ex)
     first: Any = executors[0]
     cfg = first.model.config

@@ -27,7 +27,7 @@ from .report import build_report
 
 log = logging.getLogger(__name__)
 RATE_KEY = "workload.arrival.rate_per_s"
-HORIZON_FACTOR = 3.0
+HORIZON_FACTOR = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,18 +148,23 @@ def capacity_by_variant(scenario: Scenario, low: float, high: float, tol: float 
                         ) -> dict[str, CapacityResult]:
     """`max_rate_under_slo` for every policy variant of the scenario's sweep (the sweep's
     parameter is ignored: the rate is what is searched); the scenario itself without one."""
+    out = {}
+    for variant, sc in variant_scenarios(scenario).items():
+        report = (lambda p, v=variant: on_probe(v, p)) if on_probe else None
+        out[variant] = max_rate_under_slo(sc, low, high, tol, rate_key, requests_per_rate,
+                                          on_probe=report)
+    return out
+
+
+def variant_scenarios(scenario: Scenario) -> dict[str, Scenario]:
+    """One scenario per policy variant of the sweep (its parameter ignored); the scenario itself,
+    named "", when it has no variants."""
     if scenario.sweep is None or not scenario.sweep.variants:
-        report = (lambda p: on_probe("", p)) if on_probe else None
-        return {"": max_rate_under_slo(scenario, low, high, tol, rate_key, requests_per_rate,
-                                       on_probe=report)}
+        return {"": scenario}
     data = to_plain(scenario)
     data.pop("base_dir", None)
     sweep = data["sweep"]
     sweep["parameter"], sweep["values"] = None, []
-    out = {}
-    for point in sweep_points(scenario_from_dict(data, Path(scenario.base_dir)), data):
-        sc = scenario_from_dict(point.data, Path(scenario.base_dir))
-        report = (lambda p, v=point.variant: on_probe(v, p)) if on_probe else None
-        out[point.variant] = max_rate_under_slo(sc, low, high, tol, rate_key, requests_per_rate,
-                                                on_probe=report)
-    return out
+    base = Path(scenario.base_dir)
+    return {point.variant: scenario_from_dict(point.data, base)
+            for point in sweep_points(scenario_from_dict(data, base), data)}

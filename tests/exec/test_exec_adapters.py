@@ -175,3 +175,17 @@ def test_executor_switches_restore_base_logits_exactly(executor: TorchExecutor):
         assert not torch.equal(merged, base)
     assert torch.equal(first_logits(executor, PROMPTS[1], None), base)
     assert executor.merged_adapter is None
+
+
+def test_types_adapter_with_path_is_a_source(demo_dir: Path, adapter_paths):
+    from dlora.types import Adapter
+
+    ex = TorchExecutor(demo_dir, block_size=4)
+    spec = Adapter(id=4, name="delta", rank=16, size_bytes=0, path=str(adapter_paths[3]))
+    loaded = ex.register_adapter(4, spec)
+    assert loaded.name == "delta" and ex.has_adapter(4)
+    with pytest.raises(AdapterError, match="'nopath' .* has no path"):
+        ex.register_adapter(5, Adapter(id=5, name="nopath", rank=4, size_bytes=0))
+    assert not ex.has_adapter(5) and "no path" in ex.adapter_errors[5]
+    direct = TorchExecutor(demo_dir, {3: adapter_paths[3]}, block_size=4)
+    torch.testing.assert_close(first_logits(ex, PROMPTS[0], 4), first_logits(direct, PROMPTS[0], 3))

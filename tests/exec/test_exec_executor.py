@@ -202,3 +202,15 @@ def test_segment_runs_match_kernels_make_segments(per_token: list[int]):
 
     starts, adapters = make_segments(per_token)
     assert _segments(per_token) == (starts.tolist(), adapters.tolist())
+
+
+def test_reference_kernel_backend_gives_the_same_logits(demo_dir: Path, adapter_paths):
+    ref = TorchExecutor(demo_dir, adapter_paths, lora_backend="reference")
+    fast = TorchExecutor(demo_dir, adapter_paths)
+    for adapter in range(4):
+        torch.testing.assert_close(
+            first_logits(ref, PROMPTS[2], adapter),
+            first_logits(fast, PROMPTS[2], adapter),
+            rtol=1e-5,
+            atol=1e-5,
+        )

@@ -115,7 +115,7 @@ def create_app(engine: ServingEngine) -> FastAPI:
 
         detok = Detokenizer(engine.codec, body.stop_strings())
         if body.stream:
-            return _sse(gen, detok, chunk, body, None)
+            return _sse(gen, detok, chunk, body, None, raw)
         text = await _collect(gen, detok, raw)
         out = chunk(text, _finish_reason(gen, detok, stream=False))
         out["usage"] = _usage(gen)
@@ -139,7 +139,7 @@ def create_app(engine: ServingEngine) -> FastAPI:
         if body.stream:
             first = chunk("", None)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            return _sse(gen, detok, chunk, body, first)
+            return _sse(gen, detok, chunk, body, first, raw)
         text = await _collect(gen, detok, raw)
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": body.model,
@@ -200,35 +200,45 @@ def _finish_reason(gen: Generation, detok: Detokenizer, stream: bool) -> str:
     return reason
 
 
+class ClientGone(Exception):
+    pass
+
+
+async def _tokens(gen: Generation, raw: HttpRequest) -> AsyncIterator[int]:
+    """The request's token ids; checks for a vanished client while waiting (a stream only
+    notices one when it writes, and a queued request writes nothing)."""
+    while True:
+        try:
+            token = await gen.next(DISCONNECT_POLL_S)
+        except TimeoutError:
+            if await raw.is_disconnected():
+                log.info("client gone: aborting request %d", gen.request.id)
+                gen.close()
+                raise ClientGone from None
+            continue
+        if token is None:
+            return
+        yield token
+
+
 async def _collect(gen: Generation, detok: Detokenizer, raw: HttpRequest) -> str:
     """All the text of a non-streamed request; aborts it if the client disconnects."""
     parts: list[str] = []
-
-    async def consume() -> None:
-        async for token in gen:
+    try:
+        async for token in _tokens(gen, raw):
             parts.append(detok.add(token))
             if detok.stopped:
-                gen.close()
-                return
-        parts.append(detok.flush())
-
-    task = asyncio.ensure_future(consume())
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-            if done:
-                task.result()
                 return "".join(parts)
-            if await raw.is_disconnected():
-                log.info("client gone: aborting request %d", gen.request.id)
-                task.cancel()
-                raise ServeError(499, "client disconnected")
+        parts.append(detok.flush())
+        return "".join(parts)
+    except ClientGone:
+        raise ServeError(499, "client disconnected") from None
     finally:
         gen.close()
 
 
 def _sse(gen: Generation, detok: Detokenizer, chunk: Chunk, body: _Sampling,
-         first: dict[str, Any] | None) -> StreamingResponse:
+         first: dict[str, Any] | None, raw: HttpRequest) -> StreamingResponse:
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
     def data(obj: dict[str, Any]) -> str:
@@ -238,7 +248,7 @@ def _sse(gen: Generation, detok: Detokenizer, chunk: Chunk, body: _Sampling,
         try:
             if first is not None:
                 yield data(first)
-            async for token in gen:
+            async for token in _tokens(gen, raw):
                 text = detok.add(token)
                 if text:
                     yield data(chunk(text, None))
@@ -254,6 +264,8 @@ def _sse(gen: Generation, detok: Detokenizer, chunk: Chunk, body: _Sampling,
                 last["choices"], last["usage"] = [], _usage(gen)
                 yield data(last)
             yield "data: [DONE]\n\n"
+        except ClientGone:
+            return
         finally:
             gen.close()  # the client went away mid-stream: abort (frees KV blocks and slots)
 

@@ -87,6 +87,16 @@ class Generation:
             raise StopAsyncIteration
         return int(item)
 
+    async def next(self, timeout_s: float) -> int | None:
+        """The next token id, None at the end; TimeoutError if none comes within `timeout_s`."""
+        if self.ended:
+            return None
+        item = await asyncio.wait_for(self.queue.get(), timeout_s)
+        if item is _END:
+            self.ended = True
+            return None
+        return int(item)
+
     def close(self) -> None:
         """Abort the request if it has not ended (client gone, stop string reached)."""
         if not self.ended and not self.request.is_done:

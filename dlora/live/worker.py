@@ -1,0 +1,134 @@
+"""One replica's worker loop (DESIGN.md section 3): schedule under the cluster lock, run the
+executor outside it, complete under it; wait on the replica's condition when idle.
+
+Before each schedule the worker runs the migrations that waited for its previous step and
+exports the KV of requests that left it by transfer (before its next step frees them). A
+step that raises or returns an error is counted and requeued by the core; after
+`max_step_failures` failures in a row the replica is evacuated (moves.py)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from ..types import Batch, Request, StepResult
+from .kv_transfer import TransferError
+
+if TYPE_CHECKING:
+    from .engine import LiveCluster
+
+log = logging.getLogger(__name__)
+
+
+class ReplicaWorker:
+    def __init__(self, live: LiveCluster, replica_id: int) -> None:
+        self.live = live
+        self.id = replica_id
+        self.rep = live.cluster.replicas[replica_id]
+        self.executor = live.executors[replica_id]
+        self.wake = live._wake[replica_id]
+        self.failures = 0  # failed steps in a row
+
+    def run(self) -> None:
+        live = self.live
+        while True:
+            with live._lock:
+                nxt = self._next()
+                if nxt is None:
+                    return
+                batch, exports = nxt
+            if exports:
+                assert live.kv is not None
+                live.kv.export(self.executor, exports)
+            if batch is None:
+                continue
+            result, exec_s, kind = self._execute(batch)
+            live.clock.sleep(result.elapsed_s)
+            with live._lock:
+                self._complete(batch, result, exec_s, kind)
+            live._outbox.deliver()
+
+    def _next(self) -> tuple[Batch | None, list[int]] | None:
+        """The next batch and KV exports (lock held); None: stop."""
+        live, rep, i = self.live, self.rep, self.id
+        while True:
+            if live._stopping or not rep.is_alive:
+                if live.kv is not None:
+                    live.kv.fail_exports(i)
+                return None
+            now = live.clock.now()
+            live.cluster.in_flight[i] = ()
+            if live.cluster.deferred:  # migrations that waited for this replica's step
+                live.moves.run_deferred(i, now)
+            exports = live.kv.take_exports(i) if live.kv is not None else []
+            t0, c0 = time.perf_counter(), time.thread_time()
+            batch = rep.schedule(now)
+            live.stats.schedule_s += time.perf_counter() - t0
+            live.stats.scheduler_cpu_s += time.thread_time() - c0
+            if batch is not None:
+                live.cluster.in_flight[i] = batch.request_ids
+                live._in_flight.update(batch.request_ids)
+                if live.batch_log is not None:
+                    live.batch_log.append((i, batch.step, str(batch.mode), batch.merged_adapter, batch.request_ids))
+            if batch is not None or exports:
+                return batch, exports
+            self.wake.wait()
+
+    def _execute(self, batch: Batch) -> tuple[StepResult, float, str]:
+        t0 = time.perf_counter()
+        kind = "ok"
+        kv = self.live.kv
+        try:
+            if batch.transfer_in and kv is not None:
+                kv.import_(self.executor, batch.transfer_in)
+            result = self.executor.execute(batch)
+            if result.error is not None:
+                kind = "error"
+        except TransferError as exc:
+            kind = "transfer"
+            result = StepResult(time.perf_counter() - t0, error=str(exc))
+        except Exception as exc:  # noqa: BLE001  (a failing executor must not kill its worker)
+            kind = "raised"
+            log.error("replica %d step %d raised %s: %s", self.id, batch.step, type(exc).__name__, exc,
+                      exc_info=self.live.stats.executor_exceptions == 0)
+            result = StepResult(time.perf_counter() - t0, error=f"{type(exc).__name__}: {exc}")
+        return result, time.perf_counter() - t0, kind
+
+    def _complete(self, batch: Batch, result: StepResult, exec_s: float, kind: str) -> None:
+        """Apply the step (lock held): tokens, finishes, failures, aborts that waited."""
+        live, rep = self.live, self.rep
+        live._in_flight.difference_update(batch.request_ids)
+        now = live.clock.now()
+        t0, c0 = time.perf_counter(), time.thread_time()
+        finished = rep.complete(batch, result, now)
+        live.stats.complete_s += time.perf_counter() - t0
+        live.stats.scheduler_cpu_s += time.thread_time() - c0
+        live.stats.executor_s += exec_s
+        live.stats.iterations += 1
+        if result.error is not None:
+            live.stats.record_failure(self.id, batch, result.error, kind)
+            self.failures += kind != "transfer"  # a lost KV copy is not the replica's fault
+        else:
+            self.failures = 0
+            if result.token_ids is not None and live._outbox.on_token is not None:
+                for item, r in zip(batch.items, batch.requests, strict=True):
+                    if item.samples:
+                        live._outbox.token(r, r.output_token_ids[-1])
+        if finished:
+            self._finished(finished, now)
+        if live._aborts:
+            for r in batch.requests:
+                if r.id in live._aborts:
+                    live._aborts.discard(r.id)
+                    live._abort_now(r, now)
+        if self.failures >= live.max_step_failures and rep.is_alive:
+            log.error("replica %d failed %d steps in a row", self.id, self.failures)
+            live.moves.evacuate(rep, now)
+
+    def _finished(self, finished: list[Request], now: float) -> None:
+        live = self.live
+        live.cluster.on_finished(finished)
+        for r in finished:
+            live._finished(r)
+        live._sample(self.rep, now)
