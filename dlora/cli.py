@@ -256,6 +256,33 @@ def plan(
         raise typer.Exit(1)
 
 
+@app.command()
+def reproduce(
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for REPORT.md and plots")] = Path("out/reproduce"),
+    quick: Annotated[bool, typer.Option("--quick", help="smaller clusters and fewer points (minutes)")] = False,
+    only: Annotated[str | None, typer.Option("--only", help="comma-separated figures, e.g. fig9,fig10")] = None,
+) -> None:
+    """Run the paper's scenarios and write REPORT.md: the paper's claim beside ours, per figure."""
+    import time
+
+    from .sim.reproduce import reproduce as run_all
+
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        err.print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", highlight=False)
+
+    try:
+        figures, path = run_all(out_dir, quick, [k.strip() for k in only.split(",")] if only else None, progress)
+    except DloraError as exc:
+        fail(str(exc))
+        return
+    for f in figures:
+        verdict = {True: "shape matches", False: "shape differs", None: ""}[f.shape_matches]
+        out.print(f"[bold]{f.key}[/bold] ({verdict}): {f.ours}", highlight=False)
+    out.print(f"wrote {path}")
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     app()

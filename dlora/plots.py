@@ -68,3 +68,21 @@ def plot_sweep(path: Path, x_label: str, xs: Sequence[Any], series: Mapping[str,
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_bars(path: Path, labels: Sequence[str], series: Mapping[str, Sequence[float]], x_label: str,
+              y_label: str) -> Path:
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(labels) + 2), 4))
+    width = 0.8 / max(1, len(series))
+    for i, (name, ys) in enumerate(series.items()):
+        ax.bar(np.arange(len(labels)) + i * width, ys, width, label=name)
+    ax.set_xticks(np.arange(len(labels)) + 0.4 - width / 2, labels)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3, axis="y")
+    if len(series) > 1:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

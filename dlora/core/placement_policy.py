@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import spec
+from ..errors import ConfigError
 from ..types import Action, Adapter, ClusterView, DropAdapter, LoadAdapter
 from .placement import (
     AdapterDemand,
@@ -86,7 +87,11 @@ class Placer:
         if self.kind == "round_robin":
             target = round_robin_placement(len(self.adapters), self.num_replicas)
         else:
-            target = self._solve(view, {k: 1.0 for k in self.adapters})
+            try:
+                target = self._solve(view, {k: 1.0 for k in self.adapters})
+            except ConfigError as exc:
+                log.warning("placement: %s; falling back to round-robin placement", exc)
+                target = round_robin_placement(len(self.adapters), self.num_replicas)
         return self._switch(target)
 
     def replan(self, view: ClusterView, now: float) -> list[Action]:
@@ -95,7 +100,12 @@ class Placer:
             return []
         shares = self.rates.shares(now, sorted(self.adapters), prior=self.params.prior_rate)
         self.num_replans += 1
-        return self._switch(self._solve(view, shares))
+        try:
+            target = self._solve(view, shares)
+        except ConfigError as exc:  # e.g. replicas died and the rest lack slots: keep the old one
+            log.warning("placement kept: %s", exc)
+            return []
+        return self._switch(target)
 
     def _solve(self, view: ClusterView, shares: dict[int, float]) -> Placement:
         alive = [r for r in view.replicas if r.is_alive] or list(view.replicas)

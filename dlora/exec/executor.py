@@ -228,12 +228,11 @@ class TorchExecutor:
             new_ids = self._item_tokens(it, req)
             end = it.computed_tokens + it.new_tokens
             self.kv.reserve(it.request_id, end)
-            slots = self.kv.slots(it.request_id, 0, end)
-            span = (len(ids), it.computed_tokens, it.new_tokens, slots)
+            span = (len(ids), it.computed_tokens, it.new_tokens, self.kv.tables[it.request_id])
             (decode if it.new_tokens == 1 else prefill).append(span)
             ids.extend(new_ids)
             positions.extend(range(it.computed_tokens, end))
-            slot_map.extend(slots[it.computed_tokens :])
+            slot_map.extend(self.kv.slots(it.request_id, it.computed_tokens, end))
             per_token.extend([it.adapter_id if unmerged else None] * it.new_tokens)
             last[j] = len(ids) - 1
         dev = self.device
@@ -241,7 +240,8 @@ class TorchExecutor:
             token_ids=torch.tensor(ids, dtype=torch.long, device=dev),
             positions=torch.tensor(positions, dtype=torch.long, device=dev),
             slot_mapping=torch.tensor(slot_map, dtype=torch.long, device=dev),
-            groups=tuple(build_group(g, dev) for g in (decode, prefill) if g),
+            groups=tuple(build_group(g, self.kv.block_size, dev) for g in (decode, prefill) if g),
+            block_size=self.kv.block_size,
         )
         hook = self.slots.hook(per_token, self.lora_backend) if unmerged else None
         hidden = self.model.forward(step, self.kv.pool, hook)
@@ -277,14 +277,15 @@ class TorchExecutor:
                 f"request {req.id}: the batch assumes {it.computed_tokens} computed "
                 f"tokens but this replica holds KV for {have}"
             )
-        context = req.prompt_token_ids + tuple(req.output_token_ids)
-        end = it.computed_tokens + it.new_tokens
-        if it.new_tokens < 1 or end > len(context):
+        prompt, output = req.prompt_token_ids, req.output_token_ids
+        start, end = it.computed_tokens, it.computed_tokens + it.new_tokens
+        if it.new_tokens < 1 or end > len(prompt) + len(output):
             raise StepError(
-                f"request {req.id}: tokens {it.computed_tokens}..{end} requested "
-                f"but its context has {len(context)}"
+                f"request {req.id}: tokens {start}..{end} requested but its context has "
+                f"{len(prompt) + len(output)}"
             )
-        return list(context[it.computed_tokens : end])
+        p = len(prompt)  # only the slice this step needs (no copy of the whole context)
+        return list(prompt[start:end]) + list(output[max(0, start - p) : max(0, end - p)])
 
     def _ends(self, req: Request, token: int) -> bool:
         """Whether `token` ends the request: a stop token, EOS (unless ignore_eos), or the

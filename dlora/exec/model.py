@@ -39,12 +39,14 @@ class LoraHook(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class AttentionGroup:
-    """Requests whose queries are padded to one length and attended in one call."""
+    """Requests whose queries are padded to one length and attended in one call over their
+    own KV blocks (gathered through the block tables)."""
 
     q_index: torch.Tensor  # (B, Qmax) long, flat token index (padding points at a valid token)
-    q_valid: torch.Tensor  # (B, Qmax) bool
-    kv_slots: torch.Tensor  # (B, Lmax) long, cache slots of positions 0..L-1 (padding: 0)
-    mask: torch.Tensor  # (B, 1, Qmax, Lmax) bool, True where a query may attend a key
+    block_tables: torch.Tensor  # (B, max_blocks) long (padding: block 0, masked)
+    mask: torch.Tensor  # (B, 1, Qmax, max_blocks * block_size) bool, True: query may attend key
+    dst_rows: torch.Tensor  # (N,) long, flat token index of each real query row
+    src_rows: torch.Tensor | None  # (N,) long rows of the (B * Qmax) output; None: all rows
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,32 +57,37 @@ class StepInputs:
     positions: torch.Tensor  # (T,) long
     slot_mapping: torch.Tensor  # (T,) long, cache slot each new token's KV is written to
     groups: tuple[AttentionGroup, ...]
+    block_size: int
 
 
 def build_group(
-    spans: list[tuple[int, int, int, list[int]]], device: torch.device
+    spans: list[tuple[int, int, int, list[int]]], block_size: int, device: torch.device
 ) -> AttentionGroup:
     """`spans`: per request (token offset in the flat batch, computed tokens, new tokens,
-    cache slots of positions 0..computed+new-1)."""
+    block table covering positions 0..computed+new-1)."""
     q_max = max(n for _, _, n, _ in spans)
-    l_max = max(len(s) for *_, s in spans)
+    num_blocks = max(len(t) for *_, t in spans)
     q_index: list[list[int]] = []
     q_pos: list[list[int]] = []
-    kv_slots: list[list[int]] = []
-    for offset, computed, new, slots in spans:
+    tables: list[list[int]] = []
+    src: list[int] = []
+    dst: list[int] = []
+    for i, (offset, computed, new, table) in enumerate(spans):
         q_index.append(list(range(offset, offset + new)) + [offset] * (q_max - new))
         q_pos.append(list(range(computed, computed + new)) + [-1] * (q_max - new))
-        kv_slots.append(slots + [0] * (l_max - len(slots)))
+        tables.append(table + [0] * (num_blocks - len(table)))
+        src.extend(range(i * q_max, i * q_max + new))
+        dst.extend(range(offset, offset + new))
     pos = torch.tensor(q_pos, dtype=torch.long)
-    lens = torch.tensor([len(s) for *_, s in spans], dtype=torch.long)[:, None, None]
-    keys = torch.arange(l_max)[None, None, :]
-    mask = (keys <= pos[:, :, None]) & (keys < lens)
+    keys = torch.arange(num_blocks * block_size)[None, None, :]
+    mask = keys <= pos[:, :, None]  # causal; keys past the context are beyond every position
     mask[:, :, 0] |= pos < 0  # padded query rows attend one key so no row is all masked
     return AttentionGroup(
         q_index=torch.tensor(q_index, dtype=torch.long, device=device),
-        q_valid=(pos >= 0).to(device),
-        kv_slots=torch.tensor(kv_slots, dtype=torch.long, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.long, device=device),
         mask=mask[:, None].to(device),
+        dst_rows=torch.tensor(dst, dtype=torch.long, device=device),
+        src_rows=None if len(src) == len(spans) * q_max else torch.tensor(src, device=device),
     )
 
 
@@ -180,14 +187,20 @@ class LlamaModel:
     ) -> torch.Tensor:
         out = torch.empty_like(q)
         scale = self.config.head_dim**-0.5
+        bs = step.block_size
+        k_blocks = k_cache.view(-1, bs, *k_cache.shape[1:])
+        v_blocks = v_cache.view(-1, bs, *v_cache.shape[1:])
         for g in step.groups:
             qg = q[g.q_index].transpose(1, 2)  # (B, H, Qmax, D)
-            kg = k_cache[g.kv_slots].transpose(1, 2)  # (B, KVH, Lmax, D)
-            vg = v_cache[g.kv_slots].transpose(1, 2)
+            kg = k_blocks[g.block_tables].flatten(1, 2).transpose(1, 2)  # (B, KVH, L, D)
+            vg = v_blocks[g.block_tables].flatten(1, 2).transpose(1, 2)
             og = F.scaled_dot_product_attention(
                 qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True
-            ).transpose(1, 2)
-            out[g.q_index[g.q_valid]] = og[g.q_valid]
+            ).transpose(1, 2)  # (B, Qmax, H, D)
+            rows = og.reshape(-1, *og.shape[2:])
+            if len(step.groups) == 1 and g.src_rows is None and rows.shape[0] == q.shape[0]:
+                return rows  # one group holding every token in order (a pure decode batch)
+            out.index_copy_(0, g.dst_rows, rows if g.src_rows is None else rows[g.src_rows])
         return out
 
     @torch.inference_mode()

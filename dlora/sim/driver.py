@@ -42,6 +42,9 @@ class SimResult:
     wall_s: float
     queue_samples: list[list[tuple[float, int]]] = field(default_factory=list)
     batch_log: list[tuple[int, int, str, int | None, tuple[int, ...]]] | None = None
+    # with measure_scheduler: wall seconds of schedule() + complete() per scheduled iteration,
+    # times every iteration (jumped ones included: a live system schedules each of them)
+    scheduler_wall_s: float = 0.0
 
 
 class _Sim:
@@ -49,6 +52,9 @@ class _Sim:
                  executor_factory: Callable[[int], Executor] | None, record_batches: bool,
                  progress: Callable[[int, int], None] | None) -> None:
         self.scenario = scenario
+        self.measure = False
+        self.sched_wall_s = 0.0
+        self.sched_calls = 0
         self.env = simpy.Environment()
         self.adapters = make_adapters(scenario, latency)
         self.cluster, self.migrator = make_cluster(scenario, latency, self.adapters)
@@ -91,7 +97,11 @@ class _Sim:
             if cluster.deferred:  # migrations that waited for this replica's last iteration
                 for dst in cluster.run_deferred(rep.id, env.now):
                     self._wake(dst.id)
+            t0 = time.perf_counter() if self.measure else 0.0
             batch = rep.schedule(env.now)
+            if self.measure:
+                self.sched_wall_s += time.perf_counter() - t0
+                self.sched_calls += batch is not None
             if batch is None:
                 self.wake[rep.id] = env.event()
                 yield self.wake[rep.id]
@@ -101,7 +111,10 @@ class _Sim:
                 self.batch_log.append((rep.id, batch.step, str(batch.mode), batch.merged_adapter, batch.request_ids))
             result = executor.execute(batch)
             yield env.timeout(result.elapsed_s)
+            t0 = time.perf_counter() if self.measure else 0.0
             finished = rep.complete(batch, result, env.now)
+            if self.measure:
+                self.sched_wall_s += time.perf_counter() - t0
             if self.fast is not None and not finished:
                 yield from self._jump(rep, batch)
             if finished:
@@ -205,6 +218,7 @@ def simulate(
     executor_factory: Callable[[int], Executor] | None = None,
     record_batches: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    measure_scheduler: bool = False,
 ) -> SimResult:
     """Simulate a scenario. `requests` replaces the scenario's workload (the same list feeds
     live runs); `executor_factory(replica_id)` replaces the profiled executor (tests)."""
@@ -217,7 +231,10 @@ def simulate(
         requests = build_requests(scenario.workload, names, rng, Path(scenario.base_dir))
     wall0 = time.perf_counter()
     sim = _Sim(scenario, latency, requests, executor_factory, record_batches, progress)
+    sim.measure = measure_scheduler
     end_s = sim.run()
     wall = time.perf_counter() - wall0
+    iterations = sum(rep.stats.iterations for rep in sim.cluster.replicas)
+    sched = sim.sched_wall_s / sim.sched_calls * iterations if sim.sched_calls else 0.0
     return SimResult(scenario, requests, sim.cluster, sim.migrator, sim.adapters, end_s, wall,
-                     sim.queue_samples, sim.batch_log)
+                     sim.queue_samples, sim.batch_log, sched)

@@ -135,3 +135,11 @@ def test_placer_covers_every_adapter_within_slots_and_memory(slots, budget):
     assert not loads & drops and not loads & before and drops <= before
     for k in range(num_adapters):
         assert placer.holders(k)
+
+
+def test_placer_falls_back_to_round_robin_when_slots_cannot_cover():
+    placer = Placer(PlacementParams(placement="proactive"), ctx(6, 2).adapters, 2, 2, 10**12)
+    view = ClusterView(0.0, (rv(0), rv(1)))
+    actions = placer.initial(view)  # 6 adapters, 4 slots: the greedy cannot cover them
+    assert sorted((a.replica, a.adapter_id) for a in actions) == sorted((k % 2, k) for k in range(6))
+    assert placer.replan(view, 1.0) == []  # still impossible: the layout is kept

@@ -31,7 +31,8 @@ def _logits(model: LlamaModel, prompt: list[int]) -> torch.Tensor:
         torch.tensor(prompt),
         torch.arange(n),
         torch.arange(n),
-        (build_group([(0, 0, n, list(range(n)))], model.device),),
+        (build_group([(0, 0, n, list(range(n)))], 1, model.device),),
+        block_size=1,
     )
     return model.logits(model.forward(step, pool))
 

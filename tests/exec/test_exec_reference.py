@@ -55,7 +55,8 @@ def test_full_sequence_logits_match_transformers(executor: TorchExecutor, hf_bas
         torch.tensor(prompt),
         torch.arange(n),
         torch.tensor(slots),
-        (build_group([(0, 0, n, slots)], executor.device),),
+        (build_group([(0, 0, n, executor.kv.tables[1])], 4, executor.device),),
+        block_size=4,
     )
     ours = executor.model.logits(executor.model.forward(step, executor.kv.pool))
     with torch.no_grad():
