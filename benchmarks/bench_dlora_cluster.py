@@ -62,10 +62,18 @@ def main() -> None:
         rates = {k: v.rate for k, v in res.items()}
         console.print("fig11a max rate under the SLO:", {k: round(v, 2) for k, v in rates.items()})
         rr, pro, dl = rates["round_robin"], rates["proactive"], rates["dlora"]
-        table.add_row("11a dlora / round_robin", f"{dl / rr:.2f}x ({dl:.1f} / {rr:.1f} req/s)",
-                      ">= 3.6x", str(dl / rr >= 3.6))
-        table.add_row("11a dlora / proactive", f"{dl / pro:.2f}x ({dl:.1f} / {pro:.1f} req/s)",
-                      ">= 1.4x", str(dl / pro >= 1.4))
+        table.add_row(
+            "11a dlora / round_robin",
+            f"{dl / rr:.2f}x ({dl:.1f} / {rr:.1f} req/s)",
+            ">= 3.6x",
+            str(dl / rr >= 3.6),
+        )
+        table.add_row(
+            "11a dlora / proactive",
+            f"{dl / pro:.2f}x ({dl:.1f} / {pro:.1f} req/s)",
+            ">= 1.4x",
+            str(dl / pro >= 1.4),
+        )
     if "11b" in only:
         runs = sweep_runs(PAPER / "fig11b-length-scaling.yaml")
         lpt = {(v, x): s["latency_per_token_s"]["mean"] for v, x, s, _ in runs}
@@ -73,11 +81,17 @@ def main() -> None:
             if v == "dlora":
                 solver_s += m.get("solver_wall_s", 0.0)
                 simulated_s += s["simulated_s"]
-        console.print("fig11b mean latency/token:", {f"{v} x{x}": round(y, 4) for (v, x), y in lpt.items()})
+        console.print(
+            "fig11b mean latency/token:", {f"{v} x{x}": round(y, 4) for (v, x), y in lpt.items()}
+        )
         ratio = lpt["dlora", 8] / lpt["dlora", 1]
         rr = lpt["round_robin", 8] / lpt["round_robin", 1]
-        table.add_row("11b dlora latency/token 8x / 1x", f"{ratio:.2f}x (round_robin {rr:.2f}x)",
-                      "<= 1.5x", str(ratio <= 1.5))
+        table.add_row(
+            "11b dlora latency/token 8x / 1x",
+            f"{ratio:.2f}x (round_robin {rr:.2f}x)",
+            "<= 1.5x",
+            str(ratio <= 1.5),
+        )
     if "12" in only:
         runs = sweep_runs(PAPER / "fig12-adapters.yaml")
         thr = {x: s["throughput_rps"] for v, x, s, _ in runs if v == "dlora"}
@@ -87,13 +101,20 @@ def main() -> None:
                 simulated_s += s["simulated_s"]
         console.print("fig12 dlora throughput (req/s):", {x: round(y, 2) for x, y in thr.items()})
         spread = (max(thr.values()) - min(thr.values())) / max(thr.values())
-        table.add_row("12 dlora throughput 16..128 adapters",
-                      f"{min(thr.values()):.2f}..{max(thr.values()):.2f} req/s ({spread:.1%} spread)",
-                      "within 10%", str(spread <= 0.10))
+        table.add_row(
+            "12 dlora throughput 16..128 adapters",
+            f"{min(thr.values()):.2f}..{max(thr.values()):.2f} req/s ({spread:.1%} spread)",
+            "within 10%",
+            str(spread <= 0.10),
+        )
     if simulated_s > 0:
         share = solver_s / simulated_s
-        table.add_row("solver wall time / simulated time", f"{share:.3%} ({solver_s:.2f} s / "
-                      f"{simulated_s:.0f} s)", "<= 2%", str(share <= 0.02))
+        table.add_row(
+            "solver wall time / simulated time",
+            f"{share:.3%} ({solver_s:.2f} s / {simulated_s:.0f} s)",
+            "<= 2%",
+            str(share <= 0.02),
+        )
     console.print(table)
 
 

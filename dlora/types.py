@@ -272,6 +272,9 @@ class ReplicaView:
     queued_work_s: float  # estimated seconds to drain what it holds
     requests_per_adapter: tuple[tuple[int | None, int], ...]  # (adapter, unfinished count)
     adapter_slots_free: int
+    # seconds to drain at full-batch throughput (pending prefill + expected decode tokens);
+    # unlike queued_work_s it grows with every request, so it ranks lightly loaded replicas
+    backlog_s: float = 0.0
 
     @property
     def num_requests(self) -> int:

@@ -3,15 +3,19 @@
 - `dlora` / `proactive`: placement from popularity (`placement_policy.Placer`, re-run
   periodically) and, per request, the cheapest candidate in seconds from the profile. Candidates
   are the replicas holding the adapter (by placement or resident) plus the cheapest replica that
-  could load it; a replica's cost is its queued work, with full single-adapter batches
-  discounted because they can run merged, plus the adapter's load time when it is not resident.
+  could load it; a replica's cost is the queued work ahead of the request (the wait for a batch
+  slot, with full single-adapter batches discounted because they can run merged) plus the
+  adapter's load time when it is not resident; ties go to the smaller backlog.
   `proactive` is the same dispatcher; the paper's Proactive ablation pairs it with migration
   `none`, dLoRA with migration `dlora`.
 - `consolidate`: Punica-style packing: the busiest replica that still has batch room.
 - `affinity`: a replica that holds the adapter (Ray Serve model multiplexing, Kubernetes
   inference gateways), the least loaded of those; the least loaded overall when none does.
 
-Dispatchers read only the `ClusterView`.
+Dispatchers read only the `ClusterView`. Load is `ReplicaView.backlog_s` (seconds to drain at
+full-batch throughput), not `queued_work_s`: the latter prices decode at the replica's current
+batch size, so under light load it barely grows with the number of requests and ranks replicas
+poorly (fig2b: least_loaded queues 10x longer than round-robin).
 """
 
 from __future__ import annotations
@@ -44,12 +48,18 @@ class DispatchCost:
             self.merged_ratio = min(1.0, merged / unmerged) if unmerged > 0 else 1.0
 
     def queued_s(self, r: ReplicaView) -> float:
-        """Queued work, the part in full single-adapter batches at the merged speed."""
+        """Seconds a new request waits for a batch slot: none while the replica runs fewer than
+        `max_batch_size` requests; else until `n + 1 - B` requests finish, one finishing every
+        `backlog_s / n` seconds at full-batch throughput, the part in full single-adapter
+        batches at the merged speed."""
         n = r.num_requests
-        if n == 0 or self.merged_ratio >= 1.0:
-            return r.queued_work_s
+        if n < self.batch:
+            return 0.0
+        wait = (n + 1 - self.batch) * r.backlog_s / n
+        if self.merged_ratio >= 1.0:
+            return wait
         full = sum((c // self.batch) * self.batch for a, c in r.requests_per_adapter if a is not None)
-        return r.queued_work_s * (1.0 - (full / n) * (1.0 - self.merged_ratio))
+        return wait * (1.0 - (full / n) * (1.0 - self.merged_ratio))
 
     def load_s(self, adapter: int | None, r: ReplicaView) -> float:
         if adapter is None or adapter in r.resident_adapters:
@@ -58,6 +68,10 @@ class DispatchCost:
 
     def cost(self, adapter: int | None, r: ReplicaView) -> float:
         return self.queued_s(r) + self.load_s(adapter, r)
+
+    def key(self, adapter: int | None, r: ReplicaView) -> tuple[float, float, int, int]:
+        """Sort key: cost, then backlog (smaller batches step faster), requests, id."""
+        return (self.cost(adapter, r), r.backlog_s, r.num_requests, r.id)
 
 
 def can_load(r: ReplicaView) -> bool:
@@ -88,12 +102,12 @@ class DloraDispatcher:
     def choose(self, request: Request, view: ClusterView, now: float) -> int:
         """Algorithm: record the arrival; candidates = holders of the adapter (placement or
         resident) plus, optionally, the cheapest other replica that can load it; return the
-        candidate with the lowest queued seconds + load seconds (ties: fewer requests, id)."""
+        candidate with the lowest wait + load seconds (ties: backlog, requests, id)."""
         a = request.adapter_id
         self.placer.record(a, now)
         reps = alive(view)
         if a is None:
-            return min(reps, key=lambda r: (self.costs.cost(None, r), r.num_requests, r.id)).id
+            return min(reps, key=lambda r: self.costs.key(None, r)).id
         placed = set(self.placer.holders(a))
         holders = [r for r in reps if r.id in placed or a in r.resident_adapters]
         others = [r for r in reps if r.id not in placed and a not in r.resident_adapters]
@@ -101,8 +115,8 @@ class DloraDispatcher:
         if (self.params.load_candidates or not holders) and others:
             loadable = [r for r in others if can_load(r)] or (others if not holders else [])
             if loadable:
-                cands.append(min(loadable, key=lambda r: (self.costs.cost(a, r), r.num_requests, r.id)))
-        best = min(cands, key=lambda r: (self.costs.cost(a, r), r.num_requests, r.id))
+                cands.append(min(loadable, key=lambda r: self.costs.key(a, r)))
+        best = min(cands, key=lambda r: self.costs.key(a, r))
         if a not in best.resident_adapters:
             self.num_loads_chosen += 1
         return best.id
@@ -131,7 +145,7 @@ class Consolidate:
         roomy = [r for r in reps if r.num_requests < self.room and r.kv_usage < self.max_kv]
         if roomy:
             return min(roomy, key=lambda r: (-r.num_requests, r.id)).id
-        return min(reps, key=lambda r: (r.queued_work_s, r.num_requests, r.id)).id
+        return min(reps, key=lambda r: (r.backlog_s, r.num_requests, r.id)).id
 
 
 @DISPATCHERS.register("affinity")
@@ -145,4 +159,4 @@ class Affinity:
         reps = alive(view)
         a = request.adapter_id
         holders = [r for r in reps if a is not None and a in r.resident_adapters]
-        return min(holders or reps, key=lambda r: (r.queued_work_s, r.num_requests, r.id)).id
+        return min(holders or reps, key=lambda r: (r.backlog_s, r.num_requests, r.id)).id

@@ -101,7 +101,7 @@ class DloraMigrator:
         mean_count = sum(counts) / len(counts)
         if p.count_imbalance is not None and max(counts) - mean_count >= p.count_imbalance:
             out.append("count_imbalance")
-        work = [r.queued_work_s for r in reps]
+        work = [r.backlog_s for r in reps]
         mean_work = sum(work) / len(work)
         if (p.work_imbalance is not None and max(work) >= p.work_imbalance * mean_work
                 and max(work) - mean_work >= p.min_work_gap_s):

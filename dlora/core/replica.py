@@ -378,7 +378,7 @@ class ReplicaScheduler:
                 if eos_flags is not None:
                     is_eos = next(eos_flags)
                 if is_eos or r.generated_tokens >= r.output_tokens:
-                    r.finish_reason = "stop" if is_eos else "length"
+                    r.finish_reason = "length" if r.generated_tokens >= r.output_tokens else "stop"
                     finished.append(r)
                     continue
             self.work.add(r)
@@ -456,6 +456,14 @@ class ReplicaScheduler:
                 r.id, r.adapter_id, self.id, r.status, r.arrival_s, r.prompt_tokens,
                 r.generated_tokens, r.computed_tokens, held, self.work.seconds_for(r)))
         return tuple(out)
+
+    def backlog_s(self) -> float:
+        """Seconds to drain at full-batch throughput (`ReplicaView.backlog_s`)."""
+        w = self.work
+        if w.count <= 0:
+            return 0.0
+        remaining = max(w.count * w.lengths.mean_output_tokens - w.generated_tokens, w.count)
+        return w.prefill_tokens * w.prefill_s_per_token + remaining * w.decode_s_per_token(w.max_batch_size)
 
     def memory_limits(self) -> ReplicaMemory:
         c = self.memory.config

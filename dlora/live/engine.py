@@ -254,6 +254,9 @@ class LiveCluster:
                 replica = self.cluster.submit(r, now)
             except RuntimeError as exc:  # no live replica
                 reason = str(exc)
+            except Exception as exc:  # noqa: BLE001  (a failing dispatcher must not lose it)
+                log.exception("dispatching request %d failed", r.id)
+                reason = f"dispatch failed: {type(exc).__name__}: {exc}"
         if replica is None:
             if reason is not None:
                 self.cluster.requests[r.id] = r

@@ -31,6 +31,16 @@ class ReplicaWorker:
         self.failures = 0  # failed steps in a row
 
     def run(self) -> None:
+        try:
+            self._loop()
+        except Exception:  # a bug in the loop or the core: never strand the replica's requests
+            log.exception("replica %d worker crashed; evacuating it", self.id)
+            with self.live._lock:
+                if self.rep.is_alive:
+                    self.live.moves.evacuate(self.rep, self.live.clock.now())
+            self.live._outbox.deliver()
+
+    def _loop(self) -> None:
         live = self.live
         while True:
             with live._lock:

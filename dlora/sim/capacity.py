@@ -22,11 +22,13 @@ from typing import Any
 from ..config import set_path, to_plain
 from ..errors import ConfigError
 from ..scenario import Scenario, scenario_from_dict, sweep_points
+from ..types import Request
 from .driver import simulate
 from .report import build_report
 
 log = logging.getLogger(__name__)
 RATE_KEY = "workload.arrival.rate_per_s"
+STOP_CHECK_S = 5.0  # simulated seconds between early-stop checks of a probe
 HORIZON_FACTOR = 5.0
 
 
@@ -82,12 +84,31 @@ def probe(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
           requests_per_rate: float | None = 100.0) -> Probe:
     """Simulate at one rate and judge it against the scenario's SLO."""
     sc = scenario_at_rate(scenario, rate, rate_key, requests_per_rate)
-    summary = build_report(simulate(sc)).summary
+    slo = scenario.slo.latency_per_token_s
+    summary = build_report(simulate(sc, stop_check=(slo_lost(slo), STOP_CHECK_S))).summary
     mean = summary["latency_per_token_s"]["mean"]
     ok = (summary["unfinished"] == 0 and summary["completed"] > 0 and mean is not None
           and mean <= scenario.slo.latency_per_token_s)
     log.info("capacity probe rate %.4g: mean latency/token %s -> %s", rate, mean, "ok" if ok else "over")
     return Probe(float(rate), mean, ok, summary["completed"], summary["unfinished"])
+
+
+def slo_lost(slo_latency_per_token_s: float) -> Callable[[float, list[Request]], bool]:
+    """A stop check for probes: True once the mean latency per token must exceed the SLO
+    whatever happens next. Each unfinished request will have latency >= now - arrival over its
+    (known, to the judge) output length; finished ones are final; requests not yet arrived are
+    counted as 0, so the bound is a true lower bound of the final mean."""
+
+    def check(now: float, requests: list[Request]) -> bool:
+        total = 0.0
+        for r in requests:
+            if r.finish_s is not None:
+                total += (r.finish_s - r.arrival_s) / max(1, r.generated_tokens)
+            elif r.arrival_s < now:
+                total += (now - r.arrival_s) / max(1, r.output_tokens)
+        return total / max(1, len(requests)) > slo_latency_per_token_s
+
+    return check
 
 
 def max_rate_under_slo(

@@ -52,6 +52,7 @@ class _Sim:
                  executor_factory: Callable[[int], Executor] | None, record_batches: bool,
                  progress: Callable[[int, int], None] | None) -> None:
         self.scenario = scenario
+        self.stop_check: tuple[Callable[[float, list[Request]], bool], float] | None = None
         self.measure = False
         self.sched_wall_s = 0.0
         self.sched_calls = 0
@@ -164,6 +165,15 @@ class _Sim:
         assert jump.done
         del self.jumps[rep.id]
 
+    def watch(self, check: Callable[[float, list[Request]], bool], interval_s: float):  # type: ignore[no-untyped-def]
+        """Stop the run early when `check(now, requests)` says its outcome is already decided."""
+        while True:
+            yield self.env.timeout(interval_s)
+            self.observe_all(float(self.env.now))
+            if check(float(self.env.now), self.requests):
+                self.stopped.succeed()
+                return
+
     # ---- helpers ----
     def observe_all(self, now: float) -> None:
         """Bring replicas in a jump up to `now` before anything looks at them."""
@@ -207,6 +217,10 @@ class _Sim:
         until: Any = self.all_done
         if horizon is not None:
             until = self.all_done | env.timeout(horizon)
+        if self.stop_check is not None:
+            self.stopped = env.event()
+            env.process(self.watch(*self.stop_check))
+            until = until | self.stopped
         env.run(until=until)
         self.observe_all(float(env.now))
         return float(env.now)
@@ -219,6 +233,7 @@ def simulate(
     record_batches: bool = False,
     progress: Callable[[int, int], None] | None = None,
     measure_scheduler: bool = False,
+    stop_check: tuple[Callable[[float, list[Request]], bool], float] | None = None,
 ) -> SimResult:
     """Simulate a scenario. `requests` replaces the scenario's workload (the same list feeds
     live runs); `executor_factory(replica_id)` replaces the profiled executor (tests)."""
@@ -232,6 +247,7 @@ def simulate(
     wall0 = time.perf_counter()
     sim = _Sim(scenario, latency, requests, executor_factory, record_batches, progress)
     sim.measure = measure_scheduler
+    sim.stop_check = stop_check  # (check(now, requests) -> stop?, every so many simulated seconds)
     end_s = sim.run()
     wall = time.perf_counter() - wall0
     iterations = sum(rep.stats.iterations for rep in sim.cluster.replicas)

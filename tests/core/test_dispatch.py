@@ -28,7 +28,7 @@ def rv(rid, work=0.0, resident=(), per_adapter=(), slots_free=4, kv_used=0, kv_t
        merged=None):  # fmt: skip
     n = sum(c for _, c in per_adapter)
     return ReplicaView(rid, True, n, 0, 0, kv_used, kv_total, frozenset(resident), merged, work,
-                       tuple(per_adapter), slots_free)  # fmt: skip
+                       tuple(per_adapter), slots_free, backlog_s=work)  # fmt: skip
 
 
 def req(adapter, rid=0):
@@ -41,23 +41,30 @@ def make(name, c=None, **params):
 
 def test_dlora_picks_the_cheapest_holder():
     d = make("dlora", placement="none")
-    view = ClusterView(0.0, (rv(0, 5.0, {1}), rv(1, 2.0, {1}), rv(2, 0.5, {2}, slots_free=0,
-                                                                   per_adapter=((2, 3),))))
+    busy = ((1, 20),)  # 20 requests, batch cap 16: a new one waits for 5 to finish
+    view = ClusterView(0.0, (rv(0, 5.0, {1}, busy), rv(1, 2.0, {1}, busy),
+                             rv(2, 0.0, {2}, ((2, 3),), slots_free=0)))  # fmt: skip
     # replica 2 is idle-ish but cannot load adapter 1 (no slot, its adapter is busy)
+    assert d.choose(req(1), view, 0.0) == 1
+    # with batch room everywhere nobody waits: the smaller backlog wins among holders
+    view = ClusterView(0.0, (rv(0, 5.0, {1}, ((1, 3),)), rv(1, 2.0, {1}, ((1, 9),))))
     assert d.choose(req(1), view, 0.0) == 1
 
 
 def test_dlora_loads_on_a_cheaper_replica_only_when_load_time_pays():
     d = make("dlora", placement="none")
+    cost = DispatchCost(ctx())
     load = LATENCY.load_s(SIZE)
-    holder = rv(0, 1.0, {1})
-    view = ClusterView(0.0, (holder, rv(1, 1.0 - 2 * load, {2})))
-    assert d.choose(req(1), view, 0.0) == 1  # cheaper even after paying the load
-    view = ClusterView(0.0, (holder, rv(1, 1.0 - load / 2, {2})))
-    assert d.choose(req(1), view, 0.0) == 0  # the load makes it dearer
+    holder = rv(0, 1.0, {1}, ((1, 8), (3, 8)))  # full: a new request waits for one to finish
+    wait = cost.queued_s(holder)
+    assert wait == pytest.approx(1.0 / 16)
+    assert wait > load
+    assert d.choose(req(1), ClusterView(0.0, (holder, rv(1, 5.0, {2}, ((2, 3),)))), 0.0) == 1
+    holder = rv(0, load / 2 * 16, {1}, ((1, 8), (3, 8)))  # now the wait is shorter than the load
+    assert d.choose(req(1), ClusterView(0.0, (holder, rv(1, 0.0, {2}))), 0.0) == 0
     no_load = make("dlora", placement="none", load_candidates=False)
-    view = ClusterView(0.0, (holder, rv(1, 0.0, {2})))
-    assert no_load.choose(req(1), view, 0.0) == 0
+    holder = rv(0, 100.0, {1}, ((1, 40),))
+    assert no_load.choose(req(1), ClusterView(0.0, (holder, rv(1, 0.0, {2}))), 0.0) == 0
 
 
 def test_merged_discount_prefers_full_single_adapter_batches():
@@ -65,8 +72,9 @@ def test_merged_discount_prefers_full_single_adapter_batches():
     assert 0.5 < cost.merged_ratio < 1.0
     one_adapter = rv(0, 3.0, {0}, per_adapter=((0, 16),))
     mixed = rv(1, 3.0, {0}, per_adapter=tuple((k, 4) for k in range(4)))
-    assert cost.queued_s(one_adapter) == pytest.approx(3.0 * cost.merged_ratio)
-    assert cost.queued_s(mixed) == pytest.approx(3.0)
+    assert cost.queued_s(one_adapter) == pytest.approx(3.0 / 16 * cost.merged_ratio)
+    assert cost.queued_s(mixed) == pytest.approx(3.0 / 16)
+    assert cost.queued_s(rv(2, 3.0, {0}, per_adapter=((0, 15),))) == 0.0  # room: no wait
     d = make("dlora", placement="none")
     assert d.choose(req(0), ClusterView(0.0, (mixed, one_adapter)), 0.0) == one_adapter.id
 

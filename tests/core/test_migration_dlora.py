@@ -54,7 +54,8 @@ def cluster_with(loads, **kw):
 
 
 def rv(rid, n, work, kv_used=0, kv_total=100):
-    return ReplicaView(rid, True, n, 0, 0, kv_used, kv_total, frozenset(), None, work, (), 4)
+    return ReplicaView(rid, True, n, 0, 0, kv_used, kv_total, frozenset(), None, work, (), 4,
+                       backlog_s=work)
 
 
 def test_triggers():

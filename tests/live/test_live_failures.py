@@ -75,3 +75,17 @@ def test_with_every_replica_dead_each_request_is_rejected_not_lost():
     summary = build_live_report(res).summary
     assert summary["completed"] == 0 and summary["rejected"] == 30 and summary["unfinished"] == 0
     assert sorted(res.live["dead_replicas"]) == [0, 1]
+
+
+def test_a_crashing_worker_evacuates_its_replica():
+    """A step result the core cannot apply (too few token ids) crashes replica 1's worker:
+    its requests move to replica 0 and complete; the run does not hang."""
+
+    def short_tokens(batch: Batch) -> StepResult:
+        return StepResult(0.02, token_ids=())
+
+    sc = scenario(*SETS)
+    execs = {0: ScriptedExecutor(0.02), 1: ScriptedExecutor(script=short_tokens)}
+    res = run(sc, executor_factory=execs.__getitem__, clock=VirtualClock())
+    assert res.live["dead_replicas"] == [1]
+    assert all(r.status == RequestStatus.FINISHED and r.replica == 0 for r in res.requests)

@@ -163,7 +163,9 @@ def test_overload_gives_429_and_a_disconnect_frees_kv(server, client):
             with paused(engine) as gate:
                 assert wait_until(lambda: kv_blocks_used(engine) > 0)
                 stream.close()  # the client goes away mid-stream
-                assert wait_until(lambda: aborts_requested(engine))
+                assert wait_until(lambda: aborts_requested(engine)), (
+                    engine.num_unfinished, kv_blocks_used(engine), engine._streams, engine.live.stats.aborted,
+                    [x for x in httpx.get(server.url + "/metrics").text.splitlines() if "success" in x], [ex._ops for ex in engine.executors])
                 gate.set()
         # the request was aborted in the scheduler and its blocks freed
         assert wait_until(lambda: engine.num_unfinished == 0 and kv_blocks_used(engine) == 0)

@@ -125,3 +125,13 @@ def test_placement_keeps_slots_and_covers_adapters():
         assert len(placer.placement.adapters_on(rep.id)) <= 3
         assert len(rep.memory.adapters) <= 3
     assert len(placer.holders(0)) >= len(placer.holders(6))
+
+
+@pytest.mark.parametrize("name", ["fig2b-imbalance", "fig11a-load-balancing", "fig11b-length-scaling",
+                                  "fig12-adapters"])
+def test_paper_scenarios_load_with_every_sweep_point(name):
+    from dlora.scenario import load_scenario
+
+    sc = load_scenario(ROOT / "scenarios" / "paper" / f"{name}.yaml")  # validates every point
+    assert sc.cluster.replicas == 8
+    assert sc.description.splitlines()[0]

@@ -4,9 +4,10 @@ the FastAPI app; `serve(engine, host, port)` runs it; `BackgroundServer` runs it
 
 from __future__ import annotations
 
-from .app import BackgroundServer, create_app, serve
+from .app import create_app
 from .config import ServeConfig, parse_lora_modules
 from .engine import Generation, GenerationParams, ServeError, ServingEngine
+from .run import BackgroundServer, serve
 
 __all__ = [
     "BackgroundServer",

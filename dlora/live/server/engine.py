@@ -15,6 +15,7 @@ admitted for it run to completion; its weights leave every replica when the last
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import Counter
@@ -29,7 +30,11 @@ from ...types import Adapter, Request, SamplingParams
 from ..engine import LiveCluster
 from .config import ServeConfig, serve_scenario
 from .metrics import ServerMetrics
-from .replicas import ServingExecutor, drop_from_devices, register_in_cluster, torch_serving_executors
+from .replicas import (
+    drop_from_devices,
+    register_in_cluster,
+    torch_serving_executors,
+)
 from .text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -206,7 +211,7 @@ class ServingEngine:
                 entry, adapter = self._validate(name, path)
             except AdapterError as exc:
                 raise ServeError(400, str(exc), param="lora_path") from None
-            with self.live._lock:  # noqa: SLF001  (no public hook for scheduler table changes)
+            with self.live.lock:
                 register_in_cluster(self.live.cluster, adapter)
             for ex in self.executors:
                 ex.register_adapter(entry.id, entry.path)
@@ -228,7 +233,7 @@ class ServingEngine:
         return left
 
     def _drop(self, adapter_id: int) -> None:
-        with self.live._lock:  # noqa: SLF001
+        with self.live.lock:
             drop_from_devices(self.live.cluster, adapter_id)
         for ex in self.executors:
             ex.unregister_adapter(adapter_id)
@@ -288,10 +293,8 @@ class ServingEngine:
                     self._drop(aid)  # the last request of an unloaded adapter
         self.metrics.observe_finished(request)
         if gen is not None:
-            try:
+            with contextlib.suppress(RuntimeError):  # the loop is closed (server shutting down)
                 gen.loop.call_soon_threadsafe(gen.queue.put_nowait, _END)
-            except RuntimeError:  # the loop is closed (server shutting down)
-                pass
 
     def _active_ids(self) -> set[int]:
         return {e.id for e in self.adapters.values()}

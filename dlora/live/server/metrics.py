@@ -18,7 +18,13 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -105,7 +111,7 @@ class _SchedulerCollector(Collector):
         running = waiting = swapped = used = total = 0
         run_adapters: set[str] = set()
         wait_adapters: set[str] = set()
-        with live._lock:  # noqa: SLF001  (a consistent snapshot of the schedulers)
+        with live.lock:  # a consistent snapshot of the schedulers
             for rep in live.cluster.replicas:
                 rid = str(rep.id)
                 v = rep.view(live.now())
@@ -115,7 +121,7 @@ class _SchedulerCollector(Collector):
                     if r.adapter_id is not None:
                         target = run_adapters if r.status == RequestStatus.RUNNING else wait_adapters
                         target.add(names.get(r.adapter_id, str(r.adapter_id)))
-                for aid, name in registered.items():
+                for name in registered.values():
                     g["dlora_adapter_residency"].add_metric([name, rid, "host"], 1.0)
                 for aid in v.resident_adapters:
                     g["dlora_adapter_residency"].add_metric([names.get(aid, str(aid)), rid, "device"], 1.0)

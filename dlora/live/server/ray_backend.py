@@ -13,6 +13,7 @@ the replica's current adapters; when it is ready the replica rejoins the cluster
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -107,7 +108,7 @@ class RayReplica:
 
         t0 = time.perf_counter()
         try:
-            return self._get(self.actor.execute.remote(batch))  # type: ignore[no-any-return]
+            return self._get(self.actor.execute.remote(batch))
         except RayActorError as exc:
             log.error("replica %d: its Ray actor died (%s); restarting it", self.replica_id, type(exc).__name__)
             self.restart_in_background()
@@ -152,10 +153,8 @@ class RayReplica:
         import ray
 
         for ex in executors:
-            try:
+            with contextlib.suppress(Exception):
                 ray.kill(ex.inner.actor)
-            except Exception:  # noqa: BLE001
-                pass
 
 
 def ray_serving_executors(cfg: ServeConfig, folder: Path, sources: dict[int, str],
@@ -181,27 +180,15 @@ def ray_serving_executors(cfg: ServeConfig, folder: Path, sources: dict[int, str
 
 
 def attach_revive(live: LiveCluster, executors: list[ServingExecutor]) -> None:
-    """When a replica's actor has been restarted, bring the replica back into the cluster.
-
-    Uses LiveCluster internals (no public hook exists yet): waits for the dead replica's
-    worker thread to end, marks the replica alive and starts a new worker for it."""
+    """When a replica's actor has been restarted, bring the replica back into the cluster
+    (`LiveCluster.revive`) once the failed step has evacuated it."""
 
     def revive(i: int) -> None:
         rep = live.cluster.replicas[i]
         deadline = time.monotonic() + RESTART_TIMEOUT_S
         while rep.is_alive and time.monotonic() < deadline:  # the failed step still completing
             time.sleep(0.01)
-        name = f"dlora-replica-{i}"
-        for t in [t for t in live._threads if t.name == name]:  # noqa: SLF001
-            t.join(RESTART_TIMEOUT_S)
-        with live._lock:  # noqa: SLF001
-            if live._stopping or rep.is_alive:  # noqa: SLF001
-                return
-            rep.is_alive = True
-            live._failures[i] = 0  # noqa: SLF001
-            live._threads = [t for t in live._threads if t.name != name]  # noqa: SLF001
-            live._threads.append(live.clock.start_thread(lambda: live._worker(i), name))  # noqa: SLF001
-        log.warning("replica %d rejoined the cluster", i)
+        live.revive(i)
 
     for ex in executors:
         inner = ex.inner
