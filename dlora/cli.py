@@ -190,6 +190,113 @@ def serve_cmd(
     serve(engine, host, port, log_level)
 
 
+@app.command("profile")
+def profile_cmd(
+    device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
+    model: Annotated[Path | None, typer.Option("--model", help="Hugging Face Llama folder (the embedded demo if unset)")] = None,
+    model_config: Annotated[str | None, typer.Option("--model-config", help="shape only: llama-2-7b | llama-2-13b | llama-2-70b | demo | a config.json (needs --dummy-weights)")] = None,
+    dummy_weights: Annotated[bool, typer.Option("--dummy-weights", help="random weights of the model's shape, made in memory")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="a smaller sweep (minutes on a CPU)")] = False,
+    out_path: Annotated[Path | None, typer.Option("--out", help="profile YAML to write (default: print it)")] = None,
+    adapters: Annotated[int | None, typer.Option("--adapters", help="most distinct adapters in an unmerged batch")] = None,
+    ranks: Annotated[str | None, typer.Option("--ranks", help="LoRA ranks to sweep, e.g. 8,16")] = None,
+    repeats: Annotated[int | None, typer.Option("--repeats", help="measurement rounds (median)")] = None,
+    max_batch_tokens: Annotated[int | None, typer.Option("--max-batch-tokens", help="cap the prefill sweep")] = None,
+    max_seqs: Annotated[int | None, typer.Option("--max-seqs", help="cap the decode batch sizes")] = None,
+    max_context: Annotated[int | None, typer.Option("--max-context", help="cap the decode contexts")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="torch intra-op threads (CPU)")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", help="replicas stepping at once in this process (as a live run with that many replicas)")] = 1,
+    device_memory_gib: Annotated[float | None, typer.Option("--device-memory-gib", help="memory of the device in the profile (CPU: a budget)")] = None,
+    notes: Annotated[str, typer.Option("--notes", help="text for provenance.notes")] = "",
+) -> None:
+    """Measure the real executor over batch shapes and fit a latency profile (YAML)."""
+    import time
+    from dataclasses import replace
+
+    t0 = time.perf_counter()
+
+    def progress(msg: str) -> None:
+        err.print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", highlight=False)
+
+    try:
+        import torch
+
+        from .exec.profiler import QUICK, Sweep, profile
+        from .profile import load_profile
+
+        if device not in ("cpu", "cuda"):
+            raise DloraError(f"--device {device!r}: use cpu or cuda")
+        if concurrency < 1:
+            raise DloraError("--concurrency must be at least 1")
+        if threads is not None:
+            torch.set_num_threads(threads)
+        sweep = QUICK if quick else Sweep()
+        if ranks is not None:
+            try:
+                sweep = replace(sweep, ranks=tuple(sorted({int(r) for r in ranks.split(",")})))
+            except ValueError:
+                raise DloraError(f"--ranks {ranks!r}: give comma-separated integers, e.g. 8,16") from None
+        if adapters is not None:
+            sweep = replace(sweep, num_adapters=tuple(sorted({1, *(n for n in sweep.num_adapters if n < adapters), adapters})))
+        if repeats is not None:
+            sweep = replace(sweep, repeats=max(2, repeats))
+        sweep = sweep.trimmed(max_batch_tokens, max_seqs, max_context)
+        mem = int(device_memory_gib * (1 << 30)) if device_memory_gib else None
+        command = "dlora profile " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["profile"] else "dlora profile"
+        result = profile(model_dir=model, model_config=model_config, dummy_weights=dummy_weights, device=device,
+                         sweep=sweep, concurrency=concurrency, device_memory_bytes=mem, command=command,
+                         notes=notes, progress=progress)
+        text = result.profile.dump()
+        if out_path is not None:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+            tmp.write_text(text)
+            load_profile(tmp)  # validate before it replaces anything
+            tmp.replace(out_path)
+    except DloraError as exc:
+        fail(str(exc))
+        return
+    fe = result.profile.fit_error
+    err.print(f"fit error on held-out points: steps mean {fe.get('step_mean_rel', 0) * 100:.1f}% "
+              f"max {fe.get('step_max_rel', 0) * 100:.1f}%", highlight=False)
+    if out_path is None:
+        out.print(text, highlight=False, soft_wrap=True)
+    else:
+        err.print(f"wrote {out_path}", highlight=False)
+
+
+@app.command("validate")
+def validate_cmd(
+    scenario: Annotated[Path, typer.Argument(help="scenario YAML (model.profile: the measured profile)")],
+    out_dir: OutOpt = None,
+    overrides: SetOpt = None,
+    device: Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda if available)")] = None,
+) -> None:
+    """Run a scenario live, simulate the identical requests with its profile, compare side by side."""
+    from rich.table import Table
+
+    from .live.validate import validate
+    from .scenario import load_scenario
+
+    try:
+        sc = load_scenario(scenario, overrides or [])
+        result = validate(sc, out_dir, device=device)
+    except DloraError as exc:
+        fail(str(exc))
+        return
+    table = Table(title=f"{sc.name}: live vs simulated ({Path(result.profile).name})", header_style="bold")
+    for col in ("metric", "live", "simulated", "rel. error", "goal"):
+        table.add_column(col, justify="right")
+    for r in result.rows:
+        table.add_row(r.metric, "-" if r.live is None else f"{r.live:.4g}",
+                      "-" if r.simulated is None else f"{r.simulated:.4g}",
+                      "-" if r.rel_error is None else f"{r.rel_error * 100:+.1f}%",
+                      "" if r.goal is None else f"<= {r.goal * 100:.0f}% {'ok' if r.meets_goal else 'missed'}")
+    out.print(table)
+    for line in result.notes:
+        err.print(line, highlight=False)
+
+
 @app.command("init-demo")
 def init_demo(directory: Annotated[Path, typer.Argument(help="folder to write the demo model into")]) -> None:
     """Write the embedded tiny Llama model, tokenizer and PEFT adapters (seeded, no download)."""

@@ -34,10 +34,14 @@ def _stats(values: Sequence[float]) -> dict[str, float | None]:
 
 @dataclass
 class Report:
+    """`to_json()` holds only what the scenario and seed determine; wall-clock measurements of
+    this machine (solver seconds, ...) live in `timings`, written to timings.json."""
+
     scenario: str
     summary: dict[str, Any]
     replicas: list[dict[str, Any]]
     extra: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"scenario": self.scenario, "summary": self.summary, "replicas": self.replicas, **self.extra}

@@ -21,6 +21,11 @@ def write_outputs(out_dir: Path, report: Report, requests: Sequence[Request], ad
     paths = [out_dir / "report.json", out_dir / "requests.csv"]
     paths[0].write_text(report.to_json())
     write_requests_csv(paths[1], requests, adapter_names)
+    if report.timings:
+        import json
+
+        paths.append(out_dir / "timings.json")
+        paths[-1].write_text(json.dumps(report.timings, indent=2, sort_keys=True, default=str) + "\n")
     from .plots import plot_latency_cdf, plot_queue_lengths
 
     paths.append(plot_latency_cdf(out_dir / "latency_cdf.png", {report.scenario: requests}))

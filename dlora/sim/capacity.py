@@ -121,11 +121,12 @@ def max_rate_under_slo(
     max_expansions: int = 6,
     probe_fn: Callable[[float], Probe] | None = None,
     on_probe: Callable[[Probe], None] | None = None,
+    rel_tol: float = 0.0,
 ) -> CapacityResult:
     """Largest rate in req/s (within `tol`) whose mean latency per token meets the SLO.
 
     `low` < `high` bracket the search; when `high` passes, it doubles up to `max_expansions`
-    times. `probe_fn(rate)` replaces the simulation (tests); `on_probe` sees every probe."""
+    times. Bisection stops when the bracket is narrower than `tol` or `rel_tol` x the rate. `probe_fn(rate)` replaces the simulation (tests); `on_probe` sees every probe."""
     if not 0 < low < high:
         raise ConfigError(f"capacity search needs 0 < low < high, got low={low}, high={high}")
     if not tol > 0:
@@ -154,7 +155,7 @@ def max_rate_under_slo(
     if math.isinf(bad):
         log.warning("capacity: still within the SLO at %.4g req/s; raise --high", good)
         return CapacityResult(good, tuple(path), slo, (good, bad))
-    while bad - good > tol:
+    while bad - good > max(tol, rel_tol * good):
         mid = (good + bad) / 2
         if check(mid):
             good = mid
@@ -166,14 +167,14 @@ def max_rate_under_slo(
 def capacity_by_variant(scenario: Scenario, low: float, high: float, tol: float = 0.5,
                         rate_key: str = RATE_KEY, requests_per_rate: float | None = 100.0,
                         on_probe: Callable[[str, Probe], None] | None = None,
-                        ) -> dict[str, CapacityResult]:
+                        rel_tol: float = 0.0) -> dict[str, CapacityResult]:
     """`max_rate_under_slo` for every policy variant of the scenario's sweep (the sweep's
     parameter is ignored: the rate is what is searched); the scenario itself without one."""
     out = {}
     for variant, sc in variant_scenarios(scenario).items():
         report = (lambda p, v=variant: on_probe(v, p)) if on_probe else None
         out[variant] = max_rate_under_slo(sc, low, high, tol, rate_key, requests_per_rate,
-                                          on_probe=report)
+                                          on_probe=report, rel_tol=rel_tol)
     return out
 
 

@@ -39,10 +39,12 @@ def build_report(result: RunResult) -> Report:
         "busy_s", "switch_s", "load_s", "swap_s")}
     summary["totals"] = totals
     summary["switch_time_share"] = totals["switch_s"] / totals["busy_s"] if totals["busy_s"] else 0.0
+    migration = result.migrator.stats()
+    wall = {k: migration.pop(k) for k in list(migration) if "wall" in k or k.endswith("share_of_simulated")}
     extra = {
         "policies": {"batching": sc.policies.batching.name, "dispatch": sc.policies.dispatch.name,
                      "migration": sc.policies.migration.name},
-        "migration": result.migrator.stats(),
+        "migration": migration,
         "seed": sc.seed,
     }
-    return Report(sc.name, summary, rows, extra)
+    return Report(sc.name, summary, rows, extra, timings={"migration": wall} if wall else {})

@@ -35,7 +35,16 @@ class Settings:
 
     @property
     def requests_per_rate(self) -> float:
-        return 30.0 if self.quick else 100.0
+        return 20.0 if self.quick else 100.0
+
+    @property
+    def rel_tol(self) -> float:
+        """Stop bisecting when the bracket is this share of the rate."""
+        return 0.15 if self.quick else 0.05
+
+    def on_probe(self, variant: str, p: Any) -> None:
+        lat = "-" if p.latency_per_token_s is None else f"{p.latency_per_token_s:.3g}"
+        self.progress(f"  {variant or 'probe'} {p.rate:.3g} req/s: {lat} s/token {'ok' if p.ok else 'over'}")
 
 
 @dataclass
@@ -114,14 +123,14 @@ def fig9(s: Settings) -> Figure:
             if s.quick and panel != "7B" and wl == "azure":
                 continue
             sets = list(PANELS[panel])
-            if s.quick:  # a quarter-size cluster with proportionally fewer adapters
-                n = 8 if panel != "70B" else 2
-                sets += [f"cluster.replicas={n}", f"adapters.count={32 if panel != '70B' else 8}"]
+            if s.quick:  # an eighth-size cluster with proportionally fewer adapters
+                n = 4 if panel != "70B" else 2
+                sets += [f"cluster.replicas={n}", f"adapters.count={16 if panel != '70B' else 8}"]
             sc = _load(f"fig9-{wl}.yaml", sets)
             s.progress(f"fig9 {panel} {wl}: capacity search over 4 systems")
-            caps = capacity_by_variant(sc, low=0.25, high=4.0 * sc.cluster.replicas / 8 + 1,
-                                       tol=max(0.25, 0.05 * sc.cluster.replicas),
-                                       requests_per_rate=s.requests_per_rate)
+            caps = capacity_by_variant(sc, low=0.25, high=2.0 * sc.cluster.replicas, tol=0.25,
+                                       requests_per_rate=s.requests_per_rate, on_probe=s.on_probe,
+                                       rel_tol=s.rel_tol)
             rate = {k: v.rate for k, v in caps.items()}
             row: dict[str, Any] = {"panel": f"{panel} ({sc.cluster.replicas} replicas, {sc.adapters.count} adapters)",
                                    "workload": {"gamma": "Gamma streams (for MAF)", "azure": "Azure LLM conv"}[wl]}
@@ -140,8 +149,8 @@ def fig9(s: Settings) -> Figure:
         "Baselines are modelled as policies on the same simulator (PAPER.md section 6), not the original systems.",
     ]
     if s.quick:
-        f.deviations.append("Quick mode: clusters of 8 replicas (70B: 2) with proportionally fewer adapters, "
-                            "30 x rate requests per probe, coarse bisection; the azure panel only for 7B.")
+        f.deviations.append("Quick mode: clusters of 4 replicas (70B: 2) with proportionally fewer adapters, "
+                            "20 x rate requests per probe, bisection to 15%; the azure panel only for 7B.")
     return f
 
 
@@ -182,8 +191,8 @@ def fig11a(s: Settings) -> Figure:
     sets = ["cluster.replicas=4", "adapters.count=16"] if s.quick else []
     sc = _load("fig11a-load-balancing.yaml", sets)
     s.progress("fig11a: capacity search over round_robin, proactive, dlora")
-    caps = capacity_by_variant(sc, low=1.0, high=2.0 * sc.cluster.replicas, tol=max(0.25, 0.05 * sc.cluster.replicas),
-                               requests_per_rate=s.requests_per_rate)
+    caps = capacity_by_variant(sc, low=1.0, high=4.0 * sc.cluster.replicas, tol=0.25,
+                               requests_per_rate=s.requests_per_rate, on_probe=s.on_probe, rel_tol=s.rel_tol)
     rate = {k: v.rate for k, v in caps.items()}
     f.columns = ["system", "max rate within SLO (req/s)", "dlora / system"]
     f.rows = [{"system": k, "max rate within SLO (req/s)": v,
@@ -192,7 +201,7 @@ def fig11a(s: Settings) -> Figure:
               f"{_fmt(rate['dlora'] / rate['proactive'])}x proactive.")
     f.shape_matches = rate["dlora"] >= rate["proactive"] >= rate["round_robin"]
     if s.quick:
-        f.deviations.append("Quick mode: 4 replicas and 16 adapters, 30 x rate requests per probe.")
+        f.deviations.append("Quick mode: 4 replicas and 16 adapters, 20 x rate requests per probe, bisection to 15%.")
     return f
 
 

@@ -92,3 +92,11 @@ def test_golden_quickstart_summary():
     if os.environ.get("DLORA_UPDATE_GOLDEN"):
         GOLDEN.write_text(json.dumps(view, indent=2, sort_keys=True) + "\n")
     assert view == json.loads(GOLDEN.read_text())
+
+
+def test_report_bytes_are_deterministic_with_migration_and_placement():
+    sets = ("policies.dispatch=dlora", "policies.migration.name=dlora", "policies.migration.params.interval_s=2",
+            "policies.batching=credit", "workload.arrival.rate_per_s=20")
+    a, b = build_report(run(*sets)), build_report(run(*sets))
+    assert a.to_json() == b.to_json()
+    assert "solver_wall_s" not in a.to_json() and a.extra["migration"]["checks"] > 0

@@ -1,0 +1,122 @@
+"""`dlora validate`: the simulator's fidelity against the live system on one scenario.
+
+Runs the scenario live (dlora.live), then simulates the identical request list (fresh copies of
+the live run's requests: same ids, arrival times, lengths and adapters) with the scenario's
+profile (`model.profile`, measured by `dlora profile`), and compares mean and P90 end-to-end
+latency, TTFT and TPOT, throughput and the number of merged/unmerged mode switches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..metrics import Report
+from ..output import write_outputs
+from ..scenario import Scenario, resolve
+from ..sim.driver import simulate
+from ..sim.report import build_report
+from ..types import Request
+from .driver import build_live_report, run, workload_requests
+
+log = logging.getLogger(__name__)
+
+# (row label, summary key, statistic or None, goal on |relative error| or None)
+METRICS: tuple[tuple[str, str, str | None, float | None], ...] = (
+    ("mean latency (s)", "latency_s", "mean", 0.05),
+    ("P90 latency (s)", "latency_s", "p90", 0.10),
+    ("mean TTFT (s)", "ttft_s", "mean", 0.10),
+    ("P90 TTFT (s)", "ttft_s", "p90", 0.10),
+    ("mean TPOT (s)", "tpot_s", "mean", 0.10),
+    ("P90 TPOT (s)", "tpot_s", "p90", 0.10),
+    ("throughput (req/s)", "throughput_rps", None, None),
+    ("throughput (output tokens/s)", "throughput_output_tokens_per_s", None, None),
+    ("mode switches", "switches", None, None),
+    ("completed requests", "completed", None, None),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    metric: str
+    live: float | None
+    simulated: float | None
+    rel_error: float | None  # (simulated - live) / live
+    goal: float | None  # bound on |rel_error|, where the issue sets one
+
+    @property
+    def meets_goal(self) -> bool | None:
+        if self.goal is None or self.rel_error is None:
+            return None
+        return abs(self.rel_error) <= self.goal
+
+
+@dataclass
+class Validation:
+    scenario: str
+    profile: str
+    rows: list[Row]
+    live: Report
+    sim: Report
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"scenario": self.scenario, "profile": self.profile,
+                "rows": [{**asdict(r), "meets_goal": r.meets_goal} for r in self.rows],
+                "live_summary": self.live.summary, "sim_summary": self.sim.summary,
+                "live": self.live.extra.get("live", {}), "notes": self.notes}
+
+
+def fresh_copy(r: Request) -> Request:
+    """A not-yet-run request with the same id, adapter, arrival time and lengths."""
+    return Request(id=r.id, adapter_id=r.adapter_id, arrival_s=r.arrival_s,
+                   prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens)
+
+
+def _value(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
+    if key == "switches":
+        return float(summary["totals"]["switches"])
+    v = summary[key] if stat is None else summary[key][stat]
+    return None if v is None else float(v)
+
+
+def compare(live: dict[str, Any], sim: dict[str, Any]) -> list[Row]:
+    rows = []
+    for label, key, stat, goal in METRICS:
+        a, b = _value(live, key, stat), _value(sim, key, stat)
+        err = None if a is None or b is None or a == 0 else (b - a) / a
+        rows.append(Row(label, a, b, err, goal))
+    return rows
+
+
+def validate(scenario: Scenario, out_dir: Path | None = None, *, device: str | None = None,
+             progress: Callable[[int, int], None] | None = None) -> Validation:
+    """Run live, simulate the same requests, compare (and write validate.json and both
+    runs' outputs under `out_dir`/live and `out_dir`/sim)."""
+    requests = workload_requests(scenario)
+    log.info("validate: running %d requests live", len(requests))
+    live = run(scenario, requests=requests, device=device, progress=progress)
+    live_report = build_live_report(live)
+    sim_requests = [fresh_copy(r) for r in live.requests]
+    log.info("validate: simulating the same %d requests", len(sim_requests))
+    sim = simulate(scenario, requests=sim_requests)
+    sim_report = build_report(sim)
+    result = Validation(scenario.name, str(resolve(scenario, scenario.model.profile)),
+                        compare(live_report.summary, sim_report.summary), live_report, sim_report)
+    stats = live.live
+    result.notes.append(
+        f"live: {live.wall_s:.2f} s wall, {stats['iterations']} iterations, scheduler "
+        f"{stats['scheduler_share'] * 100:.2f}% of the iteration time")
+    if out_dir is not None:
+        names = scenario.adapters.adapter_names()
+        write_outputs(out_dir / "live", live_report, live.requests, names, live.queue_samples)
+        write_outputs(out_dir / "sim", sim_report, sim.requests, names, sim.queue_samples)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / "validate.json"
+        path.write_text(json.dumps(result.as_dict(), indent=2, sort_keys=True, default=str) + "\n")
+        result.notes.append(f"wrote validate.json, live/ and sim/ to {out_dir}")
+    return result
