@@ -38,7 +38,8 @@ def sweep_runs(path: Path) -> list[tuple[str, Any, dict[str, Any], dict[str, Any
     out = []
     for point in sweep_points(sc, data):
         rep = build_report(simulate(scenario_from_dict(point.data, Path(sc.base_dir))))
-        out.append((point.variant, point.value, rep.summary, rep.extra["migration"]))
+        migration = {**rep.extra["migration"], **rep.timings.get("migration", {})}  # wall times
+        out.append((point.variant, point.value, rep.summary, migration))
     return out
 
 

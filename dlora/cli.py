@@ -210,6 +210,7 @@ def profile_cmd(
     notes: Annotated[str, typer.Option("--notes", help="text for provenance.notes")] = "",
 ) -> None:
     """Measure the real executor over batch shapes and fit a latency profile (YAML)."""
+    import shlex
     import time
     from dataclasses import replace
 
@@ -242,7 +243,7 @@ def profile_cmd(
             sweep = replace(sweep, repeats=max(2, repeats))
         sweep = sweep.trimmed(max_batch_tokens, max_seqs, max_context)
         mem = int(device_memory_gib * (1 << 30)) if device_memory_gib else None
-        command = "dlora profile " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["profile"] else "dlora profile"
+        command = "dlora profile " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["profile"] else "dlora profile"
         result = profile(model_dir=model, model_config=model_config, dummy_weights=dummy_weights, device=device,
                          sweep=sweep, concurrency=concurrency, device_memory_bytes=mem, command=command,
                          notes=notes, progress=progress)

@@ -68,11 +68,11 @@ class RoundRobin:
 
 @DISPATCHERS.register("least_loaded")
 class LeastLoaded:
-    """The replica with the least estimated queued work (seconds from the profile); ties go to
-    fewer requests, then the lower id."""
+    """The replica with the least estimated backlog (seconds to drain its requests at full-batch
+    throughput, from the profile); ties go to fewer requests, then the lower id."""
 
     def __init__(self, params: Any, ctx: Any = None) -> None:
         pass
 
     def choose(self, request: Request, view: ClusterView, now: float) -> int:
-        return min(alive(view), key=lambda r: (r.queued_work_s, r.num_requests, r.id)).id
+        return min(alive(view), key=lambda r: (r.backlog_s, r.num_requests, r.id)).id

@@ -48,7 +48,8 @@ class DloraMigrationParams:
     max_replicas: int = spec(4, ge=2, doc="replicas in one problem")
     imbalance: float = spec(0.1, ge=0, doc="relative band of choose_replicas")
     max_candidates: int = spec(96, ge=1, doc="requests that may move per check")
-    time_limit_s: float = spec(1.0, gt=0, doc="MILP time limit (wall seconds)")
+    time_limit_s: float = spec(5.0, gt=0, doc="MILP time limit (wall seconds; a safety cap)")
+    node_limit: int | None = spec(500, ge=1, doc="MILP branch-and-bound nodes (deterministic limit)")
     max_size: int = spec(4096, ge=1, doc="requests x replicas above which only the greedy runs")
     mode: str = spec("auto", choices=("auto", "recompute", "transfer"),
                      doc="per-request migration mode; auto: the cheaper")
@@ -121,7 +122,8 @@ class DloraMigrator:
         problem = self.build_problem(mv, "kv_pressure" in reasons)
         if problem is None:
             return []
-        result = solve_migration(problem, self.params.time_limit_s, self.params.max_size)
+        result = solve_migration(problem, self.params.time_limit_s, self.params.max_size,
+                                 node_limit=self.params.node_limit)
         self.solver_calls += 1
         self.solver_wall_s += result.solve_s
         self.solver_max_wall_s = max(self.solver_max_wall_s, result.solve_s)

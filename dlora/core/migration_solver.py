@@ -186,11 +186,14 @@ def solve_migration(
     time_limit_s: float = 1.0,
     max_size: int = 4096,
     mip_rel_gap: float = 1e-3,
+    node_limit: int | None = None,
 ) -> MigrationPlan:
     """Plan the co-migration: MILP of the module docstring, greedy when it cannot answer.
 
     `max_size` bounds `len(requests) * len(replicas)` for the MILP; above it only the greedy
-    runs. The plan never has a larger makespan than doing nothing.
+    runs. The plan never has a larger makespan than doing nothing. `node_limit` bounds the
+    branch-and-bound nodes: unlike the wall-clock `time_limit_s`, it gives the same plan on
+    every machine (set the time limit as a safety cap above it).
     """
     t0 = time.perf_counter()
     stay = Layout(problem)
@@ -201,7 +204,7 @@ def solve_migration(
     if size > max_size:
         log.info("migration instance %d > max_size %d: greedy only", size, max_size)
         return _plan(problem, greedy_migration(problem), before_s, SolveStatus.TOO_LARGE, True, t0)
-    status, layout = _solve_milp(problem, time_limit_s, mip_rel_gap)
+    status, layout = _solve_milp(problem, time_limit_s, mip_rel_gap, node_limit)
     if layout is None or not layout.feasible():
         log.info("migration MILP gave no usable solution (%s): greedy fallback", status)
         return _plan(problem, greedy_migration(problem), before_s, status, True, t0)
@@ -215,7 +218,7 @@ def solve_migration(
 
 
 def _solve_milp(
-    problem: MigrationProblem, time_limit_s: float, mip_rel_gap: float
+    problem: MigrationProblem, time_limit_s: float, mip_rel_gap: float, node_limit: int | None = None
 ) -> tuple[SolveStatus, Layout | None]:
     reqs, reps, ads = problem.requests, problem.replicas, problem.adapters
     n, r, k = len(reqs), len(reps), len(ads)
@@ -288,7 +291,8 @@ def _solve_milp(
         integrality=integrality,
         bounds=Bounds(lb, ub),
         constraints=LinearConstraint(a_mat, row_lb, row_ub),
-        options={"time_limit": max(time_limit_s, 1e-3), "mip_rel_gap": mip_rel_gap, "disp": False},
+        options={"time_limit": max(time_limit_s, 1e-3), "mip_rel_gap": mip_rel_gap, "disp": False,
+                 **({"node_limit": node_limit} if node_limit is not None else {})},
     )
     if res.x is None:
         status = SolveStatus.NO_SOLUTION if res.status == 1 else SolveStatus.FAILED

@@ -29,7 +29,7 @@ from .report import build_report
 log = logging.getLogger(__name__)
 RATE_KEY = "workload.arrival.rate_per_s"
 STOP_CHECK_S = 5.0  # simulated seconds between early-stop checks of a probe
-HORIZON_FACTOR = 5.0
+HORIZON_FACTOR: float | None = None  # probes run to completion; `slo_lost` stops lost ones early
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,9 +65,11 @@ def scenario_at_rate(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
                      requests_per_rate: float | None = 100.0,
                      horizon_factor: float | None = HORIZON_FACTOR) -> Scenario:
     """The scenario with `rate_key` set to `rate` (and `workload.num_requests` to
-    `ceil(requests_per_rate * rate)` when given). Without a horizon of its own, a probe stops at
-    `horizon_factor` times its arrival span (`requests_per_rate` seconds): what is unfinished
-    then counts as a violation, and hopelessly overloaded probes end early."""
+    `ceil(requests_per_rate * rate)` when given). With `horizon_factor` and no horizon of its
+    own, a probe stops at that multiple of its nominal arrival span (`requests_per_rate`
+    seconds) and what is unfinished counts as a violation. By default probes run until every
+    request completes (bursty traces can arrive long after the nominal span) and the `slo_lost`
+    check ends hopeless ones early."""
     data = copy.deepcopy(_raw(scenario))
     set_path(data, rate_key.split("."), float(rate), f"capacity rate_key {rate_key}")
     if requests_per_rate is not None:

@@ -24,7 +24,6 @@ from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
 
 DEMO = "dlora-demo"
 ADAPTERS = ["alpha-r4", "beta-r8", "gamma-r8", "delta-r16"]
-LOG = []
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
 
@@ -140,8 +139,8 @@ def paused(engine: ServingEngine):
 
 
 def aborts_requested(engine: ServingEngine) -> bool:
-    streams = list(engine._streams.values())
-    return bool(streams) and all(g.ended for g in streams)
+    """Every request's client is gone: aborted already, or waiting for its step to end."""
+    return all(g.ended for g in list(engine._streams.values()))
 
 
 def test_overload_gives_429_and_a_disconnect_frees_kv(server, client):
@@ -163,16 +162,8 @@ def test_overload_gives_429_and_a_disconnect_frees_kv(server, client):
             next(lines)  # running and streaming
             with paused(engine) as gate:
                 assert wait_until(lambda: kv_blocks_used(engine) > 0)
-                LOG.append(("close", [(r.id, [(q.id, int(q.status), q.generated_tokens, q.computed_tokens) for q in r.unfinished], r.memory.kv_used_blocks, r.is_alive) for r in engine.live.cluster.replicas], [t.name for t in threading.enumerate() if t.name.startswith("dlora")], list(engine.live._in_flight), [len(ex._ops) for ex in engine.executors]))
-                orig = engine.live.abort
-                def ab(rid):
-                    LOG.append(("abort", time.monotonic(), rid, list(engine.live._in_flight)))
-                    return orig(rid)
-                engine.live.abort = ab
                 stream.close()  # the client goes away mid-stream
-                assert wait_until(lambda: aborts_requested(engine)), (
-                    engine.num_unfinished, kv_blocks_used(engine), engine._streams, engine.live.stats.aborted,
-                    [x for x in httpx.get(server.url + "/metrics").text.splitlines() if "success" in x], LOG)
+                assert wait_until(lambda: aborts_requested(engine))
                 gate.set()
         # the request was aborted in the scheduler and its blocks freed
         assert wait_until(lambda: engine.num_unfinished == 0 and kv_blocks_used(engine) == 0)
