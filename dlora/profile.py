@@ -228,7 +228,6 @@ class LatencyModel:
 
     def step_s(self, shape: BatchShape) -> float:
         """Seconds of one forward iteration of this shape (no switch, load or swap)."""
-        lat = self.latency
         tokens = shape.total_tokens
         if tokens == 0:
             return 0.0

@@ -442,7 +442,7 @@ class ReplicaScheduler:
         )
 
     def summary(self) -> dict[str, Any]:
-        out = self.stats.as_dict()
+        out: dict[str, Any] = dict(self.stats.as_dict())
         out["policy"] = self.policy.stats()
         return out
 

@@ -86,7 +86,7 @@ def named_config(name: str) -> tuple[str, LlamaConfig]:
     return model_id, cfg
 
 
-class RandomWeights(dict):  # type: ignore[type-arg]
+class RandomWeights(dict):
     """Weights of `cfg`'s shapes made on demand (seeded), so a large model is never held twice
     while `LlamaModel` fuses its projections."""
 

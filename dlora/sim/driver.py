@@ -75,7 +75,7 @@ class _Sim:
         self.jumps: dict[int, Jump] = {}
 
     # ---- processes ----
-    def arrivals(self):  # type: ignore[no-untyped-def]
+    def arrivals(self):
         env, cluster = self.env, self.cluster
         for i, r in enumerate(self.requests):
             delay = r.arrival_s - env.now
@@ -90,7 +90,7 @@ class _Sim:
                 self._sample(replica)
                 self._wake(replica.id)
 
-    def replica(self, rep: ReplicaScheduler, executor: Executor):  # type: ignore[no-untyped-def]
+    def replica(self, rep: ReplicaScheduler, executor: Executor):
         env = self.env
         cluster = self.cluster
         while True:
@@ -123,7 +123,7 @@ class _Sim:
                 self._count_done(len(finished))
                 self._sample(rep)
 
-    def migration(self):  # type: ignore[no-untyped-def]
+    def migration(self):
         interval = self.migrator.interval_s
         assert interval is not None
         env = self.env
@@ -134,7 +134,7 @@ class _Sim:
             for rep in self.cluster.apply(actions, env.now):
                 self._wake(rep.id)
 
-    def placement(self, interval: float):  # type: ignore[no-untyped-def]
+    def placement(self, interval: float):
         """Periodic re-placement of adapters (placement-aware dispatchers)."""
         env = self.env
         while True:
@@ -143,7 +143,7 @@ class _Sim:
             for rep in self.cluster.place(env.now):
                 self._wake(rep.id)
 
-    def _jump(self, rep: ReplicaScheduler, batch):  # type: ignore[no-untyped-def]
+    def _jump(self, rep: ReplicaScheduler, batch):
         """Cover identical decode iterations after `batch` with one event (see fastpath.py)."""
         assert self.fast is not None
         env = self.env
@@ -165,7 +165,7 @@ class _Sim:
         assert jump.done
         del self.jumps[rep.id]
 
-    def watch(self, check: Callable[[float, list[Request]], bool], interval_s: float):  # type: ignore[no-untyped-def]
+    def watch(self, check: Callable[[float, list[Request]], bool], interval_s: float):
         """Stop the run early when `check(now, requests)` says its outcome is already decided."""
         while True:
             yield self.env.timeout(interval_s)

@@ -33,7 +33,7 @@ def at(env: simpy.Environment, when: float) -> simpy.Event:
     ev = simpy.Event(env)
     ev._ok = True
     ev._value = None
-    heapq.heappush(env._queue, (when, simpy.events.NORMAL, next(env._eid), ev))  # type: ignore[attr-defined]
+    heapq.heappush(env._queue, (when, simpy.events.NORMAL, next(env._eid), ev))
     return ev
 
 

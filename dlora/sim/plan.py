@@ -97,7 +97,8 @@ def plan_replicas(
     for variant, base in variant_scenarios(scenario).items():
         results: dict[int, Probe] = {}
 
-        def check(n: int, variant: str = variant, base: Scenario = base) -> bool:
+        def check(n: int, variant: str = variant, base: Scenario = base,
+                  results: dict[int, Probe] = results) -> bool:
             if n not in results:
                 p = run_probe(with_replicas(base, n), target_rate)
                 results[n] = p

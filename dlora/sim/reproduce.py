@@ -19,7 +19,7 @@ from typing import Any
 from ..errors import ConfigError
 from ..scenario import Scenario, load_scenario
 from .capacity import capacity_by_variant
-from .run import metric, run_sweep
+from .run import run_sweep
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[2]

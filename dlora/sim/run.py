@@ -12,7 +12,7 @@ from rich.console import Console
 
 from ..metrics import Report
 from ..output import comparison_table, print_report, write_outputs
-from ..scenario import Scenario, read_yaml, scenario_from_dict, sweep_points
+from ..scenario import Scenario, scenario_from_dict, sweep_points
 from .driver import simulate
 from .report import build_report
 
