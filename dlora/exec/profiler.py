@@ -378,7 +378,7 @@ def load_model(model_dir: str | Path | None, model_config: str | None, dummy_wei
     folder = ensure_demo() if model_dir is None else Path(model_dir)
     if dummy_weights:
         cfg = parse_config(folder)
-        own: torch.dtype = dtype or getattr(torch, cfg.dtype, torch.float32)
+        own: torch.dtype = dtype or getattr(torch, str(cfg.dtype), None) or torch.float32
         return f"{folder.name} (random weights)", random_model(cfg, device, own, seed)
     name = f"dlora-demo v{DEMO_VERSION} (tiny random Llama)" if is_demo else folder.name
     return name, LlamaModel.from_folder(folder, device=device, dtype=dtype)
