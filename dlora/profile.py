@@ -5,6 +5,7 @@ Step time of one iteration:
 
     step = linear(total_tokens)                       # every non-attention op, piecewise linear
          + per_seq_s * sequences                       # sampling and bookkeeping
+         + scheduler_s                                 # dlora's own scheduling per iteration
          + attention_decode_s_per_token * decode_context_tokens
          + attention_prefill_s_per_pair * prefill_attention_pairs
          + [unmerged, >= 1 adapter] lora.fixed_s + lora.per_adapter_s * distinct adapters
@@ -168,6 +169,7 @@ class Transfer:
 class Latency:
     linear: Curve
     per_seq_s: float = spec(0.0, ge=0.0)
+    scheduler_s: float = spec(0.0, ge=0.0, doc="per iteration: dlora's own scheduling on the host CPU")
     attention_decode_s_per_token: float = spec(0.0, ge=0.0)
     attention_prefill_s_per_pair: float = spec(0.0, ge=0.0)
     lora: LoraCost = field(default_factory=LoraCost)
@@ -259,7 +261,8 @@ class LatencyModel:
 
     def head_s(self, shape: BatchShape) -> float:
         lat = self.latency
-        return lat.linear(shape.total_tokens) + lat.per_seq_s * (shape.decode_seqs + shape.prefill_seqs)
+        return (lat.linear(shape.total_tokens) + lat.per_seq_s * (shape.decode_seqs + shape.prefill_seqs)
+                + lat.scheduler_s)
 
     def tail_s(self, shape: BatchShape) -> float:
         lat = self.latency

@@ -263,7 +263,10 @@ def build_profile(setup: ProfileSetup, sweep: Sweep, curve: Curve, terms: Any,
                 max_decode_seqs=max(s.decode_seqs for s in shapes),
                 max_context_tokens=max(max_ctx, *sweep.transfer_tokens))
     per_seq, att_dec, att_pre, *lora = (float(t) for t in terms)
-    latency = Latency(linear=curve, per_seq_s=per_seq, attention_decode_s_per_token=att_dec,
+    scheduler = measure_scheduler_s()
+    notes.append(f"scheduler_s {scheduler * 1e6:.0f} us: median of dlora's schedule + complete per "
+                 "iteration (credit policy, 8 decoding requests, 4 adapters) on this host")
+    latency = Latency(linear=curve, per_seq_s=per_seq, scheduler_s=scheduler, attention_decode_s_per_token=att_dec,
                       attention_prefill_s_per_pair=att_pre, lora=LoraCost(*lora),
                       merge=rank_costs["merge"], unmerge=rank_costs["unmerge"], switch=None,
                       adapter_load=fitted["adapter_load"], swap=fitted["swap"],
@@ -275,6 +278,31 @@ def build_profile(setup: ProfileSetup, sweep: Sweep, curve: Curve, terms: Any,
                       command=setup.command, sources=(), notes=" ".join(notes))
     return Profile(format=FORMAT, provenance=prov, model=model_shape(setup, rng.max_context_tokens),
                    memory=setup.memory, latency=latency, range=rng, fit_error=errors)
+
+
+def measure_scheduler_s(iterations: int = 400, batch: int = 8, adapters: int = 4) -> float:
+    """Median host seconds of dlora's own work per iteration (ReplicaScheduler.schedule +
+    complete with the credit policy, `batch` decoding requests over `adapters` adapters). The
+    live system pays it every iteration, so the simulator charges it as `scheduler_s`."""
+    import time
+
+    from ..testing import make_replica, make_request
+    from ..types import StepResult
+
+    rep = make_replica("credit", num_adapters=adapters, max_batch_size=batch, capacity_blocks=1 << 16)
+    for i in range(batch):
+        rep.add(make_request(i, adapter=i % adapters, prompt=16, output=10 * iterations), 0.0)
+    samples = []
+    now = 0.0
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        b = rep.schedule(now)
+        assert b is not None
+        now += 0.001
+        rep.complete(b, StepResult(0.001), now)
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return samples[len(samples) // 2]
 
 
 def iter_groups(measured: list[Measured]) -> Iterator[tuple[str, list[Measured]]]:
