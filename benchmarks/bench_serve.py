@@ -79,11 +79,14 @@ def main() -> None:
     ap.add_argument("--policy", default="credit")
     ap.add_argument("--max-queue", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--ray", action="store_true", help="replicas as Ray actors (a local Ray)")
     args = ap.parse_args()
 
     port = free_port()
     cmd = [sys.executable, "-m", "dlora.cli", "serve", "--port", str(port), "--replicas", str(args.replicas),
            "--policy", args.policy, "--max-queue", str(args.max_queue), "--log-level", "warning"]
+    if args.ray:
+        cmd.append("--ray")
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
@@ -139,7 +142,7 @@ def main() -> None:
     rows = [
         ("requests sent / ok", f"{len(results)} / {len(ok)}"),
         ("errors", ", ".join(f"{k}: {n}" for k, n in kinds.items() if k != "ok") or "0"),
-        ("clients / replicas / policy", f"{args.clients} / {args.replicas} / {args.policy}"),
+        ("clients / replicas / policy", f"{args.clients} / {args.replicas}{' Ray' if args.ray else ''} / {args.policy}"),
         ("max_tokens / max-queue", f"{args.max_tokens} / {args.max_queue}"),
         ("wall (s)", f"{wall:.2f}"),
         ("requests/s", f"{len(ok) / wall:.1f}"),
