@@ -167,7 +167,8 @@ def serve_cmd(
     memory_fraction: Annotated[float, typer.Option("--memory-fraction", help="share of the profile's KV memory")] = 0.01,
     profile: Annotated[str | None, typer.Option("--profile", help="latency profile YAML")] = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu | cuda")] = None,
-    ray: Annotated[str | None, typer.Option("--ray", is_flag=False, flag_value="local", help="replicas as Ray actors (ADDRESS, or alone: a local Ray)")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="replicas as Ray actors (a local Ray unless --ray-address)")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to join (implies --ray)")] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
 ) -> None:
     """Serve the OpenAI API (completions, chat, models, LoRA load/unload, metrics) over the live cluster."""
@@ -180,13 +181,13 @@ def serve_cmd(
             max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras, replicas=replicas, policy=policy,
             dispatch=dispatch, migration=migration, max_queue=max_queue, max_batch_size=max_batch_size,
             max_batched_tokens=max_batched_tokens, memory_fraction=memory_fraction, profile=profile,
-            device=device, ray_address=ray)
+            device=device, ray_address=ray_address or ('local' if ray else None))
         engine = ServingEngine(cfg)
     except DloraError as exc:
         fail(str(exc))
         return
     err.print(f"dlora serve: {engine.model_name} with {len(engine.adapters)} adapters on "
-              f"http://{host}:{port}/v1 ({replicas} replica(s){', Ray' if ray else ''})", highlight=False)
+              f"http://{host}:{port}/v1 ({replicas} replica(s){', Ray' if engine.cfg.ray_address else ''})", highlight=False)
     serve(engine, host, port, log_level)
 
 

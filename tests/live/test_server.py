@@ -290,3 +290,27 @@ def test_dlora_serve_command(tmp_path):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_stop_strings_cut_the_text_and_end_the_request(client):
+    whole = client.completions.create(model="delta-r16", prompt="Stop here", max_tokens=12, **GREEDY)
+    text = whole.choices[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip(), text
+    cut = client.completions.create(model="delta-r16", prompt="Stop here", max_tokens=12, stop=[stop], **GREEDY)
+    assert cut.choices[0].text == text[:text.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(model="delta-r16", prompt="Stop here", max_tokens=12, stop=stop,
+                                         stream=True, **GREEDY)
+    assert "".join(c.choices[0].text for c in streamed) == text[:text.find(stop)]
+
+
+def test_lora_modules_parsing():
+    from dlora.errors import ConfigError
+    from dlora.live.server import parse_lora_modules
+
+    assert parse_lora_modules(["a=/x", '{"name": "b", "path": "/y"}']) == (("a", "/x"), ("b", "/y"))
+    with pytest.raises(ConfigError, match="name=path"):
+        parse_lora_modules(["nopath"])
+    with pytest.raises(ConfigError, match="unique"):
+        ServeConfig(lora_modules=(("a", "/x"), ("a", "/y")))
