@@ -12,7 +12,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[live,serve,dev]'
+	$(BIN)/pip install -q -e '.[live,serve,ray,dev]'
 	touch $@
 
 install: $(BIN)/.installed

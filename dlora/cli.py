@@ -122,6 +122,8 @@ def run_live(
     out_dir: OutOpt = None,
     overrides: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no table")] = False,
+    ray: Annotated[bool, typer.Option("--ray", help="replicas as Ray actors (a local Ray unless --ray-address)")] = False,
+    ray_address: Annotated[str | None, typer.Option("--ray-address", help="address of a running Ray cluster")] = None,
 ) -> None:
     """Run a scenario live: replay its workload on wall time through the real executor."""
     from .live.driver import run_live as run_scenario_live
@@ -130,11 +132,12 @@ def run_live(
     try:
         sc = load_scenario(scenario, overrides or [])
         prog, update = _progress_bar(sc.run.progress)
+        address = ray_address or ("local" if ray else None)
         if prog is not None:
             with prog:
-                outcome, ok = run_scenario_live(sc, out_dir, progress=update)
+                outcome, ok = run_scenario_live(sc, out_dir, progress=update, ray_address=address)
         else:
-            outcome, ok = run_scenario_live(sc, out_dir)
+            outcome, ok = run_scenario_live(sc, out_dir, ray_address=address)
     except DloraError as exc:
         fail(str(exc))
         return

@@ -99,10 +99,12 @@ def run(
     record_batches: bool = False, progress: Callable[[int, int], None] | None = None,
     device: str | None = None, max_step_failures: int = 3,
     on_token: TokenCallback | None = None, on_finish: FinishCallback | None = None,
+    on_created: Callable[[LiveCluster], None] | None = None,
 ) -> LiveResult:
     """Run a scenario live: its workload (or `requests`) is submitted at the arrival times,
     measured from the start on `clock` (wall time by default). Ends when every request is
-    done, or at `run.horizon_s` with the rest reported unfinished."""
+    done, or at `run.horizon_s` with the rest reported unfinished. `on_created(live)` sees the
+    LiveCluster before it starts (the Ray backend hooks replica restarts there)."""
     if requests is None:
         requests = workload_requests(scenario)
     clock = clock or MonotonicClock()
@@ -112,6 +114,8 @@ def run(
         progress=progress)
     prepare_requests(requests, scenario.seed, system.limits.vocab_size)
     live = system.live
+    if on_created is not None:
+        on_created(live)
     reset = getattr(clock, "reset", None)
     if reset is not None:
         reset()  # arrival times count from here, not from the model load
@@ -137,9 +141,19 @@ def build_live_report(result: LiveResult) -> Report:
 
 
 def run_live(scenario: Scenario, out_dir: Path | None,
-             progress: Callable[[int, int], None] | None = None) -> tuple[Outcome, bool]:
-    """`dlora run`: the outcome to print and whether every request completed."""
-    result = run(scenario, progress=progress)
+             progress: Callable[[int, int], None] | None = None,
+             ray_address: str | None = None) -> tuple[Outcome, bool]:
+    """`dlora run`: the outcome to print and whether every request completed. With
+    `ray_address` ("local" starts a local Ray), each replica is a Ray actor; a killed actor's
+    requests are recomputed on live replicas and the actor is restarted."""
+    if ray_address is None:
+        result = run(scenario, progress=progress)
+    else:
+        from .server.ray_backend import ray_run_hooks
+
+        factory, on_created = ray_run_hooks(scenario, ray_address)
+        result = run(scenario, executor_factory=factory, progress=progress, max_step_failures=1,
+                     on_created=on_created)
     report = build_live_report(result)
     s, live = report.summary, result.live
     outcome = Outcome(report=report)

@@ -75,3 +75,4 @@ def test_killed_replica_actor_loses_no_request_and_comes_back(ray_server):
     with ThreadPoolExecutor(4) as pool:
         assert list(pool.map(one, range(4))) == [(12, "length")] * 4
     assert engine.live.cluster.replicas[0].stats.finished > 0
+

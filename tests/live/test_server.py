@@ -14,12 +14,12 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from dlora.exec.demo import ensure_demo
 from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
 
 DEMO = "dlora-demo"
@@ -272,7 +272,7 @@ def test_dlora_serve_command(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "dlora.cli", "serve", "--port", str(port), "--log-level", "warning",
-         "--lora-modules", f"mine={Path.home() / '.cache/dlora/demo/adapters/gamma-r8'}"],
+         "--lora-modules", f"mine={ensure_demo() / 'adapters' / 'gamma-r8'}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"

@@ -179,9 +179,9 @@ def ray_serving_executors(cfg: ServeConfig, folder: Path, sources: dict[int, str
     return out
 
 
-def attach_revive(live: LiveCluster, executors: list[ServingExecutor]) -> None:
-    """When a replica's actor has been restarted, bring the replica back into the cluster
-    (`LiveCluster.revive`) once the failed step has evacuated it."""
+def reviver(live: LiveCluster) -> Callable[[int], None]:
+    """`revive(i)`: bring replica i back into the cluster (`LiveCluster.revive`) once the failed
+    step of its dead actor has evacuated it."""
 
     def revive(i: int) -> None:
         rep = live.cluster.replicas[i]
@@ -190,7 +190,62 @@ def attach_revive(live: LiveCluster, executors: list[ServingExecutor]) -> None:
             time.sleep(0.01)
         live.revive(i)
 
+    return revive
+
+
+def attach_revive(live: LiveCluster, executors: list[ServingExecutor]) -> None:
+    """When a replica's actor has been restarted, bring the replica back into the cluster."""
+    revive = reviver(live)
     for ex in executors:
         inner = ex.inner
         if isinstance(inner, RayReplica):
             inner.on_restarted = revive
+
+
+def ray_executor_factory(scenario: Any, address: str = "local") -> Callable[[int], Any]:
+    """`executor_factory` for `dlora.live.driver.run` (`dlora run` on Ray): replica id -> a
+    proxy of a new actor holding the scenario's model and adapters (the demo when unset).
+    A dead actor is restarted; the driver must call `LiveCluster.revive` for the replica to
+    rejoin (`proxy.on_restarted`)."""
+    from ...build import load_latency, make_adapters, memory_config
+    from ...core.memory import MemoryPool
+    from ..executors import model_source
+
+    latency = load_latency(scenario)
+    adapters = make_adapters(scenario, latency)
+    src = model_source(scenario, adapters)
+    sources = {i: str(p) for i, p in src.adapter_paths.items()}
+    blocks = MemoryPool(memory_config(scenario, latency)).total_blocks
+    c = scenario.cluster
+    ray = init_ray(address, num_cpus=max(c.replicas, os.cpu_count() or 1))
+    remote = ray.remote(num_cpus=1)(_ReplicaActor)
+    threads = max(1, (os.cpu_count() or 1) // c.replicas)
+
+    def make(replica_id: int) -> RayReplica:
+        def spawn(srcs: dict[int, str]) -> Any:
+            return remote.options(max_restarts=0).remote(
+                str(src.folder), srcs, "cpu", c.block_size, blocks, c.max_adapter_slots, scenario.seed, threads)
+        proxy = RayReplica(replica_id, spawn, sources)
+        ray.get(proxy.actor.ready.remote())
+        return proxy
+
+    return make
+
+
+def ray_run_hooks(scenario: Any, address: str = "local") -> tuple[Callable[[int], Any], Callable[[Any], None]]:
+    """(executor_factory, on_created) for `dlora.live.driver.run` on Ray: the factory makes one
+    actor proxy per replica; `on_created(live)` makes a restarted actor rejoin its replica."""
+    make = ray_executor_factory(scenario, address)
+    proxies: list[RayReplica] = []
+
+    def factory(replica_id: int) -> RayReplica:
+        proxy = make(replica_id)
+        proxies.append(proxy)
+        return proxy
+
+    def on_created(live: LiveCluster) -> None:
+        revive = reviver(live)
+        for proxy in proxies:
+            proxy.on_restarted = revive
+
+    return factory, on_created
