@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 
 from ..types import (
     Action,
@@ -62,7 +61,7 @@ class Cluster:
         )
 
     def view(self, now: float) -> ClusterView:
-        return ClusterView(now, tuple(replace(r.view(now), backlog_s=r.backlog_s()) for r in self.replicas))
+        return ClusterView(now, tuple(r.view(now) for r in self.replicas))
 
     def submit(self, request: Request, now: float) -> ReplicaScheduler | None:
         """Dispatch an arriving request; returns its replica, or None if rejected."""

@@ -89,6 +89,7 @@ class ReplicaScheduler(RoomMaker):
         self.adapter_last_used: dict[int, int] = {}
         self.stats = ReplicaStats()
         self._pending_free: list[int] = []
+        self._rpa: tuple[tuple[int | None, int], ...] | None = None
         self._pending_loads: list[int] = []
         self._pending_evicts: list[int] = []
         self._incoming_kv: dict[int, int] = {}  # request id -> KV tokens arriving by transfer
@@ -120,6 +121,7 @@ class ReplicaScheduler(RoomMaker):
         self._keys.insert(i, key)
         self.unfinished.insert(i, request)
         self.outstanding[request.adapter_id] += 1
+        self._rpa = None
         self.work.add(request)
 
     def remove(self, request: Request) -> None:
@@ -129,6 +131,7 @@ class ReplicaScheduler(RoomMaker):
         del self.unfinished[i]
         del self._keys[i]
         self.outstanding[request.adapter_id] -= 1
+        self._rpa = None
         self.work.remove(request)
         if self.memory.release(request.id) or self.memory.drop_swapped(request.id):
             self._pending_free.append(request.id)
@@ -240,7 +243,8 @@ class ReplicaScheduler(RoomMaker):
                 blocks = mem.blocks_for(r.computed_tokens + new) - mem.held(r.id)
             if blocks:
                 mem.allocate(r.id, blocks)
-            free_bytes = mem.free_bytes
+            if blocks or adapter_bytes or swap_in:
+                free_bytes = mem.free_bytes
             r.status = RequestStatus.RUNNING
             protect.add(r.id)
             if r.first_scheduled_s is None:
@@ -308,6 +312,7 @@ class ReplicaScheduler(RoomMaker):
         del self.unfinished[i]
         del self._keys[i]
         self.outstanding[r.adapter_id] -= 1
+        self._rpa = None
         self.memory.release(r.id)
         self.memory.drop_swapped(r.id)
         self._pending_free.append(r.id)
@@ -352,9 +357,18 @@ class ReplicaScheduler(RoomMaker):
             kv_blocks_total=self.memory.kv_capacity_blocks,
             resident_adapters=frozenset(self.memory.adapters), merged_adapter=self.merged_adapter,
             queued_work_s=self.work.seconds(len(self.unfinished)),
-            requests_per_adapter=tuple(sorted(((a, n) for a, n in self.outstanding.items() if n > 0), key=lambda x: (x[0] is None, x[0] or 0))),
+            requests_per_adapter=self._requests_per_adapter(),
+            backlog_s=self.backlog_s(),
             adapter_slots_free=(slots - len(self.memory.adapters)) if slots is not None else 1 << 30,
         )
+
+    def _requests_per_adapter(self) -> tuple[tuple[int | None, int], ...]:
+        """(adapter, unfinished requests) sorted by adapter (None last); cached until a request
+        is added or leaves."""
+        if self._rpa is None:
+            self._rpa = tuple(sorted(((a, n) for a, n in self.outstanding.items() if n > 0),
+                                     key=lambda x: (x[0] is None, x[0] or 0)))
+        return self._rpa
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.stats.as_dict())

@@ -51,15 +51,19 @@ class WorkEstimator:
 
     def add(self, r: Request) -> None:
         self.count += 1
-        self.generated_tokens += r.generated_tokens
-        if r.uncomputed_tokens > 1:
-            self.prefill_tokens += r.uncomputed_tokens
+        g = r.generated_tokens
+        self.generated_tokens += g
+        uncomputed = r.prompt_tokens + g - r.computed_tokens  # r.uncomputed_tokens, inlined (hot)
+        if uncomputed > 1:
+            self.prefill_tokens += uncomputed
 
     def remove(self, r: Request) -> None:
         self.count -= 1
-        self.generated_tokens -= r.generated_tokens
-        if r.uncomputed_tokens > 1:
-            self.prefill_tokens -= r.uncomputed_tokens
+        g = r.generated_tokens
+        self.generated_tokens -= g
+        uncomputed = r.prompt_tokens + g - r.computed_tokens
+        if uncomputed > 1:
+            self.prefill_tokens -= uncomputed
 
     def decode_s_per_token(self, batch_size: int) -> float:
         b = max(1, min(batch_size, self.max_batch_size))

@@ -116,12 +116,12 @@ class _Sim:
             finished = rep.complete(batch, result, env.now)
             if self.measure:
                 self.sched_wall_s += time.perf_counter() - t0
-            if self.fast is not None and not finished:
-                yield from self._jump(rep, batch)
             if finished:
                 self.cluster.on_finished(finished)
                 self._count_done(len(finished))
                 self._sample(rep)
+            if self.fast is not None and rep.unfinished:
+                yield from self._jump(rep)
 
     def migration(self):
         interval = self.migrator.interval_s
@@ -143,14 +143,15 @@ class _Sim:
             for rep in self.cluster.place(env.now):
                 self._wake(rep.id)
 
-    def _jump(self, rep: ReplicaScheduler, batch):
-        """Cover identical decode iterations after `batch` with one event (see fastpath.py)."""
+    def _jump(self, rep: ReplicaScheduler):
+        """Cover the identical decode iterations that follow with one event (see fastpath.py)."""
         assert self.fast is not None
         env = self.env
-        jump = self.fast.plan(rep, batch, float(env.now), self.scenario.run.horizon_s)
+        jump = self.fast.plan(rep, float(env.now), self.scenario.run.horizon_s)
         if jump is None:
             return
         self.jumps[rep.id] = jump
+        self.cluster.in_flight[rep.id] = jump.batch.request_ids
         self.fast.jumps += 1
         wake = env.event()
         self.wake[rep.id] = wake

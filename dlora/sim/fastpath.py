@@ -21,7 +21,7 @@ import simpy
 from ..core.batching import QueueView
 from ..core.replica import ReplicaScheduler
 from ..profile import LatencyModel
-from ..types import Adapter, Batch, BatchMode
+from ..types import Adapter, Batch, BatchItem, BatchMode, RequestStatus
 
 MIN_JUMP = 2
 MAX_JUMP = 4096
@@ -60,25 +60,36 @@ class FastPath:
         self.jumps = 0
         self.jumped_iterations = 0
 
-    def eligible(self, rep: ReplicaScheduler, batch: Batch) -> bool:
-        if (batch.is_switch or batch.load_adapters or batch.evict_adapters or batch.swap_in
-                or batch.swap_out or batch.free_requests or batch.transfer_in):
-            return False
-        if rep._pending_free or rep._pending_loads or rep._pending_evicts:
-            return False
-        if not all(it.new_tokens == 1 and it.samples for it in batch.items):
-            return False
+    def next_decode_batch(self, rep: ReplicaScheduler) -> Batch | None:
+        """The batch the replica would run next if it is a pure decode of requests that already
+        hold their KV, with no memory action or switch pending and a plan the policy declares
+        stationary; else None."""
+        if rep._pending_free or rep._pending_loads or rep._pending_evicts or rep._incoming_kv:
+            return None
         queue = QueueView(rep.unfinished, rep.merged_adapter, rep.config.max_batch_size, rep.step)
         plan = rep.policy.plan(queue, 0.0)
-        if plan.mode != batch.mode or len(plan.requests) != len(batch.requests):
-            return False
-        if any(a is not b for a, b in zip(plan.requests, batch.requests, strict=True)):
-            return False
-        return rep.policy.is_stationary(queue, plan)
+        merged = plan.merged_adapter if plan.mode == BatchMode.MERGED else None
+        if not plan.requests or merged != rep.merged_adapter:
+            return None
+        if len(plan.requests) > rep.config.max_batched_tokens:
+            return None
+        items = []
+        resident = rep.memory.adapters
+        for r in plan.requests:
+            if r.status != RequestStatus.RUNNING or r.prompt_tokens + r.generated_tokens - r.computed_tokens != 1:
+                return None
+            if r.adapter_id is not None and r.adapter_id not in resident:
+                return None  # admission would have to load it (and may fail to)
+            items.append(BatchItem(r.id, r.adapter_id, r.computed_tokens, 1, True))
+        if not rep.policy.is_stationary(queue, plan):
+            return None
+        return Batch(replica=rep.id, step=rep.step, mode=plan.mode, merged_adapter=merged,
+                     items=tuple(items), requests=tuple(plan.requests), forced_by_credit=plan.forced_by_credit)
 
-    def plan(self, rep: ReplicaScheduler, batch: Batch, now: float, horizon: float | None) -> Jump | None:
-        """The jump that follows `batch` (just completed at `now`), or None."""
-        if not self.eligible(rep, batch):
+    def plan(self, rep: ReplicaScheduler, now: float, horizon: float | None) -> Jump | None:
+        """The jump of identical decode iterations starting at `now`, or None."""
+        batch = self.next_decode_batch(rep)
+        if batch is None:
             return None
         reqs = batch.requests
         max_iters = min(min(r.remaining_output_tokens for r in reqs) - 1, MAX_JUMP)  # none may finish
@@ -98,7 +109,7 @@ class FastPath:
         times: list[float] = []
         ends: list[float] = []
         end = now
-        decode_ctx = shape.decode_context_tokens
+        decode_ctx = shape.decode_context_tokens - n  # the loop adds n before each iteration
         total_need = sum(-(-(c + max_iters) // block) - -(-c // block) for c in ctx)
         check_memory = total_need > free_blocks  # else every iteration's blocks fit
         for _ in range(max_iters):
@@ -165,6 +176,11 @@ class FastPath:
                 stats.merged_iterations += done
             else:
                 stats.unmerged_iterations += done
+            if jump.batch.forced_by_credit:
+                stats.credit_forced_batches += done
+            for it in jump.batch.items:  # as _admit records each iteration's adapters
+                if it.adapter_id is not None:
+                    rep.adapter_last_used[it.adapter_id] = rep.step - 1
             rep.policy.observe_repeated(jump.batch, jump.times[first:jump.applied])
             self.jumped_iterations += done
 

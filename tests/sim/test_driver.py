@@ -58,6 +58,9 @@ def test_same_seed_same_bytes_other_seed_differs():
     ("cluster.replicas=1", "workload.arrival.rate_per_s=3", "cluster.preemption=recompute"),
     ("run.horizon_s=15",),
     ("workload.arrival.kind=gamma", "workload.arrival.cv=3", "policies.dispatch=round_robin"),
+    ("policies.batching=credit", "workload.popularity.alpha=2", "cluster.replicas=2"),
+    ("policies.batching=vllm", "cluster.replicas=2", "adapters.count=12"),
+    ("policies.batching=peft", "cluster.max_adapter_slots=4", "cluster.memory_fraction=0.02"),
 ])
 def test_fast_path_is_identical_to_stepping_every_iteration(sets):
     slow, fast = run(*sets, "run.fast_path=false"), run(*sets, "run.fast_path=true")
