@@ -276,6 +276,7 @@ def validate_cmd(
     out_dir: OutOpt = None,
     overrides: SetOpt = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda if available)")] = None,
+    repeats: Annotated[int, typer.Option("--repeats", min=1, help="live runs to average (the simulator is deterministic)")] = 1,
 ) -> None:
     """Run a scenario live, simulate the identical requests with its profile, compare side by side."""
     from rich.table import Table
@@ -285,15 +286,17 @@ def validate_cmd(
 
     try:
         sc = load_scenario(scenario, overrides or [])
-        result = validate(sc, out_dir, device=device)
+        result = validate(sc, out_dir, device=device, repeats=repeats)
     except DloraError as exc:
         fail(str(exc))
         return
     table = Table(title=f"{sc.name}: live vs simulated ({Path(result.profile).name})", header_style="bold")
-    for col in ("metric", "live", "simulated", "rel. error", "goal"):
+    table.add_column("metric", justify="right", no_wrap=True)
+    for col in ("live", "live min-max", "simulated", "rel. error", "goal"):
         table.add_column(col, justify="right")
     for r in result.rows:
-        table.add_row(r.metric, "-" if r.live is None else f"{r.live:.4g}",
+        spread = "-" if r.live_min is None or r.live_max is None else f"{r.live_min:.3g}-{r.live_max:.3g}"
+        table.add_row(r.metric, "-" if r.live is None else f"{r.live:.4g}", spread,
                       "-" if r.simulated is None else f"{r.simulated:.4g}",
                       "-" if r.rel_error is None else f"{r.rel_error * 100:+.1f}%",
                       "" if r.goal is None else f"<= {r.goal * 100:.0f}% {'ok' if r.meets_goal else 'missed'}")
