@@ -21,6 +21,16 @@ out = Console()
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a scenario field: key.path=value")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="output folder (report.json, requests.csv, plots)")]
+RequestsPerRateOpt = Annotated[float, typer.Option(
+    "--requests-per-rate", help="requests per probe = this x rate (paper: 100); 0 keeps num_requests")]
+
+
+def write_json(out_dir: Path, name: str, data: Any) -> None:
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+    err.print(f"wrote {name} to {out_dir}", highlight=False)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -79,12 +89,11 @@ def capacity(
     high: Annotated[float, typer.Option("--high", help="first upper rate (doubled while it passes)")] = 16.0,
     tol: Annotated[float, typer.Option("--tol", help="stop when the bracket is this narrow (req/s)")] = 0.5,
     rate_key: Annotated[str, typer.Option("--rate-key", help="key path of the rate")] = "workload.arrival.rate_per_s",
-    requests_per_rate: Annotated[float, typer.Option("--requests-per-rate", help="requests per probe = this x rate (paper: 100); 0 keeps num_requests")] = 100.0,
+    requests_per_rate: RequestsPerRateOpt = 100.0,
     overrides: SetOpt = None,
     out_dir: OutOpt = None,
 ) -> None:
     """Throughput under the SLO: the largest rate whose mean latency per token meets it, per variant."""
-    import json
 
     from rich.table import Table
 
@@ -110,10 +119,7 @@ def capacity(
         table.add_row(name or sc.name, f"{res.rate:.3g}", steps)
     out.print(table)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        data = {"scenario": sc.name, "variants": {k: v.as_dict() for k, v in results.items()}}
-        (out_dir / "capacity.json").write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-        err.print(f"wrote capacity.json to {out_dir}", highlight=False)
+        write_json(out_dir, "capacity.json", {"scenario": sc.name, "variants": {k: v.as_dict() for k, v in results.items()}})
 
 
 @app.command("run")
@@ -324,12 +330,11 @@ def plan(
     target_rate: Annotated[float, typer.Option("--target-rate", help="offered load to serve (req/s)")],
     min_replicas: Annotated[int, typer.Option("--min-replicas", help="smallest replica count to try")] = 1,
     max_replicas: Annotated[int, typer.Option("--max-replicas", help="largest replica count to try")] = 256,
-    requests_per_rate: Annotated[float, typer.Option("--requests-per-rate", help="requests per probe = this x rate (paper: 100); 0 keeps num_requests")] = 100.0,
+    requests_per_rate: RequestsPerRateOpt = 100.0,
     overrides: SetOpt = None,
     out_dir: OutOpt = None,
 ) -> None:
     """Capacity planning: the fewest replicas, and the policy, that keep the SLO at a target rate."""
-    import json
 
     from rich.table import Table
 
@@ -364,9 +369,7 @@ def plan(
     else:
         out.print(f"answer: {ans.replicas} replicas with {ans.variant}")
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "plan.json").write_text(json.dumps({"scenario": sc.name, **result.as_dict()}, indent=2, sort_keys=True) + "\n")
-        err.print(f"wrote plan.json to {out_dir}", highlight=False)
+        write_json(out_dir, "plan.json", {"scenario": sc.name, **result.as_dict()})
     if ans is None:
         raise typer.Exit(1)
 

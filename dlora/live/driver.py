@@ -17,13 +17,11 @@ from typing import Any
 import numpy as np
 
 from ..build import load_latency, make_adapters, make_cluster
-from ..core.cluster import Cluster
-from ..core.migration import Migrator
 from ..errors import ConfigError
 from ..metrics import Report
 from ..output import write_outputs
 from ..scenario import Scenario
-from ..sim.report import build_report
+from ..sim.report import RunResult, build_report
 from ..sim.run import Outcome
 from ..types import Adapter, Executor, Request
 from ..workload import build_requests
@@ -36,18 +34,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class LiveResult:
-    """What a live run produced; the fields `build_report` reads match `SimResult`'s."""
+class LiveResult(RunResult):
+    """What a live run produced: a run's result plus the live driver's own statistics."""
 
-    scenario: Scenario
-    requests: list[Request]
-    cluster: Cluster
-    migrator: Migrator
-    adapters: dict[int, Adapter]
-    end_s: float
-    wall_s: float
-    queue_samples: list[list[tuple[float, int]]] = field(default_factory=list)
-    batch_log: list[tuple[int, int, str, int | None, tuple[int, ...]]] | None = None
     live: dict[str, Any] = field(default_factory=dict)
 
 

@@ -11,37 +11,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import simpy
 
 from ..build import load_latency, make_adapters, make_cluster
-from ..core.cluster import Cluster
-from ..core.migration import Migrator
 from ..core.replica import ReplicaScheduler
 from ..profile import LatencyModel
 from ..scenario import Scenario
-from ..types import Adapter, Executor, Request
+from ..types import Executor, Request
 from ..workload import build_requests
 from .executor import ProfiledExecutor
 from .fastpath import FastPath, Jump, at
+from .report import RunResult
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class SimResult:
-    scenario: Scenario
-    requests: list[Request]
-    cluster: Cluster
-    migrator: Migrator
-    adapters: dict[int, Adapter]
-    end_s: float
-    wall_s: float
-    queue_samples: list[list[tuple[float, int]]] = field(default_factory=list)
-    batch_log: list[tuple[int, int, str, int | None, tuple[int, ...]]] | None = None
+class SimResult(RunResult):
     # with measure_scheduler: wall seconds of schedule() + complete() per scheduled iteration,
     # times every iteration (jumped ones included: a live system schedules each of them)
     scheduler_wall_s: float = 0.0

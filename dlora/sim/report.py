@@ -3,29 +3,28 @@ and migration decisions)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from dataclasses import dataclass, field
 
 from ..core.cluster import Cluster
 from ..core.migration import Migrator
 from ..metrics import Report, replica_rows, summarize
 from ..scenario import Scenario
-from ..types import Request
+from ..types import Adapter, Request
 
 
-class RunResult(Protocol):
-    """What the report reads of a run: `SimResult` and the live driver's `LiveResult`."""
+@dataclass
+class RunResult:
+    """What a run (simulated: `SimResult`, live: `LiveResult`) produced; the report reads it."""
 
-    @property
-    def scenario(self) -> Scenario: ...
-    @property
-    def requests(self) -> Sequence[Request]: ...
-    @property
-    def cluster(self) -> Cluster: ...
-    @property
-    def migrator(self) -> Migrator: ...
-    @property
-    def end_s(self) -> float: ...
+    scenario: Scenario
+    requests: list[Request]
+    cluster: Cluster
+    migrator: Migrator
+    adapters: dict[int, Adapter]
+    end_s: float
+    wall_s: float
+    queue_samples: list[list[tuple[float, int]]] = field(default_factory=list)
+    batch_log: list[tuple[int, int, str, int | None, tuple[int, ...]]] | None = None
 
 
 def build_report(result: RunResult) -> Report:

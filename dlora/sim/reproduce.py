@@ -75,6 +75,14 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def sweep_table(rows: list[dict[str, Any]], parameter: str, metric: str) -> dict[Any, dict[str, Any]]:
+    """{parameter value: {variant: metric}} from a sweep's rows."""
+    table: dict[Any, dict[str, Any]] = {}
+    for r in rows:
+        table.setdefault(r[parameter], {})[r["variant"]] = r[metric]
+    return table
+
+
 # ---------------------------------------------------------------- Fig. 2b
 def fig2b(s: Settings) -> Figure:
     from .driver import simulate
@@ -163,9 +171,7 @@ def fig10(s: Settings) -> Figure:
     sc = _load("fig10-dynamic-batching.yaml", sets)
     outcome = run_sweep(sc, s.out_dir / "fig10")
     f.plots += [p for p in outcome.paths if p.suffix == ".png"]
-    by_alpha: dict[Any, dict[str, float]] = {}
-    for r in outcome.sweep_rows:
-        by_alpha.setdefault(r["workload.popularity.alpha"], {})[r["variant"]] = r["latency_per_token_s.mean"]
+    by_alpha = sweep_table(outcome.sweep_rows, "workload.popularity.alpha", "latency_per_token_s.mean")
     f.columns = ["alpha", "unmerged_only", "merged_only", "credit", "worse baseline / credit"]
     ok = True
     for alpha, v in by_alpha.items():
@@ -212,9 +218,7 @@ def fig11b(s: Settings) -> Figure:
     sets = ["workload.num_requests=300", "sweep.values=[1, 4, 8]"] if s.quick else []
     outcome = run_sweep(_load("fig11b-length-scaling.yaml", sets), s.out_dir / "fig11b")
     f.plots += [p for p in outcome.paths if p.suffix == ".png"]
-    table: dict[Any, dict[str, float]] = {}
-    for r in outcome.sweep_rows:
-        table.setdefault(r["workload.lengths.scale"], {})[r["variant"]] = r["latency_per_token_s.mean"]
+    table = sweep_table(outcome.sweep_rows, "workload.lengths.scale", "latency_per_token_s.mean")
     f.columns = ["length scale", "round_robin", "dlora"]
     f.rows = [{"length scale": k, **v} for k, v in table.items()]
     scales = sorted(table)
@@ -238,9 +242,7 @@ def fig12(s: Settings) -> Figure:
         "peft: {policies.batching: {name: peft}, policies.dispatch: {name: round_robin, params: {placement: round_robin}}, policies.migration: {name: none}}}"])
     outcome = run_sweep(sc, s.out_dir / "fig12")
     f.plots += [p for p in outcome.paths if p.suffix == ".png"]
-    table: dict[Any, dict[str, float]] = {}
-    for r in outcome.sweep_rows:
-        table.setdefault(r["adapters.count"], {})[r["variant"]] = r["throughput_rps"]
+    table = sweep_table(outcome.sweep_rows, "adapters.count", "throughput_rps")
     f.columns = ["adapters", "dlora", "vllm", "peft"]
     f.rows = [{"adapters": k, **v} for k, v in table.items()]
     counts = sorted(table)
