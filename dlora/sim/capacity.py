@@ -2,8 +2,8 @@
 per output token stays within `slo.latency_per_token_s`, found by bisection over rates.
 
 A probe simulates the scenario at one rate (issuing `requests_per_rate * rate` requests, the
-paper's 100 x rate, when set) and passes when every request completed (unfinished at the
-horizon is a violation) and the mean latency per token is within the SLO. The search expands
+paper's 100 x rate, when set) and passes when every request completed by twice the last arrival
+time (the cluster keeps up with the rate) and the mean latency per token is within the SLO. The search expands
 the bracket upward while `high` still passes, then bisects until the bracket is narrower than
 `tol` (req/s). Deterministic: the same scenario gives the same path. Capacity planning reuses
 `max_rate_under_slo`.
@@ -29,6 +29,7 @@ from .report import build_report
 log = logging.getLogger(__name__)
 RATE_KEY = "workload.arrival.rate_per_s"
 STOP_CHECK_S = 5.0  # simulated seconds between early-stop checks of a probe
+DRAIN_FACTOR = 2.0  # a probe's requests must finish by this multiple of its last arrival
 HORIZON_FACTOR: float | None = None  # probes run to completion; `slo_lost` stops lost ones early
 
 
@@ -95,13 +96,25 @@ def probe(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
     return Probe(float(rate), mean, ok, summary["completed"], summary["unfinished"])
 
 
-def slo_lost(slo_latency_per_token_s: float) -> Callable[[float, list[Request]], bool]:
-    """A stop check for probes: True once the mean latency per token must exceed the SLO
-    whatever happens next. Each unfinished request will have latency >= now - arrival over its
-    (known, to the judge) output length; finished ones are final; requests not yet arrived are
-    counted as 0, so the bound is a true lower bound of the final mean."""
+def slo_lost(slo_latency_per_token_s: float, drain_factor: float | None = DRAIN_FACTOR
+             ) -> Callable[[float, list[Request]], bool]:
+    """A stop check for probes: True once the probe has failed whatever happens next.
+
+    - Sustainability: with `drain_factor`, a rate the cluster cannot keep up with fails when
+      work is still unfinished at `drain_factor` x the last arrival time. (Without it, a short
+      probe at any rate drains its fixed backlog eventually, and with the paper's loose
+      0.5 s/token SLO a cluster overloaded several-fold would still "meet" it.)
+    - The SLO: each unfinished request will have latency >= now - arrival over its (known, to
+      the judge) output length; finished ones are final; requests not yet arrived count 0, so
+      this is a true lower bound of the final mean latency per token."""
+    last_arrival: list[float] = []
 
     def check(now: float, requests: list[Request]) -> bool:
+        if drain_factor is not None and requests:
+            if not last_arrival:
+                last_arrival.append(max(r.arrival_s for r in requests))
+            if now > drain_factor * last_arrival[0] + 1.0 and not all(r.is_done for r in requests):
+                return True
         total = 0.0
         for r in requests:
             if r.finish_s is not None:
