@@ -2,8 +2,8 @@
 per output token stays within `slo.latency_per_token_s`, found by bisection over rates.
 
 A probe simulates the scenario at one rate (issuing `requests_per_rate * rate` requests, the
-paper's 100 x rate, when set) and passes when every request completed by twice the last arrival
-time (the cluster keeps up with the rate) and the mean latency per token is within the SLO. The search expands
+paper's 100 x rate, when set) and passes when every request completed by about twice the last
+arrival time (the cluster keeps up with the rate) and the mean latency per token is within the SLO. The search expands
 the bracket upward while `high` still passes, then bisects until the bracket is narrower than
 `tol` (req/s). Deterministic: the same scenario gives the same path. Capacity planning reuses
 `max_rate_under_slo`.
@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..build import load_latency
 from ..config import set_path, to_plain
 from ..errors import ConfigError
 from ..scenario import Scenario, scenario_from_dict, sweep_points
-from ..types import Request
+from ..types import BatchMode, Request
 from .driver import simulate
 from .report import build_report
 
@@ -88,7 +89,10 @@ def probe(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
     """Simulate at one rate and judge it against the scenario's SLO."""
     sc = scenario_at_rate(scenario, rate, rate_key, requests_per_rate)
     slo = scenario.slo.latency_per_token_s
-    summary = build_report(simulate(sc, stop_check=(slo_lost(slo), STOP_CHECK_S))).summary
+    latency = load_latency(sc)
+    token_s = latency.decode_step_s(sc.cluster.max_batch_size, 512, BatchMode.UNMERGED,
+                                    num_adapters=min(4, sc.cluster.max_batch_size))
+    summary = build_report(simulate(sc, stop_check=(slo_lost(slo, token_s=token_s), STOP_CHECK_S))).summary
     mean = summary["latency_per_token_s"]["mean"]
     ok = (summary["unfinished"] == 0 and summary["completed"] > 0 and mean is not None
           and mean <= scenario.slo.latency_per_token_s)
@@ -96,24 +100,27 @@ def probe(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
     return Probe(float(rate), mean, ok, summary["completed"], summary["unfinished"])
 
 
-def slo_lost(slo_latency_per_token_s: float, drain_factor: float | None = DRAIN_FACTOR
-             ) -> Callable[[float, list[Request]], bool]:
+def slo_lost(slo_latency_per_token_s: float, drain_factor: float | None = DRAIN_FACTOR,
+             token_s: float = 0.0) -> Callable[[float, list[Request]], bool]:
     """A stop check for probes: True once the probe has failed whatever happens next.
 
     - Sustainability: with `drain_factor`, a rate the cluster cannot keep up with fails when
-      work is still unfinished at `drain_factor` x the last arrival time. (Without it, a short
+      work is still unfinished at `drain_factor` x the last arrival time plus the longest
+      request's own decode time (its output tokens x `token_s`, the profile's step time of a
+      full batch). (Without it, a short
       probe at any rate drains its fixed backlog eventually, and with the paper's loose
       0.5 s/token SLO a cluster overloaded several-fold would still "meet" it.)
     - The SLO: each unfinished request will have latency >= now - arrival over its (known, to
       the judge) output length; finished ones are final; requests not yet arrived count 0, so
       this is a true lower bound of the final mean latency per token."""
-    last_arrival: list[float] = []
+    deadline: list[float] = []
 
     def check(now: float, requests: list[Request]) -> bool:
         if drain_factor is not None and requests:
-            if not last_arrival:
-                last_arrival.append(max(r.arrival_s for r in requests))
-            if now > drain_factor * last_arrival[0] + 1.0 and not all(r.is_done for r in requests):
+            if not deadline:
+                deadline.append(drain_factor * max(r.arrival_s for r in requests)
+                                + token_s * max(r.output_tokens for r in requests))
+            if now > deadline[0] and not all(r.is_done for r in requests):
                 return True
         total = 0.0
         for r in requests:

@@ -35,12 +35,12 @@ class Settings:
 
     @property
     def requests_per_rate(self) -> float:
-        return 20.0 if self.quick else 100.0
+        return 30.0 if self.quick else 100.0
 
     @property
     def rel_tol(self) -> float:
         """Stop bisecting when the bracket is this share of the rate."""
-        return 0.25 if self.quick else 0.05
+        return 0.1 if self.quick else 0.05
 
     def on_probe(self, variant: str, p: Any) -> None:
         lat = "-" if p.latency_per_token_s is None else f"{p.latency_per_token_s:.3g}"
@@ -128,7 +128,7 @@ def fig9(s: Settings) -> Figure:
     panels = ["7B", "13B", "70B"]
     for panel in panels:
         for wl in workloads:
-            if s.quick and (panel == "13B" or (panel != "7B" and wl == "azure")):
+            if s.quick and panel != "7B" and wl == "azure":
                 continue
             sets = list(PANELS[panel])
             if s.quick:  # an eighth-size cluster with proportionally fewer adapters
@@ -136,7 +136,7 @@ def fig9(s: Settings) -> Figure:
                 sets += [f"cluster.replicas={n}", f"adapters.count={16 if panel != '70B' else 8}"]
             sc = _load(f"fig9-{wl}.yaml", sets)
             s.progress(f"fig9 {panel} {wl}: capacity search over 4 systems")
-            caps = capacity_by_variant(sc, low=0.25, high=2.0 * sc.cluster.replicas, tol=0.25,
+            caps = capacity_by_variant(sc, low=0.1, high=2.0 * sc.cluster.replicas, tol=0.1,
                                        requests_per_rate=s.requests_per_rate, on_probe=s.on_probe,
                                        rel_tol=s.rel_tol)
             rate = {k: v.rate for k, v in caps.items()}
@@ -158,7 +158,7 @@ def fig9(s: Settings) -> Figure:
     ]
     if s.quick:
         f.deviations.append("Quick mode: clusters of 4 replicas (70B: 2) with proportionally fewer adapters, "
-                            "20 x rate requests per probe, bisection to 25%; panels 7B (both workloads) and 70B (Gamma).")
+                            "30 x rate requests per probe, bisection to 10%; the Azure trace panel only for 7B.")
     return f
 
 
@@ -207,7 +207,7 @@ def fig11a(s: Settings) -> Figure:
               f"{_fmt(rate['dlora'] / rate['proactive'])}x proactive.")
     f.shape_matches = rate["dlora"] >= rate["proactive"] >= rate["round_robin"]
     if s.quick:
-        f.deviations.append("Quick mode: 4 replicas and 16 adapters, 20 x rate requests per probe, bisection to 25%.")
+        f.deviations.append("Quick mode: 4 replicas and 16 adapters, 30 x rate requests per probe, bisection to 10%.")
     return f
 
 
