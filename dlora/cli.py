@@ -292,5 +292,7 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m dlora.cli`: run the imported module's app (cli_sim
+    from dlora.cli import main as _main  # registers its commands there, not on __main__)
+
+    _main()
