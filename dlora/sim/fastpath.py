@@ -144,6 +144,7 @@ class FastPath:
         stats = rep.stats
         k = len(jump.times)
         first = jump.applied
+        adapters = [it.adapter_id for it in jump.batch.items if it.adapter_id is not None]
         while jump.applied < k and (jump.applied == 0 or jump.ends[jump.applied - 1] <= now):
             i = jump.applied
             if jump.allocated <= i:
@@ -154,6 +155,11 @@ class FastPath:
                 for r in reqs:
                     if (r.computed_tokens + offset) % block == 0:
                         mem.allocate(r.id, 1)
+                # and, as `_admit` does when it schedules an iteration, stamp its adapters and
+                # count the step (an observer sees the iteration in flight as scheduled)
+                for a in adapters:
+                    rep.adapter_last_used[a] = rep.step
+                rep.step += 1
                 jump.allocated = i + 1
             if jump.ends[i] > now:
                 break
@@ -169,7 +175,6 @@ class FastPath:
                 r.computed_tokens += done
                 r.generated_tokens += done
             rep.work.generated_tokens += n * done
-            rep.step += done
             stats.iterations += done
             stats.batched_requests += n * done
             if jump.batch.mode == BatchMode.MERGED:
@@ -178,9 +183,6 @@ class FastPath:
                 stats.unmerged_iterations += done
             if jump.batch.forced_by_credit:
                 stats.credit_forced_batches += done
-            for it in jump.batch.items:  # as _admit records each iteration's adapters
-                if it.adapter_id is not None:
-                    rep.adapter_last_used[it.adapter_id] = rep.step - 1
             rep.policy.observe_repeated(jump.batch, jump.times[first:jump.applied])
             self.jumped_iterations += done
 

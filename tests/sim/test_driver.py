@@ -61,6 +61,9 @@ def test_same_seed_same_bytes_other_seed_differs():
     ("policies.batching=credit", "workload.popularity.alpha=2", "cluster.replicas=2"),
     ("policies.batching=vllm", "cluster.replicas=2", "adapters.count=12"),
     ("policies.batching=peft", "cluster.max_adapter_slots=4", "cluster.memory_fraction=0.02"),
+    # placement replans (adapter prefetches) land on replicas in the middle of jumps
+    ("policies.dispatch.name=dlora", "policies.dispatch.params.placement_interval_s=3",
+     "cluster.max_adapter_slots=8", "adapters.count=24", "workload.arrival.rate_per_s=12"),
 ])
 def test_fast_path_is_identical_to_stepping_every_iteration(sets):
     slow, fast = run(*sets, "run.fast_path=false"), run(*sets, "run.fast_path=true")
