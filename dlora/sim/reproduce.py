@@ -263,7 +263,7 @@ def fig13(s: Settings) -> Figure:
 
     f = Figure("fig13", "Fig. 13: overheads of dLoRA's decisions",
                "Solver time is 0.2-2.3% of run time and mode switching 0.8-1.8%.")
-    sets = ["policies.batching=credit", "workload.num_requests=800" if s.quick else "workload.num_requests=2400",
+    sets = ["policies.batching=credit", "workload.num_requests=2400",
             "workload.arrival.rate_per_s=20"]
     sc = _load("fig11a-load-balancing.yaml", sets)
     t0 = time.perf_counter()
