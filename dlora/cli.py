@@ -33,6 +33,14 @@ def write_json(out_dir: Path, name: str, data: Any) -> None:
     err.print(f"wrote {name} to {out_dir}", highlight=False)
 
 
+def show_outcome(outcome: Any, quiet: bool) -> None:
+    """The table on stdout (unless quiet), the run's notes on stderr."""
+    if not quiet:
+        outcome.print(out)
+    for line in outcome.notes:
+        err.print(line, highlight=False)
+
+
 def fail(message: str, code: int = 2) -> None:
     err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
@@ -76,10 +84,7 @@ def simulate(
     except DloraError as exc:
         fail(str(exc))
         return
-    if not quiet:
-        outcome.print(out)
-    for line in outcome.notes:
-        err.print(line, highlight=False)
+    show_outcome(outcome, quiet)
 
 
 @app.command("run")
@@ -107,10 +112,7 @@ def run_live(
     except DloraError as exc:
         fail(str(exc))
         return
-    if not quiet:
-        outcome.print(out)
-    for line in outcome.notes:
-        err.print(line, highlight=False)
+    show_outcome(outcome, quiet)
     if not ok:
         raise typer.Exit(1)
 

@@ -15,6 +15,13 @@ import numpy as np  # noqa: E402
 from .types import Request, RequestStatus  # noqa: E402
 
 
+def _save(fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_latency_cdf(path: Path, runs: Mapping[str, Sequence[Request]]) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, reqs in runs.items():
@@ -27,10 +34,7 @@ def plot_latency_cdf(path: Path, runs: Mapping[str, Sequence[Request]]) -> Path:
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_queue_lengths(path: Path, samples: Sequence[Sequence[tuple[float, int]]]) -> Path:
@@ -44,10 +48,7 @@ def plot_queue_lengths(path: Path, samples: Sequence[Sequence[tuple[float, int]]
     ax.grid(alpha=0.3)
     if len(samples) <= 12:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep(path: Path, x_label: str, xs: Sequence[Any], series: Mapping[str, Sequence[float | None]],
@@ -64,10 +65,7 @@ def plot_sweep(path: Path, x_label: str, xs: Sequence[Any], series: Mapping[str,
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_bars(path: Path, labels: Sequence[str], series: Mapping[str, Sequence[float]], x_label: str,
@@ -82,7 +80,4 @@ def plot_bars(path: Path, labels: Sequence[str], series: Mapping[str, Sequence[f
     ax.grid(alpha=0.3, axis="y")
     if len(series) > 1:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -27,12 +27,9 @@ from ..config import spec
 from ..types import Adapter, BatchMode
 from .batching import (
     BATCH_POLICIES,
-    Plan,
+    OldestAdapter,
     PolicyContext,
-    QueueView,
     UnmergedOnly,
-    _Simple,
-    first_of_adapter,
 )
 from .memory import MemoryConfig
 
@@ -42,30 +39,8 @@ class VllmParams:
     max_models: int = spec(4, ge=1, doc="full models resident per GPU (paper: 4 for 7B, 2 larger)")
 
 
-class _OldestAdapter(_Simple):
-    """The oldest request's adapter and up to `max_batch_size` of its queued requests."""
-
-    mode = BatchMode.MERGED
-
-    def __init__(self, params: object, ctx: PolicyContext) -> None:
-        self.params = params
-        self.ctx = ctx
-
-    def plan(self, queue: QueueView, now: float) -> Plan:
-        if not queue.requests:
-            return Plan(BatchMode.UNMERGED, None, ())
-        adapter = queue.requests[0].adapter_id
-        chosen = first_of_adapter(queue.requests, adapter, queue.max_batch_size)
-        if adapter is None or self.mode == BatchMode.UNMERGED:
-            return Plan(BatchMode.UNMERGED, None, chosen)
-        return Plan(BatchMode.MERGED, adapter, chosen)
-
-    def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
-        return True
-
-
 @BATCH_POLICIES.register("vllm", VllmParams)
-class Vllm(_OldestAdapter):
+class Vllm(OldestAdapter):
     """One merged full model per adapter, at most `max_models` resident, LRU whole-model swaps,
     one model per iteration (module docstring)."""
 
@@ -91,7 +66,7 @@ class Vllm(_OldestAdapter):
 
 
 @BATCH_POLICIES.register("peft")
-class Peft(_OldestAdapter):
+class Peft(OldestAdapter):
     """One adapter per iteration, unmerged (module docstring)."""
 
     mode = BatchMode.UNMERGED

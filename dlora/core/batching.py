@@ -103,12 +103,14 @@ def first_of_adapter(requests: Sequence[Request], adapter: int | None, limit: in
     return out
 
 
-@BATCH_POLICIES.register("merged_only")
-class MergedOnly(_Simple):
-    """Always merged: take the oldest request's adapter and batch its queued requests.
-    Requests of the base model (no adapter) run on clean weights."""
+class OldestAdapter(_Simple):
+    """The oldest request's adapter and up to `max_batch_size` of its queued requests, merged
+    (`mode`) unless they are base-model requests, which run on clean weights."""
+
+    mode = BatchMode.MERGED
 
     def __init__(self, params: Any, ctx: PolicyContext) -> None:
+        self.params = params
         self.ctx = ctx
 
     def plan(self, queue: QueueView, now: float) -> Plan:
@@ -116,9 +118,15 @@ class MergedOnly(_Simple):
             return Plan(BatchMode.UNMERGED, None, ())
         adapter = queue.requests[0].adapter_id
         chosen = first_of_adapter(queue.requests, adapter, queue.max_batch_size)
-        if adapter is None:
+        if adapter is None or self.mode == BatchMode.UNMERGED:
             return Plan(BatchMode.UNMERGED, None, chosen)
         return Plan(BatchMode.MERGED, adapter, chosen)
 
     def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
         return True
+
+
+@BATCH_POLICIES.register("merged_only")
+class MergedOnly(OldestAdapter):
+    """Always merged: take the oldest request's adapter and batch its queued requests.
+    Requests of the base model (no adapter) run on clean weights."""

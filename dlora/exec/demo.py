@@ -90,11 +90,10 @@ def _normal(gen: torch.Generator, shape: tuple[int, ...], std: float) -> torch.T
     return torch.randn(shape, generator=gen) * std
 
 
-def _model(folder: Path, gen: torch.Generator) -> None:
-    from safetensors.torch import save_file
-
+def _module_shapes() -> dict[str, tuple[int, int]]:
+    """(out, in) of every projection of a demo layer."""
     h, i, hd = HIDDEN, INTERMEDIATE, HIDDEN // HEADS
-    shapes = {
+    return {
         "q_proj": (HEADS * hd, h),
         "k_proj": (KV_HEADS * hd, h),
         "v_proj": (KV_HEADS * hd, h),
@@ -103,6 +102,13 @@ def _model(folder: Path, gen: torch.Generator) -> None:
         "up_proj": (i, h),
         "down_proj": (h, i),
     }
+
+
+def _model(folder: Path, gen: torch.Generator) -> None:
+    from safetensors.torch import save_file
+
+    h = HIDDEN
+    shapes = _module_shapes()
     t: dict[str, torch.Tensor] = {"model.embed_tokens.weight": _normal(gen, (VOCAB, h), 1.0)}
     for layer in range(LAYERS):
         p = f"model.layers.{layer}."
@@ -125,11 +131,11 @@ def _model(folder: Path, gen: torch.Generator) -> None:
             "model_type": "llama",
             "hidden_act": "silu",
             "hidden_size": h,
-            "intermediate_size": i,
+            "intermediate_size": INTERMEDIATE,
             "num_hidden_layers": LAYERS,
             "num_attention_heads": HEADS,
             "num_key_value_heads": KV_HEADS,
-            "head_dim": hd,
+            "head_dim": HIDDEN // HEADS,
             "vocab_size": VOCAB,
             "max_position_embeddings": 1024,
             "rms_norm_eps": 1e-5,
@@ -161,16 +167,7 @@ def _adapter(folder: Path, gen: torch.Generator, spec: tuple[Any, ...]) -> None:
 
     r, alpha, rslora, targets, rank_pattern, alpha_pattern = spec
     folder.mkdir(parents=True)
-    h, i, hd = HIDDEN, INTERMEDIATE, HIDDEN // HEADS
-    dims = {
-        "q_proj": (HEADS * hd, h),
-        "k_proj": (KV_HEADS * hd, h),
-        "v_proj": (KV_HEADS * hd, h),
-        "o_proj": (h, HEADS * hd),
-        "gate_proj": (i, h),
-        "up_proj": (i, h),
-        "down_proj": (h, i),
-    }
+    dims = _module_shapes()
     tensors: dict[str, torch.Tensor] = {}
     for layer in range(LAYERS):
         for m in targets:

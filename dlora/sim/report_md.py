@@ -3,14 +3,13 @@ and the deviations, plus the run's provenance."""
 
 from __future__ import annotations
 
-import math
 import subprocess
 from collections.abc import Sequence
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-from .reproduce import Figure
+from .reproduce import Figure, fmt_cell
 
 GENERAL_DEVIATIONS = (
     "All numbers come from the simulator driven by latency profiles; none is a measurement on "
@@ -24,19 +23,9 @@ GENERAL_DEVIATIONS = (
 )
 
 
-def _cell(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        if math.isinf(v):
-            return "inf"
-        return f"{v:.3g}"
-    return str(v)
-
-
 def _table(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[str]:
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    out += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    out += ["| " + " | ".join(fmt_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return out
 
 

@@ -65,7 +65,8 @@ def _load(name: str, sets: list[str]) -> Scenario:
     return load_scenario(PAPER / name, sets)
 
 
-def _fmt(v: Any) -> str:
+def fmt_cell(v: Any) -> str:
+    """A table cell: 3 significant digits, "-" for none, "inf" for an unbounded ratio."""
     if v is None:
         return "-"
     if isinstance(v, float):
@@ -148,7 +149,7 @@ def fig9(s: Settings) -> Figure:
             f.rows.append(row)
     best_v = max(r["dlora/vllm"] for r in f.rows)
     best_p = max(r["dlora/peft"] for r in f.rows)
-    f.ours = (f"dlora's throughput under the SLO is up to {_fmt(best_v)}x vllm's and {_fmt(best_p)}x "
+    f.ours = (f"dlora's throughput under the SLO is up to {fmt_cell(best_v)}x vllm's and {fmt_cell(best_p)}x "
               f"peft's across panels (table).")
     f.shape_matches = all(r["dlora/vllm"] > 1 and r["dlora/peft"] > 1 and r["dlora/slora"] >= 0.95 for r in f.rows)
     f.deviations += [
@@ -181,7 +182,7 @@ def fig10(s: Settings) -> Figure:
     f.shape_matches = ok
     ratios = [r["worse baseline / credit"] for r in f.rows]
     f.ours = (f"credit is best at {'every' if ok else 'not every'} skew; the worse baseline's mean latency "
-              f"per token is {_fmt(min(ratios))}-{_fmt(max(ratios))}x credit's. The derived profile's "
+              f"per token is {fmt_cell(min(ratios))}-{fmt_cell(max(ratios))}x credit's. The derived profile's "
               "unmerged iteration costs only about 1.2x a merged one (segment-grouped kernels), against "
               "1.8x in the paper's artifact, so merging has less to gain (see the issue notes).")
     f.deviations.append("Mean latency per token (s) in the table; the sweep's P90 is in fig10/sweep.json.")
@@ -203,8 +204,8 @@ def fig11a(s: Settings) -> Figure:
     f.columns = ["system", "max rate within SLO (req/s)", "dlora / system"]
     f.rows = [{"system": k, "max rate within SLO (req/s)": v,
                "dlora / system": rate["dlora"] / v if v > 0 else math.inf} for k, v in rate.items()]
-    f.ours = (f"dlora {_fmt(rate['dlora'])} req/s: {_fmt(rate['dlora'] / rate['round_robin'])}x round_robin, "
-              f"{_fmt(rate['dlora'] / rate['proactive'])}x proactive.")
+    f.ours = (f"dlora {fmt_cell(rate['dlora'])} req/s: {fmt_cell(rate['dlora'] / rate['round_robin'])}x round_robin, "
+              f"{fmt_cell(rate['dlora'] / rate['proactive'])}x proactive.")
     f.shape_matches = rate["dlora"] >= rate["proactive"] >= rate["round_robin"]
     if s.quick:
         f.deviations.append("Quick mode: 4 replicas and 16 adapters, 30 x rate requests per probe, bisection to 10%.")
@@ -224,7 +225,7 @@ def fig11b(s: Settings) -> Figure:
     scales = sorted(table)
     growth = {v: table[scales[-1]][v] / table[scales[0]][v] for v in ("round_robin", "dlora")}
     f.ours = (f"From {scales[0]}x to {scales[-1]}x lengths, mean latency per token grows "
-              f"{_fmt(growth['dlora'])}x for dlora and {_fmt(growth['round_robin'])}x for round_robin.")
+              f"{fmt_cell(growth['dlora'])}x for dlora and {fmt_cell(growth['round_robin'])}x for round_robin.")
     f.shape_matches = growth["dlora"] <= growth["round_robin"]
     if s.quick:
         f.deviations.append("Quick mode: 300 requests per point, scales 1, 4 and 8.")
@@ -247,8 +248,8 @@ def fig12(s: Settings) -> Figure:
     f.rows = [{"adapters": k, **v} for k, v in table.items()]
     counts = sorted(table)
     change = {v: table[counts[-1]][v] / table[counts[0]][v] for v in ("dlora", "vllm", "peft")}
-    f.ours = (f"Throughput at {counts[-1]} vs {counts[0]} adapters: dlora x{_fmt(change['dlora'])}, "
-              f"vllm x{_fmt(change['vllm'])}, peft x{_fmt(change['peft'])}.")
+    f.ours = (f"Throughput at {counts[-1]} vs {counts[0]} adapters: dlora x{fmt_cell(change['dlora'])}, "
+              f"vllm x{fmt_cell(change['vllm'])}, peft x{fmt_cell(change['peft'])}.")
     f.shape_matches = change["dlora"] >= 0.9 and change["dlora"] >= max(change["vllm"], change["peft"])
     f.deviations.append("Throughput is completed requests per second at the offered rate (not the SLO search).")
     if s.quick:

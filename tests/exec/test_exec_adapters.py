@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, first_logits, make_request
+from exec_helpers import PROMPTS, first_logits, make_request
 from safetensors.torch import load_file, save_file
 
 from dlora.errors import AdapterError

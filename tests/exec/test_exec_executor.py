@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, Driver, first_logits, make_request
+from exec_helpers import PROMPTS, Driver, first_logits, make_request
 
 from dlora.exec import TorchExecutor
 from dlora.types import Batch, BatchItem, BatchMode, SamplingParams

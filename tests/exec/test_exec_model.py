@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS
+from exec_helpers import PROMPTS
 from safetensors.torch import load_file, save_file
 
 from dlora.errors import ModelError

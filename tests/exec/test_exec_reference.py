@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROMPTS, Driver, first_logits, make_request
+from exec_helpers import PROMPTS, Driver, first_logits, make_request
 
 from dlora.exec import TorchExecutor
 from dlora.exec.demo import DEMO_ADAPTERS

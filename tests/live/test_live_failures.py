@@ -5,7 +5,7 @@ with every replica dead the run ends with each request rejected, none lost."""
 from __future__ import annotations
 
 import pytest
-from conftest import scenario
+from live_helpers import scenario
 
 from dlora.live import MonotonicClock, VirtualClock, build_live_report, run
 from dlora.testing import ScriptedExecutor

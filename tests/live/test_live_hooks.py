@@ -7,7 +7,7 @@ import threading
 from collections import defaultdict
 
 import pytest
-from conftest import SleepingExecutor, scenario, tokens_script
+from live_helpers import SleepingExecutor, scenario, tokens_script
 
 from dlora.errors import DloraError
 from dlora.live import create_live_cluster

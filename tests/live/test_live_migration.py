@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import LIVE_DEMO
+from live_helpers import LIVE_DEMO
 
 from dlora.build import load_latency, make_adapters, make_cluster
 from dlora.live import LiveCluster, VirtualClock

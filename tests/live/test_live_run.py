@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import LIVE_DEMO
+from live_helpers import LIVE_DEMO
 from typer.testing import CliRunner
 
 from dlora.cli import app

@@ -9,7 +9,7 @@ jitter cannot move an arrival across an iteration boundary; each replica's log m
 from __future__ import annotations
 
 import pytest
-from conftest import SleepingExecutor, scenario
+from live_helpers import SleepingExecutor, scenario
 
 from dlora.live import VirtualClock, build_live_report, run
 from dlora.sim.driver import simulate
