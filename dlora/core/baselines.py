@@ -10,12 +10,16 @@
 - `peft`: HuggingFace PEFT with paged attention: one adapter per iteration (`set_adapter`),
   run unmerged through the LoRA side path; the oldest request's adapter and its queued requests.
 - `slora`: S-LoRA: unmerged-only FCFS on the unified pool (KV and adapters share memory even if
-  the scenario asks for a static split), adapters of heterogeneous ranks without padding.
+  the scenario asks for a static split), adapters of heterogeneous ranks without padding, and
+  S-LoRA's admission (`slora/server/router/req_queue.py`): a waiting request is admitted only if
+  the KV of every admitted request at its full output length still fits when each of them
+  finishes, so no request is ever preempted; its adapter is loaded once, at admission.
 
 Policies shape their replica through optional hooks that `ReplicaScheduler` consults at
 construction: `memory_config(config) -> MemoryConfig`, `adapter_size_bytes(adapter) -> int`,
-`switch_free` (changing the merged adapter costs nothing) and `eviction_lru` (evict the least
-recently used adapter instead of the one with fewest outstanding requests).
+`switch_free` (changing the merged adapter costs nothing), `eviction_lru` (evict the least
+recently used adapter instead of the one with fewest outstanding requests) and `reserve_output`
+(S-LoRA's admission by whole-output reservation).
 """
 
 from __future__ import annotations
@@ -75,6 +79,8 @@ class Peft(OldestAdapter):
 @BATCH_POLICIES.register("slora")
 class Slora(UnmergedOnly):
     """Unmerged-only FCFS with KV and adapters in one pool (module docstring)."""
+
+    reserve_output = True  # S-LoRA's admission: whole outputs fit, so nobody is preempted
 
     def memory_config(self, config: MemoryConfig) -> MemoryConfig:
         return dataclasses.replace(config, adapter_budget_bytes=None)

@@ -1,15 +1,34 @@
-"""ReplicaScheduler: one replica's queue, admission and memory, iteration by iteration.
+"""ReplicaScheduler: one replica's queues, admission and memory, iteration by iteration.
 
-`schedule(now)` asks the batching policy for a plan, admits its requests subject to the batch
-caps (sequences, tokens; prefill is chunked to fit the token cap) and the memory pool (loading
-adapters, evicting idle ones, preempting lower-priority requests by swap or recompute), and
-returns a frozen `Batch`. `complete(batch, result, now)` advances token counters, finishes
-requests and feeds the policy. No clock is read: `now` is always an argument.
+`schedule(now)` asks the batching policy for a plan and admits it under the admission contract
+below; `complete(batch, result, now)` advances token counters, finishes requests and feeds the
+policy. No clock is read: `now` is always an argument.
+
+The admission contract (vLLM v1's, with dLoRA's policies deciding inside it; DESIGN.md
+section 3). A replica keeps `running` (requests holding device KV, in the order they were
+admitted) and `waiting` (queued or preempted requests; new arrivals join in arrival order,
+preempted requests go back to the front). Policies see `running + waiting`, in that order, as
+the priority order, and plan at most `max_batch_size` requests from it. Admission walks the
+plan under the token cap (prefill is chunked to fit):
+
+- a running request gets the KV blocks for its new tokens from free memory, then from adapters
+  nobody running needs, and only then by preempting the lowest-priority running request not
+  yet scheduled this iteration (the last admitted), itself when it is that one;
+- a waiting or preempted request never preempts: it is admitted only into free memory and
+  evictable adapters; when its KV does not fit, no later waiting request is admitted (FCFS),
+  and when only its adapter slot is short it waits while later requests may go;
+- an iteration that preempted admits no waiting request;
+- an adapter that a running request needs is never evicted; one only queued requests need is
+  evicted after the idle ones;
+- a policy may leave running requests out of an iteration (a merged batch does) and they keep
+  their KV; a plan of which nothing can be admitted falls back to the running requests in order;
+- with `reserve_output` (the `slora` baseline), a waiting request is admitted only if every
+  admitted request's whole output still fits when it finishes (S-LoRA's admission), so nobody
+  is ever preempted.
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 from collections import Counter
@@ -66,7 +85,7 @@ class ReplicaScheduler(RoomMaker):
         self.id = replica_id
         self.config = config
         # optional policy hooks (baselines.py): memory layout, adapter sizes, switch and
-        # eviction rules of the system the policy models
+        # eviction rules and admission of the system the policy models
         shape_memory = getattr(policy, "memory_config", None)
         if shape_memory is not None:
             memory = MemoryPool(shape_memory(memory.config))
@@ -75,17 +94,19 @@ class ReplicaScheduler(RoomMaker):
             adapters = {i: dataclasses.replace(a, size_bytes=size_of(a)) for i, a in adapters.items()}
         self.switch_free: bool = getattr(policy, "switch_free", False)
         self.eviction_lru: bool = getattr(policy, "eviction_lru", False)
+        self.reserve_output: bool = getattr(policy, "reserve_output", False)
         self.memory = memory
         self.policy = policy
         self.latency = latency
         self.adapters = adapters
         self.work = work or WorkEstimator(latency, config.max_batch_size)
-        self.unfinished: list[Request] = []  # FCFS order
-        self._keys: list[tuple[float, int]] = []
+        self.running: list[Request] = []  # hold device KV, in admission order
+        self.waiting: list[Request] = []  # queued or preempted (front first)
         self.merged_adapter: int | None = None
         self.step = 0
         self.is_alive = True
         self.outstanding: Counter[int | None] = Counter()
+        self.running_adapters: Counter[int | None] = Counter()
         self.adapter_last_used: dict[int, int] = {}
         self.stats = ReplicaStats()
         self._pending_free: list[int] = []
@@ -95,6 +116,15 @@ class ReplicaScheduler(RoomMaker):
         self._incoming_kv: dict[int, int] = {}  # request id -> KV tokens arriving by transfer
 
     # ---- queue ----
+    @property
+    def unfinished(self) -> list[Request]:
+        """Every request here in priority order: running (admission order), then waiting."""
+        return self.running + self.waiting
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.running) + len(self.waiting)
+
     def check_fits(self, request: Request) -> None:
         """Raise AdmissionError if the request could never run here."""
         need_tokens = request.prompt_tokens + request.output_tokens
@@ -108,30 +138,44 @@ class ReplicaScheduler(RoomMaker):
                 f"more than replica {self.id} can hold ({self.memory.total_blocks} blocks of "
                 f"{self.memory.block_tokens} tokens)"
             )
+        budget = self.memory.config.adapter_budget_bytes
+        if budget is not None and adapter_bytes > budget:
+            raise AdmissionError(
+                f"request {request.id}'s adapter needs {adapter_bytes} bytes, more than replica "
+                f"{self.id}'s static adapter budget ({budget} bytes; cluster.adapter_memory_fraction)"
+            )
 
     def add(self, request: Request, now: float) -> None:
+        """Queue a request: it joins the waiting queue in arrival order (behind preempted
+        requests, which sit at the front)."""
         self.check_fits(request)
         request.replica = self.id
-        if request.status == RequestStatus.PENDING:
+        if request.status in (RequestStatus.PENDING, RequestStatus.RUNNING):
             request.status = RequestStatus.WAITING
         if request.dispatch_s is None:
             request.dispatch_s = now
         key = _fcfs_key(request)
-        i = bisect.bisect_right(self._keys, key)
-        self._keys.insert(i, key)
-        self.unfinished.insert(i, request)
+        w = self.waiting
+        j = len(w)
+        while j > 0 and _fcfs_key(w[j - 1]) > key:
+            j -= 1
+        w.insert(j, request)
         self.outstanding[request.adapter_id] += 1
         self._rpa = None
         self.work.add(request)
 
-    def remove(self, request: Request) -> None:
-        """Take an unfinished request off this replica (migration, abort), freeing its memory."""
-        i = bisect.bisect_left(self._keys, _fcfs_key(request))
-        assert self.unfinished[i] is request
-        del self.unfinished[i]
-        del self._keys[i]
+    def _take(self, request: Request) -> None:
+        """Take a request off the queues (finish, abort, migration)."""
+        if request.status == RequestStatus.RUNNING:
+            self._leave_running(request)
+        else:
+            self.waiting.remove(request)
         self.outstanding[request.adapter_id] -= 1
         self._rpa = None
+
+    def remove(self, request: Request) -> None:
+        """Take an unfinished request off this replica (migration, abort), freeing its memory."""
+        self._take(request)
         self.work.remove(request)
         if self.memory.release(request.id) or self.memory.drop_swapped(request.id):
             self._pending_free.append(request.id)
@@ -164,31 +208,32 @@ class ReplicaScheduler(RoomMaker):
 
     @property
     def has_work(self) -> bool:
-        return bool(self.unfinished)
+        return bool(self.running or self.waiting)
 
     # ---- one iteration ----
     def schedule(self, now: float) -> Batch | None:
-        """Plan with the policy, admit in priority order, return the batch (None when idle).
-
-        Admission walks the plan: each request needs its uncomputed tokens (chunked to the
-        token cap), KV blocks for them and, unmerged, its adapter resident. Room comes from
-        free memory, then idle adapters, then preempting requests outside the plan (latest
-        arrival first), then adapters not needed now, then later plan entries."""
-        if not self.unfinished:
+        """Plan with the policy over the priority order, admit under the contract (module
+        docstring), return the batch (None when idle)."""
+        if not self.running and not self.waiting:
             return None
         queue = QueueView(self.unfinished, self.merged_adapter, self.config.max_batch_size, self.step)
         plan = self.policy.plan(queue, now)
         return self._admit(plan, now)
 
+    def _fallback_plan(self) -> Plan:
+        """The running requests in order: what runs when nothing of a plan can be admitted."""
+        reqs = self.running[: self.config.max_batch_size]
+        m = self.merged_adapter
+        if m is not None and reqs and all(r.adapter_id == m for r in reqs):
+            return Plan(BatchMode.MERGED, m, reqs)
+        return Plan(BatchMode.UNMERGED, None, reqs)
+
     def _admit(self, plan: Plan, now: float) -> Batch:
         mem = self.memory
-        candidates = list(plan.requests)
-        in_plan = {r.id for r in candidates}
-        admitted: list[Request] = []
-        items: list[BatchItem] = []
-        needed_adapters: set[int] = set()
+        block_tokens, block_bytes = mem.block_tokens, mem.block_bytes
+        keep: set[int] = set()  # adapters this batch needs (never evicted for it)
         if plan.mode == BatchMode.MERGED and plan.merged_adapter is not None:
-            needed_adapters.add(plan.merged_adapter)
+            keep.add(plan.merged_adapter)
         loads: list[int] = self._pending_loads
         evicts: list[int] = self._pending_evicts
         self._pending_loads, self._pending_evicts = [], []
@@ -197,63 +242,87 @@ class ReplicaScheduler(RoomMaker):
         swap_in: list[int] = []
         swap_out: list[int] = []
         swap_tokens = [0, 0]  # out, in
+        admitted: list[Request] = []
+        items: list[BatchItem] = []
+        scheduled: set[int] = set()
         tokens_left = self.config.max_batched_tokens
-        protect: set[int] = set()  # admitted requests (never preempted for later ones)
-        block_tokens, block_bytes, kv_blocks = mem.block_tokens, mem.block_bytes, mem.kv_blocks
-        resident = mem.adapters
-        free_bytes = mem.free_bytes  # kept in step with allocations below (hot path)
-        i = 0
-        while i < len(candidates) and tokens_left > 0:
-            r = candidates[i]
-            i += 1
-            computed = r.computed_tokens
-            new = r.prompt_tokens + r.generated_tokens - computed
-            if new > tokens_left:
-                new = tokens_left
-            held = 0 if r.status == RequestStatus.SWAPPED else kv_blocks.get(r.id, 0)
-            blocks = -(-(computed + new) // block_tokens) - held
-            adapter = r.adapter_id
-            adapter_bytes = 0
-            if adapter is not None and adapter not in resident:
-                adapter_bytes = self.adapters[adapter].size_bytes
-            need_bytes = blocks * block_bytes + adapter_bytes
-            fits = free_bytes >= need_bytes and (not adapter_bytes or mem.adapter_fits(adapter_bytes))
-            if not fits:
-                protect.add(r.id)
-                needed_now = needed_adapters | ({adapter} if adapter is not None else set())
-                ok = self._make_room(need_bytes, adapter_bytes > 0, protect, in_plan, candidates, i,
-                                     needed_now, evicts, swap_out, swap_tokens)
-                free_bytes = mem.free_bytes
-                if not ok:
-                    protect.discard(r.id)
+        preempted = False
+        waiting_blocked = False  # a waiting request's KV did not fit: FCFS stops admitting
+        reserved = self._reserved_tokens() if self.reserve_output else None
+        for attempt in (plan, None):
+            if attempt is None:
+                if admitted:
+                    break
+                plan = self._fallback_plan()
+                keep = {plan.merged_adapter} if plan.merged_adapter is not None else set()
+            for r in plan.requests:
+                if tokens_left <= 0:
+                    break
+                if r.id in scheduled or r.is_done or r.replica != self.id:
                     continue
-            if adapter_bytes:
-                mem.load_adapter(adapter, adapter_bytes)  # type: ignore[arg-type]
-                loads.append(adapter)  # type: ignore[arg-type]
-            if adapter is not None:
-                needed_adapters.add(adapter)
-                self.adapter_last_used[adapter] = self.step
-            if r.id in self._incoming_kv:
-                transfer_tokens += self._incoming_kv.pop(r.id)
-                transfer_in.append(r.id)
-            if r.status == RequestStatus.SWAPPED:
-                mem.swap_in(r.id)
-                swap_in.append(r.id)
-                swap_tokens[1] += r.computed_tokens
-                blocks = mem.blocks_for(r.computed_tokens + new) - mem.held(r.id)
-            if blocks:
-                mem.allocate(r.id, blocks)
-            if blocks or adapter_bytes or swap_in:
-                free_bytes = mem.free_bytes
-            r.status = RequestStatus.RUNNING
-            protect.add(r.id)
-            if r.first_scheduled_s is None:
-                r.first_scheduled_s = now
-            admitted.append(r)
-            items.append(BatchItem(r.id, adapter, computed, new,
-                                   computed + new == r.prompt_tokens + r.generated_tokens))
-            tokens_left -= new
-        assert admitted, "the first planned request always fits (checked at add)"
+                computed = r.computed_tokens
+                new = min(r.prompt_tokens + r.generated_tokens - computed, tokens_left)
+                adapter = r.adapter_id
+                adapter_bytes = 0
+                if adapter is not None and adapter not in mem.adapters:
+                    adapter_bytes = self.adapters[adapter].size_bytes
+                keep_now = keep | ({adapter} if adapter is not None else set())
+                blocks = -(-(computed + new) // block_tokens) - mem.held(r.id)
+                need = blocks * block_bytes + adapter_bytes
+                if r.status == RequestStatus.RUNNING:
+                    ok = self._evict_until(need, adapter_bytes, keep_now, evicts)
+                    if not ok and adapter_bytes:
+                        continue  # its adapter was dropped (a failed step) and no slot is free: wait
+                    while not ok:  # preempt from the lowest-priority end, itself last
+                        victim = self._victim(scheduled)
+                        assert victim is not None
+                        self._preempt(victim, swap_out, swap_tokens)
+                        preempted = True
+                        if victim is r:
+                            break
+                        ok = self._evict_until(need, 0, keep_now, evicts)
+                    if not ok:
+                        continue
+                else:
+                    if preempted or waiting_blocked:
+                        continue
+                    if reserved is not None and not self._reservation_fits(r, reserved, adapter_bytes):
+                        waiting_blocked = True
+                        continue
+                    if not self._evict_until(need, adapter_bytes, keep_now, evicts):
+                        if mem.free_bytes + self._evictable_bytes(keep_now) < need:
+                            waiting_blocked = True  # KV short: FCFS admits nobody behind it
+                        continue  # only a slot (or the adapter budget) is short: it waits
+                    if r.status == RequestStatus.SWAPPED:
+                        mem.swap_in(r.id)
+                        swap_in.append(r.id)
+                        swap_tokens[1] += r.computed_tokens
+                        blocks = mem.blocks_for(r.computed_tokens + new) - mem.held(r.id)
+                    self.waiting.remove(r)
+                    self.running.append(r)
+                    self.running_adapters[adapter] += 1
+                    r.status = RequestStatus.RUNNING
+                    if reserved is not None:
+                        reserved.append((r.prompt_tokens + r.generated_tokens, r.remaining_output_tokens))
+                if adapter_bytes:
+                    mem.load_adapter(adapter, adapter_bytes)  # type: ignore[arg-type]
+                    loads.append(adapter)  # type: ignore[arg-type]
+                if adapter is not None:
+                    keep.add(adapter)
+                    self.adapter_last_used[adapter] = self.step
+                if r.id in self._incoming_kv:
+                    transfer_tokens += self._incoming_kv.pop(r.id)
+                    transfer_in.append(r.id)
+                if blocks > 0:
+                    mem.allocate(r.id, blocks)
+                if r.first_scheduled_s is None:
+                    r.first_scheduled_s = now
+                scheduled.add(r.id)
+                admitted.append(r)
+                items.append(BatchItem(r.id, adapter, computed, new,
+                                       computed + new == r.prompt_tokens + r.generated_tokens))
+                tokens_left -= new
+        assert admitted, "a plan always admits something, or the running requests do (checked at add)"
         merge = unmerge = None
         target = plan.merged_adapter if plan.mode == BatchMode.MERGED else None
         if target != self.merged_adapter:
@@ -264,15 +333,44 @@ class ReplicaScheduler(RoomMaker):
         free = tuple(self._pending_free)
         self._pending_free.clear()
         batch = Batch(
-            replica=self.id, step=self.step, mode=plan.mode, merged_adapter=plan.merged_adapter if plan.mode == BatchMode.MERGED else None,
+            replica=self.id, step=self.step, mode=plan.mode, merged_adapter=target,
             items=tuple(items), requests=tuple(admitted), merge_adapter=merge, unmerge_adapter=unmerge,
             load_adapters=tuple(loads), evict_adapters=tuple(evicts), swap_out=tuple(swap_out),
             swap_in=tuple(swap_in), swap_out_tokens=swap_tokens[0], swap_in_tokens=swap_tokens[1],
             free_requests=free, transfer_in=tuple(transfer_in), transfer_in_tokens=transfer_tokens,
             load_bytes=load_bytes, forced_by_credit=plan.forced_by_credit,
         )
+        self.stats.preempting_iterations += int(preempted)
         self.step += 1
         return batch
+
+    def _evictable_bytes(self, keep: set[int]) -> int:
+        return sum(self.memory.adapters[a] for a in self._eviction_order(keep))
+
+    # ---- S-LoRA admission (reserve_output) ----
+    def _reserved_tokens(self) -> list[tuple[int, int]]:
+        """(tokens now, output tokens still to come) of every running request."""
+        return [(r.prompt_tokens + r.generated_tokens, r.remaining_output_tokens) for r in self.running]
+
+    def _reservation_fits(self, r: Request, reserved: list[tuple[int, int]], adapter_bytes: int) -> bool:
+        """S-LoRA's check: with the running requests and `r` sorted by output still to come
+        (longest first), the KV they hold when the j-th of them finishes (the first j all
+        still alive, each grown by the j-th's remaining output) fits the pool at every j, with
+        a block of rounding per request. Idle adapters count as free (they can be evicted)."""
+        if not reserved:
+            return True  # the first request always fits (checked at add)
+        mem = self.memory
+        cand = sorted([*reserved, (r.prompt_tokens + r.generated_tokens, r.remaining_output_tokens)],
+                      key=lambda x: -x[1])
+        idle = sum(b for a, b in mem.adapters.items() if not self.running_adapters[a] and a != r.adapter_id)
+        kv_bytes = mem.capacity_bytes - (mem.adapter_bytes - idle) - adapter_bytes
+        capacity_tokens = (kv_bytes // mem.block_bytes - len(cand)) * mem.block_tokens
+        total = 0
+        for j, (now_tokens, left) in enumerate(cand):
+            total += now_tokens
+            if total + left * (j + 1) > capacity_tokens:
+                return False
+        return True
 
     def complete(self, batch: Batch, result: StepResult, now: float) -> list[Request]:
         """Apply a finished step: token counters, first tokens, finishes, policy feedback."""
@@ -307,12 +405,7 @@ class ReplicaScheduler(RoomMaker):
         return finished
 
     def _finish(self, r: Request, now: float, status: RequestStatus = RequestStatus.FINISHED) -> None:
-        i = bisect.bisect_left(self._keys, _fcfs_key(r))
-        assert self.unfinished[i] is r
-        del self.unfinished[i]
-        del self._keys[i]
-        self.outstanding[r.adapter_id] -= 1
-        self._rpa = None
+        self._take(r)
         self.memory.release(r.id)
         self.memory.drop_swapped(r.id)
         self._pending_free.append(r.id)
@@ -329,17 +422,27 @@ class ReplicaScheduler(RoomMaker):
         r.finish_reason = "abort"
 
     def _requeue(self, batch: Batch, error: str) -> None:
+        """A failed step: its requests lose their KV and go back to the front of the queue,
+        in their order; the device state is unknown, so weights are assumed clean and every
+        adapter is reloaded when next needed."""
         log.warning("replica %d step %d failed (%s); requeueing %d requests", self.id, batch.step, error, len(batch.requests))
+        back = []
         for r in batch.requests:
             if r.is_done:
                 continue
+            if r.status == RequestStatus.RUNNING:
+                self._leave_running(r)
+            else:
+                self.waiting.remove(r)
             self.memory.release(r.id)
+            self.memory.drop_swapped(r.id)
             self.work.remove(r)
             r.computed_tokens = 0
             r.status = RequestStatus.WAITING
             self.work.add(r)
             self._pending_free.append(r.id)
-        # the device state is unknown after a failure: assume clean weights, reload adapters
+            back.append(r)
+        self.waiting[:0] = back
         self.merged_adapter = None
         for a in list(self.memory.adapters):
             self.memory.evict_adapter(a)
@@ -347,16 +450,16 @@ class ReplicaScheduler(RoomMaker):
     # ---- views ----
     def view(self, now: float) -> ReplicaView:
         # a request holds device KV blocks iff it is RUNNING, host blocks iff SWAPPED
-        running = len(self.memory.kv_blocks)
+        running = len(self.running)
         swapped = len(self.memory.swapped_blocks)
-        waiting = len(self.unfinished) - running - swapped
+        waiting = len(self.waiting) - swapped
         slots = self.memory.config.max_adapter_slots
         return ReplicaView(
             id=self.id, is_alive=self.is_alive, num_waiting=waiting, num_running=running,
             num_swapped=swapped, kv_blocks_used=self.memory.kv_used_blocks,
             kv_blocks_total=self.memory.kv_capacity_blocks,
             resident_adapters=frozenset(self.memory.adapters), merged_adapter=self.merged_adapter,
-            queued_work_s=self.work.seconds(len(self.unfinished)),
+            queued_work_s=self.work.seconds(self.num_unfinished),
             requests_per_adapter=self._requests_per_adapter(),
             backlog_s=self.backlog_s(),
             adapter_slots_free=(slots - len(self.memory.adapters)) if slots is not None else 1 << 30,
@@ -377,9 +480,9 @@ class ReplicaScheduler(RoomMaker):
 
     # ---- snapshots for migrators (issue 4) ----
     def request_snapshots(self) -> tuple[RequestSnapshot, ...]:
-        """Immutable per-request state of every unfinished request here (FCFS order)."""
+        """Immutable per-request state of every unfinished request here (arrival order)."""
         out = []
-        for r in self.unfinished:
+        for r in sorted(self.unfinished, key=_fcfs_key):
             held = self.memory.held(r.id) or self.memory.swapped_blocks.get(r.id, 0)
             out.append(RequestSnapshot(
                 r.id, r.adapter_id, self.id, r.status, r.arrival_s, r.prompt_tokens,

@@ -22,6 +22,7 @@ class ReplicaStats:
     adapter_evictions: int = 0
     swaps: int = 0
     recomputes: int = 0
+    preempting_iterations: int = 0  # iterations that preempted (they admit nothing new)
     failed_steps: int = 0
     finished: int = 0
     batched_requests: int = 0

@@ -78,6 +78,8 @@ class FastPath:
         for r in plan.requests:
             if r.status != RequestStatus.RUNNING or r.prompt_tokens + r.generated_tokens - r.computed_tokens != 1:
                 return None
+            if r.generated_tokens == 0:
+                return None  # its last prompt token: this iteration sets its first token time
             if r.adapter_id is not None and r.adapter_id not in resident:
                 return None  # admission would have to load it (and may fail to)
             items.append(BatchItem(r.id, r.adapter_id, r.computed_tokens, 1, True))

@@ -45,7 +45,7 @@ def test_eviction_fewest_outstanding_then_lru() -> None:
     rep.add(make_request(0, 2), 0.0)
     rep.add(make_request(1, 2), 0.0)
     rep.add(make_request(2, 0), 0.0)
-    assert rep._eviction_order(set(), idle_only=False) == [1, 0, 2]
+    assert rep._eviction_order(set()) == [1, 0, 2]  # idle first, then fewest outstanding
 
 
 def with_swap_bandwidth(lat: LatencyModel, bw: float) -> LatencyModel:

@@ -85,18 +85,34 @@ def test_adapters_load_once_and_unified_pool_shrinks_kv():
     assert rep.schedule(0.01).load_adapters == ()
 
 
-def test_adapter_slots_evict_fewest_outstanding_then_lru():
-    rep = make_replica(max_adapter_slots=2, max_batch_size=1)
+def test_adapter_slots_evict_the_idle_adapter_never_a_running_one():
+    rep = make_replica(max_adapter_slots=2, max_batch_size=2)
     ex = ScriptedExecutor()
-    # adapter 0 keeps an outstanding request; adapter 1 finishes; adapter 2 needs a slot
+    # adapter 0 keeps a running request; adapter 1 finishes (idle); adapter 2 needs a slot
     run_replica(rep, [make_request(0, adapter=1, output=1)], ex)
     rep.add(make_request(1, adapter=0, output=50, arrival_s=1.0), 1.0)
     b = rep.schedule(1.0)
     rep.complete(b, StepResult(0.01), 1.01)
-    rep.add(make_request(2, adapter=2, arrival_s=0.5, output=1), 1.01)  # older: first in FCFS
+    rep.add(make_request(2, adapter=2, arrival_s=0.5, output=1), 1.01)
     b = rep.schedule(1.01)
+    assert [it.request_id for it in b.items] == [1, 2]  # running first, then the queue
     assert b.load_adapters == (2,) and b.evict_adapters == (1,)
     assert set(rep.memory.adapters) == {0, 2}
+
+
+def test_a_slot_shortage_makes_the_request_wait_and_preempts_nobody():
+    rep = make_replica(max_adapter_slots=1, max_batch_size=4)
+    ex = ScriptedExecutor()
+    rep.add(make_request(0, adapter=0, output=20), 0.0)
+    b = rep.schedule(0.0)
+    rep.complete(b, ex.execute(b), 0.01)
+    rep.add(make_request(1, adapter=1, output=2), 0.01)
+    rep.add(make_request(2, adapter=0, output=2, arrival_s=0.02), 0.02)
+    b = rep.schedule(0.02)
+    # request 1 waits for a slot; request 2 (adapter 0, resident) goes past it
+    assert [it.request_id for it in b.items] == [0, 2]
+    assert b.load_adapters == () and b.evict_adapters == () and not b.swap_out
+    assert rep.stats.recomputes == 0 and rep.stats.swaps == 0
 
 
 def test_merged_only_switches_and_merged_batches_hold_one_adapter():

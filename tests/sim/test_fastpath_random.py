@@ -1,0 +1,70 @@
+"""The fast path against stepping every iteration, over random small scenarios.
+
+Every policy, dispatcher and migration, memory and token caps, adapter slots and static adapter
+memory: the whole report.json must be byte-identical. `DLORA_FASTPATH_CASES` sets the number of
+cases (a few dozen by default; run a few hundred or more before changing the fast path)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dlora.scenario import load_scenario
+from dlora.sim.driver import simulate
+from dlora.sim.report import build_report
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.yaml"
+CASES = int(os.environ.get("DLORA_FASTPATH_CASES", "30"))
+
+case_st = st.fixed_dictionaries({
+    "seed": st.integers(0, 10_000),
+    "replicas": st.integers(1, 3),
+    "adapters": st.integers(1, 6),
+    "ranks": st.sampled_from(["[8]", "[8, 64]", "[16, 32]"]),
+    "requests": st.integers(3, 40),
+    "rate": st.sampled_from([2, 10, 40]),
+    "batch": st.sampled_from([2, 4, 16]),
+    "tokens": st.sampled_from([32, 64, 512, 4096]),
+    "memory": st.sampled_from([0.002, 0.004, 0.02, 1.0]),
+    "slots": st.sampled_from(["null", "1", "2"]),
+    "adapter_memory": st.sampled_from(["unified", "static"]),
+    "preemption": st.sampled_from(["recompute", "swap", "auto"]),
+    "batching": st.sampled_from(["unmerged_only", "merged_only", "credit", "vllm", "peft", "slora"]),
+    "dispatch": st.sampled_from(["round_robin", "least_loaded", "dlora", "proactive"]),
+    "migration": st.sampled_from(["none", "dlora"]),
+})
+
+
+def _overrides(c: dict) -> list[str]:
+    out = [
+        f"seed={c['seed']}", f"cluster.replicas={c['replicas']}", f"adapters.count={c['adapters']}",
+        f"adapters.ranks={c['ranks']}", f"workload.num_requests={c['requests']}",
+        f"workload.arrival.rate_per_s={c['rate']}", f"cluster.max_batch_size={c['batch']}",
+        f"cluster.max_batched_tokens={c['tokens']}", f"cluster.memory_fraction={c['memory']}",
+        f"cluster.max_adapter_slots={c['slots']}", f"cluster.adapter_memory={c['adapter_memory']}",
+        f"cluster.preemption={c['preemption']}", f"policies.batching={c['batching']}",
+        f"policies.dispatch={c['dispatch']}",
+        "workload.lengths={kind: uniform, prompt_range: [1, 128], output_range: [1, 48]}",
+        "run.progress=false",
+    ]
+    if c["adapter_memory"] == "static":
+        out.append("cluster.adapter_memory_fraction=0.5")
+    if c["migration"] == "dlora":
+        out.append("policies.migration={name: dlora, params: {interval_s: 0.5}}")
+    return out
+
+
+def _report(overrides: list[str], fast: bool) -> str:
+    sc = load_scenario(QUICKSTART, [*overrides, f"run.fast_path={'true' if fast else 'false'}"])
+    return build_report(simulate(sc)).to_json()
+
+
+@settings(max_examples=CASES, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(case_st)
+def test_fast_path_report_equals_stepping(case: dict) -> None:
+    overrides = _overrides(case)
+    assert _report(overrides, True) == _report(overrides, False), overrides
