@@ -48,27 +48,35 @@ def make_adapters(scenario: Scenario, latency: LatencyModel) -> dict[int, Adapte
     return out
 
 
-def memory_config(scenario: Scenario, latency: LatencyModel) -> MemoryConfig:
+def memory_config(scenario: Scenario, latency: LatencyModel, prefix_caching: bool = False) -> MemoryConfig:
+    """The replicas' memory pool. `prefix_caching` is the driver's to turn on: the simulator
+    follows `cluster.prefix_caching`; the live executor does not share KV blocks yet, so live
+    runs keep it off."""
     c = scenario.cluster
     tp = latency.model.tensor_parallel
-    capacity = int(latency.kv_capacity_bytes() * c.memory_fraction)
     block_bytes = c.block_size * latency.kv_bytes_per_token
+    if c.kv_blocks is not None:  # an exact block count (e.g. what a real engine resolved)
+        capacity = c.kv_blocks * block_bytes
+    else:
+        capacity = int(latency.kv_capacity_bytes() * c.memory_fraction)
     swap = c.swap_space_bytes if c.swap_space_bytes is not None else latency.profile.memory.host_swap_bytes
     budget = int(capacity * c.adapter_memory_fraction) if c.adapter_memory == "static" else None
     del tp  # memory figures in a profile are per replica (all its devices together)
     return MemoryConfig(
         capacity_bytes=capacity, block_tokens=c.block_size, block_bytes=block_bytes,
         max_adapter_slots=c.max_adapter_slots, adapter_budget_bytes=budget, swap_capacity_bytes=swap,
+        prefix_caching=prefix_caching,
     )
 
 
-def make_cluster(scenario: Scenario, latency: LatencyModel, adapters: dict[int, Adapter]) -> tuple[Cluster, Migrator]:
+def make_cluster(scenario: Scenario, latency: LatencyModel, adapters: dict[int, Adapter],
+                 prefix_caching: bool = False) -> tuple[Cluster, Migrator]:
     c = scenario.cluster
     p = scenario.policies
     lengths = OutputLengthEstimate(prior=c.expected_output_tokens)
     ranks = {a.id: a.rank for a in adapters.values()}
     rconf = ReplicaConfig(c.max_batch_size, c.max_batched_tokens, c.preemption)
-    mconf = memory_config(scenario, latency)
+    mconf = memory_config(scenario, latency, prefix_caching)
     replicas = []
     for i in range(c.replicas):
         ctx = PolicyContext(latency, ranks, c.max_batch_size, i)
@@ -84,3 +92,45 @@ def make_cluster(scenario: Scenario, latency: LatencyModel, adapters: dict[int, 
     if bind is not None:  # migrators that read per-request snapshots (Cluster.migration_view)
         bind(cluster)
     return cluster, migrator
+
+
+def check_scenario(scenario: Scenario) -> None:
+    """What needs the profile, checked before any work (at every point of a sweep): each
+    adapter fits a replica beside one KV block, and within the static adapter budget. Raises
+    ConfigError naming the key path (`adapters.ranks[i]`)."""
+    from pathlib import Path
+
+    from .config import to_plain
+    from .scenario import scenario_from_dict, sweep_points
+
+    if scenario.sweep is None:
+        _check_adapters_fit(scenario, load_latency(scenario), "")
+        return
+    raw = to_plain(scenario)
+    raw.pop("base_dir", None)
+    for point in sweep_points(scenario, raw):
+        sc = scenario_from_dict(point.data, Path(scenario.base_dir))
+        label = " ".join(str(p) for p in (point.variant, point.value) if p not in ("", None))
+        _check_adapters_fit(sc, load_latency(sc), f"sweep point {label}: " if label else "")
+
+
+def _check_adapters_fit(scenario: Scenario, latency: LatencyModel, where: str) -> None:
+    from .errors import ConfigError
+
+    mconf = memory_config(scenario, latency)
+    ranks = scenario.adapters.ranks
+    for adapter in make_adapters(scenario, latency).values():
+        key = f"{where}adapters.ranks[{adapter.id % len(ranks)}]"
+        size = adapter.size_bytes
+        budget = mconf.adapter_budget_bytes
+        if budget is not None and size > budget:
+            raise ConfigError(
+                f"{key}: rank {adapter.rank} makes adapters of {size:,} bytes, more than a replica's "
+                f"static adapter budget of {budget:,} bytes (cluster.adapter_memory_fraction); "
+                "lower the rank or raise the budget")
+        if size + mconf.block_bytes > mconf.capacity_bytes:
+            raise ConfigError(
+                f"{key}: rank {adapter.rank} makes adapters of {size:,} bytes, but a replica holds "
+                f"{mconf.capacity_bytes:,} bytes for adapters and KV cache together, so no request "
+                "of this adapter could ever run; lower the rank, use fewer target_modules, or give "
+                "replicas more memory")

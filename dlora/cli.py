@@ -19,8 +19,33 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 err = Console(stderr=True)
 out = Console()
 
+
+
+def fail(message: str, code: int = 2) -> None:
+    """One line on stderr (the message printed as written, never as rich markup), then exit."""
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def check_out_dir(value: Path | None) -> Path | None:
+    """`--out` must name a folder, existing or not (then created): a path that is a file, or lies
+    under one, fails at parse time, before any work."""
+    if value is None:
+        return None
+    for path in (value, *value.parents):
+        if path.exists():
+            if not path.is_dir():
+                where = "" if path == value else f" ({path} is a file)"
+                fail(f"--out {value}: not a folder{where}; name a folder (created if missing)")
+            break
+    return value
+
+
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a scenario field: key.path=value")]
-OutOpt = Annotated[Path | None, typer.Option("--out", help="output folder (report.json, requests.csv, plots)")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="output folder (report.json, requests.csv, plots)",
+                                             callback=check_out_dir)]
 RequestsPerRateOpt = Annotated[float, typer.Option(
     "--requests-per-rate", help="requests per probe = this x rate (paper: 100); 0 keeps num_requests")]
 
@@ -30,7 +55,7 @@ def write_json(out_dir: Path, name: str, data: Any) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / name).write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-    err.print(f"wrote {name} to {out_dir}", highlight=False)
+    err.print(f"wrote {name} to {out_dir}", highlight=False, markup=False)
 
 
 def show_outcome(outcome: Any, quiet: bool) -> None:
@@ -38,12 +63,7 @@ def show_outcome(outcome: Any, quiet: bool) -> None:
     if not quiet:
         outcome.print(out)
     for line in outcome.notes:
-        err.print(line, highlight=False)
-
-
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
+        err.print(line, highlight=False, markup=False)
 
 
 def _progress_bar(enabled: bool):
@@ -70,11 +90,13 @@ def simulate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no table")] = False,
 ) -> None:
     """Simulate a scenario on virtual time with its latency profile."""
+    from .build import check_scenario
     from .scenario import load_scenario
     from .sim.run import run_scenario
 
     try:
         sc = load_scenario(scenario, overrides or [])
+        check_scenario(sc)
         prog, update = _progress_bar(sc.run.progress)
         if prog is not None:
             with prog:
@@ -97,11 +119,13 @@ def run_live(
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="address of a running Ray cluster")] = None,
 ) -> None:
     """Run a scenario live: replay its workload on wall time through the real executor."""
+    from .build import check_scenario
     from .live.driver import run_live as run_scenario_live
     from .scenario import load_scenario
 
     try:
         sc = load_scenario(scenario, overrides or [])
+        check_scenario(sc)
         prog, update = _progress_bar(sc.run.progress)
         address = ray_address or ("local" if ray else None)
         if prog is not None:
@@ -141,29 +165,47 @@ def serve_cmd(
     ray: Annotated[bool, typer.Option("--ray", help="replicas as Ray actors (a local Ray unless --ray-address)")] = False,
     ray_address: Annotated[str | None, typer.Option("--ray-address", help="Ray cluster to join (implies --ray)")] = None,
     log_level: Annotated[str, typer.Option("--log-level")] = "info",
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar=["DLORA_API_KEY", "VLLM_API_KEY"], show_envvar=True, help="require `Authorization: Bearer KEY` on every /v1 route (401 without)")] = None,
+    allow_runtime_lora: Annotated[bool, typer.Option("--allow-runtime-lora/--no-allow-runtime-lora", envvar=["DLORA_ALLOW_RUNTIME_LORA_UPDATING", "VLLM_ALLOW_RUNTIME_LORA_UPDATING"], show_envvar=True, help="allow /v1/load_lora_adapter and /v1/unload_lora_adapter (off: 403, as vLLM)")] = False,
+    allowed_adapter_roots: Annotated[list[str] | None, typer.Option("--allowed-adapter-root", help="runtime loads only from under this folder (repeat for several)")] = None,
 ) -> None:
     """Serve the OpenAI API (completions, chat, models, LoRA load/unload, metrics) over the live cluster."""
-    from .live.server import ServeConfig, ServingEngine, parse_lora_modules, serve
+    from .live.server import ServeConfig, ServingEngine, bind_socket, parse_lora_modules, serve
 
+    sock = None
     try:
+        sock = bind_socket(host, port)  # a taken port fails here, before the model is built
         cfg = ServeConfig(
             model=model, served_model_name=served_model_name,
             lora_modules=parse_lora_modules([*(lora_modules or []), *ctx.args]), max_loras=max_loras,
             max_lora_rank=max_lora_rank, max_cpu_loras=max_cpu_loras, replicas=replicas, policy=policy,
             dispatch=dispatch, migration=migration, max_queue=max_queue, max_batch_size=max_batch_size,
             max_batched_tokens=max_batched_tokens, memory_fraction=memory_fraction, profile=profile,
-            device=device, ray_address=ray_address or ('local' if ray else None))
+            device=device, ray_address=ray_address or ('local' if ray else None), api_key=api_key,
+            allow_runtime_lora=allow_runtime_lora, allowed_adapter_roots=tuple(allowed_adapter_roots or ()))
         engine = ServingEngine(cfg)
     except DloraError as exc:
+        if sock is not None:
+            sock.close()
         fail(str(exc))
         return
     err.print(f"dlora serve: {engine.model_name} with {len(engine.adapters)} adapters on "
-              f"http://{host}:{port}/v1 ({replicas} replica(s){', Ray' if engine.cfg.ray_address else ''})", highlight=False)
-    serve(engine, host, port, log_level)
+              f"http://{host}:{port}/v1 ({replicas} replica(s){', Ray' if engine.cfg.ray_address else ''}"
+              f"{', API key required' if api_key else ''}"
+              f"{', runtime adapter loading on' if allow_runtime_lora else ''})", highlight=False)
+    serve(engine, host, port, log_level, sock=sock)
 
 
-@app.command("profile")
+profile_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+profile_import_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                                 help="Build a profile from another tool's published measurements.")
+profile_app.add_typer(profile_import_app, name="import")
+app.add_typer(profile_app, name="profile")
+
+
+@profile_app.callback(invoke_without_command=True)
 def profile_cmd(
+    ctx: typer.Context,
     device: Annotated[str, typer.Option("--device", help="cpu | cuda")] = "cpu",
     model: Annotated[Path | None, typer.Option("--model", help="Hugging Face Llama folder (the embedded demo if unset)")] = None,
     model_config: Annotated[str | None, typer.Option("--model-config", help="shape only: llama-2-7b | llama-2-13b | llama-2-70b | demo | a config.json (needs --dummy-weights)")] = None,
@@ -181,7 +223,10 @@ def profile_cmd(
     device_memory_gib: Annotated[float | None, typer.Option("--device-memory-gib", help="memory of the device in the profile (CPU: a budget)")] = None,
     notes: Annotated[str, typer.Option("--notes", help="text for provenance.notes")] = "",
 ) -> None:
-    """Measure the real executor over batch shapes and fit a latency profile (YAML)."""
+    """Measure the real executor over batch shapes and fit a latency profile (YAML); or
+    `dlora profile import llmservingsim DIR` to build one from LLMServingSim's measurements."""
+    if ctx.invoked_subcommand is not None:
+        return
     import shlex
     import time
     from dataclasses import replace
@@ -238,20 +283,70 @@ def profile_cmd(
         err.print(f"wrote {out_path}", highlight=False)
 
 
+@profile_import_app.command("llmservingsim")
+def profile_import_llmservingsim(
+    folder: Annotated[Path, typer.Argument(help="LLMServingSim profiler/perf/<hardware>/<model>/<variant>/ (meta.yaml, tp*/)")],
+    out_path: Annotated[Path | None, typer.Option("--out", help="profile YAML to write (default: print it)")] = None,
+    tp: Annotated[int | None, typer.Option("--tp", help="tensor-parallel degree: picks tp<N>/ (default: the smallest there)")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="the model's Hugging Face config.json (needed when the model has no built-in shape)")] = None,
+    device_memory_gib: Annotated[float | None, typer.Option("--device-memory-gib", help="memory of one GPU (default: the known-GPU table)")] = None,
+) -> None:
+    """Import LLMServingSim's layer-wise vLLM profile (MIT) as a dlora profile."""
+    import shlex
+
+    from .profile import load_profile
+    from .profiling.llmservingsim import import_llmservingsim
+
+    try:
+        command = "dlora profile import llmservingsim " + shlex.join(sys.argv[4:]) if sys.argv[1:4] == [
+            "profile", "import", "llmservingsim"] else "dlora profile import llmservingsim"
+        profile, found = import_llmservingsim(folder, tp=tp, config=config, device_memory_gib=device_memory_gib,
+                                              command=command)
+        text = profile.dump()
+        if out_path is not None:
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+            tmp.write_text(text)
+            load_profile(tmp)  # validate before it replaces anything
+            tmp.replace(out_path)
+    except DloraError as exc:
+        fail(str(exc))
+        return
+    fe = profile.fit_error
+    err.print(f"fit error (mean / max relative): attention {fe['attention_mean_rel']:.1%} / {fe['attention_max_rel']:.1%}, "
+              f"linear {fe['linear_mean_rel']:.1%} / {fe['linear_max_rel']:.1%}", highlight=False)
+    for c in found:
+        err.print(f"  {c.label}: measured (composed) {c.composed_s * 1e3:.2f} ms, profile {c.predicted_s * 1e3:.2f} ms "
+                  f"({c.rel_error:+.1%})", highlight=False)
+    if out_path is None:
+        out.print(text, highlight=False, soft_wrap=True)
+    else:
+        err.print(f"wrote {out_path}", highlight=False)
+
+
 @app.command("validate")
 def validate_cmd(
-    scenario: Annotated[Path, typer.Argument(help="scenario YAML (model.profile: the measured profile)")],
+    scenario: Annotated[Path | None, typer.Argument(help="scenario YAML (model.profile: the measured profile)")] = None,
     out_dir: OutOpt = None,
     overrides: SetOpt = None,
     device: Annotated[str | None, typer.Option("--device", help="cpu | cuda (default: cuda if available)")] = None,
     repeats: Annotated[int, typer.Option("--repeats", min=1, help="live runs to average (the simulator is deterministic)")] = 1,
+    against: Annotated[Path | None, typer.Option("--against", help="a real serving run's folder (vllm/requests.jsonl, vllm/meta.json) to replay instead of running live")] = None,
+    profile: Annotated[Path | None, typer.Option("--profile", help="latency profile YAML to simulate with (with --against)")] = None,
 ) -> None:
-    """Run a scenario live, simulate the identical requests with its profile, compare side by side."""
+    """Run a scenario live, simulate the identical requests with its profile, compare side by side
+    (or, with --against RUN_DIR --profile FILE, replay a real serving run in the simulator)."""
     from rich.table import Table
 
     from .live.validate import validate
     from .scenario import load_scenario
 
+    if against is not None or profile is not None:
+        _validate_against(scenario, against, profile, out_dir, overrides or [])
+        return
+    if scenario is None:
+        fail("give a scenario YAML, or --against RUN_DIR --profile FILE")
+        return
     try:
         sc = load_scenario(scenario, overrides or [])
         result = validate(sc, out_dir, device=device, repeats=repeats)
@@ -269,6 +364,28 @@ def validate_cmd(
                       "-" if r.rel_error is None else f"{r.rel_error * 100:+.1f}%",
                       "" if r.goal is None else f"<= {r.goal * 100:.0f}% {'ok' if r.meets_goal else 'missed'}")
     out.print(table)
+    for line in result.notes:
+        err.print(line, highlight=False)
+
+
+def _validate_against(scenario: Path | None, against: Path | None, profile: Path | None, out_dir: Path | None,
+                      overrides: list[str]) -> None:
+    if scenario is not None:
+        fail("give either a scenario YAML (live vs simulated) or --against RUN_DIR, not both")
+    if against is None:
+        fail("--profile goes with --against RUN_DIR (a scenario names its profile in model.profile)")
+    if profile is None:
+        fail("--against needs --profile FILE (the latency profile to simulate with)")
+    from .studies.against import validate_against
+    from .studies.against_output import table
+
+    assert against is not None and profile is not None
+    try:
+        result = validate_against(against, profile, out_dir, overrides)
+    except DloraError as exc:
+        fail(str(exc))
+        return
+    out.print(table(result))
     for line in result.notes:
         err.print(line, highlight=False)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import OutOpt, RequestsPerRateOpt, SetOpt, app, err, fail, out, write_json
+from .cli import OutOpt, RequestsPerRateOpt, SetOpt, app, check_out_dir, err, fail, out, write_json
 from .errors import DloraError
 
 
@@ -27,14 +27,18 @@ def capacity(
 
     from rich.table import Table
 
+    from .build import check_scenario
     from .scenario import load_scenario
     from .sim.capacity import capacity_by_variant
 
     try:
         sc = load_scenario(scenario, overrides or [])
+        check_scenario(sc)
+
         def show(variant: str, p: Any) -> None:
             err.print(f"{variant or sc.name}: {p.rate:.4g} req/s -> mean latency/token "
-                      f"{p.latency_per_token_s} s {'ok' if p.ok else 'over the SLO'}", highlight=False)
+                      f"{p.latency_per_token_s} s {'ok' if p.ok else 'over the SLO'}", highlight=False,
+                      markup=False)
 
         results = capacity_by_variant(sc, low, high, tol, rate_key, requests_per_rate or None, show)
     except DloraError as exc:
@@ -66,17 +70,20 @@ def plan(
 
     from rich.table import Table
 
+    from .build import check_scenario
     from .scenario import load_scenario
     from .sim.plan import plan_replicas
 
     try:
         sc = load_scenario(scenario, overrides or [])
+        check_scenario(sc)
 
         def show(step: Any) -> None:
             p = step.probe
             lat = "-" if p.latency_per_token_s is None else f"{p.latency_per_token_s:.4g}"
             err.print(f"{step.variant}: {step.replicas} replicas at {target_rate:g} req/s -> mean latency/token "
-                      f"{lat} s, {p.unfinished} unfinished: {'meets' if p.ok else 'misses'} the SLO", highlight=False)
+                      f"{lat} s, {p.unfinished} unfinished: {'meets' if p.ok else 'misses'} the SLO", highlight=False,
+                      markup=False)
 
         result = plan_replicas(sc, target_rate, min_replicas, max_replicas,
                                requests_per_rate=requests_per_rate or None, on_step=show)
@@ -104,7 +111,8 @@ def plan(
 
 @app.command()
 def reproduce(
-    out_dir: Annotated[Path, typer.Option("--out", help="folder for REPORT.md and plots")] = Path("out/reproduce"),
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for REPORT.md and plots",
+                                          callback=check_out_dir)] = Path("out/reproduce"),
     quick: Annotated[bool, typer.Option("--quick", help="smaller clusters and fewer points (minutes)")] = False,
     only: Annotated[str | None, typer.Option("--only", help="comma-separated figures, e.g. fig9,fig10")] = None,
 ) -> None:
@@ -116,7 +124,7 @@ def reproduce(
     t0 = time.perf_counter()
 
     def progress(msg: str) -> None:
-        err.print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", highlight=False)
+        err.print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", highlight=False, markup=False)
 
     try:
         figures, path = run_all(out_dir, quick, [k.strip() for k in only.split(",")] if only else None, progress)

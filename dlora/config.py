@@ -3,13 +3,16 @@
 Every section of a scenario is a frozen dataclass whose fields carry their constraints in
 metadata (see `spec`). `load_into` walks a parsed YAML mapping into such a dataclass and raises
 `ConfigError` with the key path and what is allowed on the first problem: an unknown key, a
-wrong type, a value out of range. `apply_override` implements `--set key.path=value`.
-Sections owned by other modules (workload, policies) are declared there with the same helpers.
+wrong type, a value out of range (NaN and infinities are outside every declared bound). `parse_yaml` reads
+YAML strictly (a duplicate key, text nested too deeply: errors with the line). `apply_override`
+implements `--set key.path=value`. Sections owned by other modules (workload, policies) are
+declared there with the same helpers.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -71,6 +74,9 @@ def _check_bounds(value: Any, meta: Mapping[str, Any], path: str) -> None:
         raise ConfigError(f"{path}: must be one of {allowed}, got {_fmt(value)}")
     if isinstance(value, bool) or not isinstance(value, int | float):
         return
+    bounded = any(meta.get(key) is not None for key in ("gt", "ge", "lt", "le"))
+    if bounded and not math.isfinite(value):  # .inf passes `> 0`; .nan fails it confusingly
+        raise ConfigError(f"{path}: must be a finite number, got {_fmt(value)}")
     for key, ok, word in (
         ("gt", lambda v, b: v > b, ">"),
         ("ge", lambda v, b: v >= b, ">="),
@@ -195,6 +201,48 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class StrictLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key written twice in one mapping."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.get(key)
+                except TypeError:  # unhashable key: the base constructor reports it
+                    continue
+                if first is not None:
+                    raise _DuplicateKeyError(
+                        None, None, f"duplicate key {_fmt(key)} (first at line {first + 1})",
+                        key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)  # type: ignore[arg-type]
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """Parse YAML text strictly; `where` (a file, an option) starts every error message."""
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # a SafeLoader
+    except _DuplicateKeyError as exc:
+        mark = exc.problem_mark
+        line = f" line {mark.line + 1}:" if mark is not None else ""
+        raise ConfigError(f"{where}:{line} {exc.problem}; write each key once") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML{at}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply to read") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """`a.b.c=value` -> (['a', 'b', 'c'], parsed YAML value)."""
     if "=" not in text:
@@ -204,9 +252,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not parts:
         raise ConfigError(f"--set {text}: empty key path")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else ""
+    except _DuplicateKeyError as exc:
+        raise ConfigError(f"--set {text}: {exc.problem}") from None
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"--set {text[:60]}: value nested too deeply to read") from None
     return parts, value
 
 

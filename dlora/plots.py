@@ -1,10 +1,15 @@
-"""PNG plots with matplotlib (Agg backend, no display)."""
+"""PNG plots with matplotlib (Agg backend, no display). Quiet: matplotlib's warnings about
+empty or degenerate data (a run where every request was rejected) are not printed; such a plot
+is drawn empty."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import functools
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 
@@ -14,7 +19,30 @@ import numpy as np  # noqa: E402
 
 from .types import Request, RequestStatus  # noqa: E402
 
+logging.getLogger("matplotlib").setLevel(logging.ERROR)
+F = TypeVar("F", bound=Callable[..., Any])
 
+
+def _quiet(fn: F) -> F:
+    """Run a plotting function with matplotlib's (and numpy's) data warnings silenced."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _legend(ax: Any, **kwargs: Any) -> None:
+    """A legend only when something is labelled (an empty run plots no line)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kwargs)
+
+
+@_quiet
 def _save(fig: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -22,6 +50,7 @@ def _save(fig: Any, path: Path) -> Path:
     return path
 
 
+@_quiet
 def plot_latency_cdf(path: Path, runs: Mapping[str, Sequence[Request]]) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, reqs in runs.items():
@@ -33,10 +62,11 @@ def plot_latency_cdf(path: Path, runs: Mapping[str, Sequence[Request]]) -> Path:
     ax.set_ylabel("CDF")
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return _save(fig, path)
 
 
+@_quiet
 def plot_queue_lengths(path: Path, samples: Sequence[Sequence[tuple[float, int]]]) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, s in enumerate(samples):
@@ -47,10 +77,11 @@ def plot_queue_lengths(path: Path, samples: Sequence[Sequence[tuple[float, int]]
     ax.set_ylabel("unfinished requests")
     ax.grid(alpha=0.3)
     if len(samples) <= 12:
-        ax.legend(fontsize=7)
+        _legend(ax, fontsize=7)
     return _save(fig, path)
 
 
+@_quiet
 def plot_sweep(path: Path, x_label: str, xs: Sequence[Any], series: Mapping[str, Sequence[float | None]],
                y_label: str, log_y: bool = False) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -64,10 +95,11 @@ def plot_sweep(path: Path, x_label: str, xs: Sequence[Any], series: Mapping[str,
     if log_y:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax, fontsize=8)
     return _save(fig, path)
 
 
+@_quiet
 def plot_bars(path: Path, labels: Sequence[str], series: Mapping[str, Sequence[float]], x_label: str,
               y_label: str) -> Path:
     fig, ax = plt.subplots(figsize=(max(5, 0.5 * len(labels) + 2), 4))
@@ -79,5 +111,5 @@ def plot_bars(path: Path, labels: Sequence[str], series: Mapping[str, Sequence[f
     ax.set_ylabel(y_label)
     ax.grid(alpha=0.3, axis="y")
     if len(series) > 1:
-        ax.legend(fontsize=8)
+        _legend(ax, fontsize=8)
     return _save(fig, path)

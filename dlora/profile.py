@@ -8,6 +8,9 @@ Step time of one iteration:
          + scheduler_s                                 # dlora's own scheduling per iteration
          + attention_decode_s_per_token * decode_context_tokens
          + attention_prefill_s_per_pair * prefill_attention_pairs
+         + [prefill and decode items in one iteration]
+               attention_mixed_s_per_decode_token * decode_context_tokens
+             + attention_mixed_s_per_decode_seq * decode_seqs
          + [unmerged, >= 1 adapter] lora.fixed_s + lora.per_adapter_s * distinct adapters
                                    + lora.per_adapter_rank_s * sum of their ranks
                                    + lora.per_token_s * LoRA tokens
@@ -16,6 +19,19 @@ Step time of one iteration:
 Switching merged state costs `merge.base_s + merge.per_rank_s * rank` (and the same form for
 unmerge, or one fused `switch` pass when the profile has it); loading an adapter costs its bytes
 over `adapter_load.bandwidth_bytes_per_s`.
+
+The mixed-iteration terms price decode attention that runs beside a prefill chunk (vLLM's
+varlen prefill kernel instead of its decode kernel): in LLMServingSim's RTX PRO 6000 grids
+(Llama-3.1-8B, Qwen3-32B; about 19,000 rows each) it costs about twice the decode-only figure.
+Of the forms tried (none; per decode context token; + a fixed part; + per decode sequence) the
+last two-term form fits best: decode-only rows 8.5% mean error against 62% with no mixed term
+and 18% with the context term alone (Llama, one GPU), the worst row 0.92 against 1.84; a fixed
+part fits near zero and is left out. They are optional: a profile without them (every profile
+written before they existed) has both at 0, i.e. decode attention costs the same with or
+without a prefill chunk beside it. `latency.lora`, `latency.merge` and `latency.unmerge` are required: a profile
+that leaves them out would silently price LoRA and switches at zero. A batch whose longest
+context exceeds `range.max_context_tokens` is outside the measured range like a batch with too
+many tokens.
 """
 
 from __future__ import annotations
@@ -64,19 +80,22 @@ class ModelShape:
     dtype_bytes: int = spec(2, ge=1)
     max_context_tokens: int = spec(4096, ge=1)
     tensor_parallel: int = spec(1, ge=1)
+    head_dim_override: int = spec(0, ge=0, doc="attention head width when it is not hidden_size / "
+                                  "num_heads (Qwen3: 128); 0 = hidden_size / num_heads")
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_dim_override or self.hidden_size // self.num_heads
 
     def module_dims(self, module: str) -> tuple[int, int]:
         """(d_in, d_out) of a LoRA target module (whole model, before tensor parallelism)."""
         kv_out = self.num_kv_heads * self.head_dim
+        q_out = self.num_heads * self.head_dim
         dims = {
-            "q": (self.hidden_size, self.hidden_size),
+            "q": (self.hidden_size, q_out),
             "k": (self.hidden_size, kv_out),
             "v": (self.hidden_size, kv_out),
-            "o": (self.hidden_size, self.hidden_size),
+            "o": (q_out, self.hidden_size),
             "gate": (self.hidden_size, self.intermediate_size),
             "up": (self.hidden_size, self.intermediate_size),
             "down": (self.intermediate_size, self.hidden_size),
@@ -172,9 +191,15 @@ class Latency:
     scheduler_s: float = spec(0.0, ge=0.0, doc="per iteration: dlora's own scheduling on the host CPU")
     attention_decode_s_per_token: float = spec(0.0, ge=0.0)
     attention_prefill_s_per_pair: float = spec(0.0, ge=0.0)
-    lora: LoraCost = field(default_factory=LoraCost)
-    merge: RankCost = field(default_factory=RankCost)
-    unmerge: RankCost = field(default_factory=RankCost)
+    attention_mixed_s_per_decode_token: float = spec(
+        0.0, ge=0.0, doc="extra seconds per decode context token in an iteration that also has prefill "
+        "tokens (decode attention run by the prefill kernel); 0 in profiles without it")
+    attention_mixed_s_per_decode_seq: float = spec(
+        0.0, ge=0.0, doc="extra seconds per decoding sequence in an iteration that also has prefill "
+        "tokens; 0 in profiles without it")
+    lora: LoraCost = field(kw_only=True)  # required: a missing cost would silently be free
+    merge: RankCost = field(kw_only=True)
+    unmerge: RankCost = field(kw_only=True)
     switch: RankCost | None = None  # fused unmerge+merge in one pass (rank = sum of both); else the sum
     adapter_load: Transfer = field(default_factory=lambda: Transfer(bandwidth_bytes_per_s=25e9))
     swap: Transfer = field(default_factory=lambda: Transfer(bandwidth_bytes_per_s=25e9))
@@ -243,8 +268,16 @@ class LatencyModel:
         results are bit-identical to calling `step_s` on each iteration's shape."""
         t = self.head_s(shape)
         t += self.latency.attention_decode_s_per_token * decode_context_tokens
+        if shape.prefill_tokens and shape.decode_seqs:  # never in a pure-decode iteration
+            t += self.mixed_s(shape.decode_seqs, decode_context_tokens)
         t += self.tail_s(shape)
         return t
+
+    def mixed_s(self, decode_seqs: int, decode_context_tokens: int) -> float:
+        """The extra decode-attention cost of an iteration that also carries prefill tokens."""
+        lat = self.latency
+        return (lat.attention_mixed_s_per_decode_token * decode_context_tokens
+                + lat.attention_mixed_s_per_decode_seq * decode_seqs)
 
     def step_terms_s(self, tokens: int, seqs: int, decode_context_tokens: int, prefill_pairs: int,
                      num_adapters: int, lora_token_rank: int) -> float:
@@ -289,6 +322,15 @@ class LatencyModel:
                 f"range ({r.max_decode_seqs}); lower cluster.max_batch_size or set "
                 "model.allow_extrapolation: true"
             )
+        context = shape.max_context_tokens
+        if not context and shape.decode_seqs:  # a shape built without its longest context
+            context = -(-shape.decode_context_tokens // shape.decode_seqs)
+        if context > r.max_context_tokens:
+            raise ProfileError(
+                f"a request with {context} tokens of context is beyond the profile's measured "
+                f"range ({r.max_context_tokens}); shorten the requests or set "
+                "model.allow_extrapolation: true"
+            )
 
     def decode_step_s(self, batch_size: int, context_tokens: int, mode: BatchMode,
                       num_adapters: int = 1, rank: int = 16) -> float:
@@ -298,7 +340,7 @@ class LatencyModel:
             prefill_tokens=0, prefill_seqs=0, prefill_context_tokens=0, decode_seqs=batch_size,
             decode_context_tokens=batch_size * context_tokens, mode=mode, adapter_ranks=ranks,
             lora_tokens=batch_size if ranks else 0, lora_token_rank=batch_size * rank if ranks else 0,
-            prefill_attention_pairs=0,
+            prefill_attention_pairs=0, max_context_tokens=context_tokens,
         )
         return self.step_s(shape)
 

@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import apply_override, load_into, set_path, spec
+from .config import apply_override, load_into, parse_yaml, set_path, spec
 from .errors import ConfigError
 from .workload import WorkloadConfig, check_workload
 
@@ -39,7 +37,14 @@ class ClusterSection:
                                           doc="static split: share of free memory for adapters")
     memory_fraction: float = spec(1.0, gt=0.0, le=1.0,
                                   doc="share of the memory left after weights used for KV and adapters")
+    kv_blocks: int | None = spec(None, ge=1,
+                                 doc="KV pool size in blocks of block_size tokens: when set, each replica's "
+                                     "pool holds exactly this many blocks whatever the profile's memory "
+                                     "(memory_fraction is ignored), e.g. the num_gpu_blocks a vLLM run "
+                                     "resolved; resident adapters still take bytes from the pool")
     preemption: str = spec("auto", choices=PREEMPTION)
+    prefix_caching: bool = spec(True, doc="keep full prompt KV blocks for reuse, salted by adapter "
+                                          "(vLLM's automatic prefix caching, on by default there too)")
     swap_space_bytes: int | None = spec(None, ge=0, doc="host swap per replica (profile's if unset)")
     expected_output_tokens: float = spec(128.0, gt=0.0,
                                          doc="output length assumed before any request finishes")
@@ -139,12 +144,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such scenario file")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{p}: not valid YAML{where}") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{p}: line {line}: not UTF-8 text; save the scenario as UTF-8") from None
+    data = parse_yaml(text, str(p))
     if not isinstance(data, dict):
         raise ConfigError(f"{p}: the scenario must be a mapping of sections")
     return data

@@ -48,6 +48,7 @@ def make_replica(
     swap_blocks: int = 0,
     latency: LatencyModel | None = None,
     replica_id: int = 0,
+    prefix_caching: bool = False,
 ) -> ReplicaScheduler:
     """A replica whose memory is counted in blocks of 1 KiB (adapters sized in bytes)."""
     latency = latency or latency_model()
@@ -56,6 +57,7 @@ def make_replica(
     mem = MemoryPool(MemoryConfig(
         capacity_bytes=capacity_blocks * block_bytes, block_tokens=block_tokens, block_bytes=block_bytes,
         max_adapter_slots=max_adapter_slots, swap_capacity_bytes=swap_blocks * block_bytes,
+        prefix_caching=prefix_caching,
     ))
     ctx = PolicyContext(latency, {a.id: a.rank for a in adapters.values()}, max_batch_size, replica_id)
     pol = BATCH_POLICIES.create(policy, params or {}, "policy", ctx)

@@ -83,9 +83,12 @@ class Request:
     num_migrations: int = 0
     executing_s: float = 0.0  # time spent inside batches (sum of step times it was part of)
     prompt_token_ids: tuple[int, ...] | None = None  # live mode
+    prefix_group: int | None = None  # requests of a group (and adapter) share their first prefix_tokens
+    prefix_tokens: int = 0  # length of the shared prefix (a system prompt); simulated requests
     output_token_ids: list[int] = field(default_factory=list)  # live mode
     sampling: SamplingParams | None = None  # live mode
     finish_reason: str | None = None
+    error: str | None = None  # live: why the request failed alone (finish_reason "error")
 
     @property
     def context_tokens(self) -> int:
@@ -152,6 +155,7 @@ class BatchShape:
     lora_token_rank: int  # sum over those tokens of their adapter's rank
     prefill_attention_pairs: int  # sum over prefill items of new * (computed + (new + 1) / 2)
     prefill_seqs: int = 0  # requests in prefill
+    max_context_tokens: int = 0  # the longest item's context (computed + new); 0 = not given
 
     @property
     def total_tokens(self) -> int:
@@ -206,8 +210,9 @@ class Batch:
         """The batch's shape; `ranks` maps adapter id to rank."""
         prefill_tokens = prefill_seqs = prefill_ctx = decode_seqs = decode_ctx = 0
         adapters: set[int] = set()
-        lora_tokens = lora_token_rank = pairs = 0
+        lora_tokens = lora_token_rank = pairs = longest = 0
         for it in self.items:
+            longest = max(longest, it.computed_tokens + it.new_tokens)
             if it.new_tokens == 1 and it.computed_tokens > 0:
                 decode_seqs += 1
                 decode_ctx += it.computed_tokens + 1
@@ -231,6 +236,7 @@ class Batch:
             lora_tokens=lora_tokens,
             lora_token_rank=lora_token_rank,
             prefill_attention_pairs=pairs,
+            max_context_tokens=longest,
         )
 
 
@@ -246,7 +252,18 @@ class StepResult:
     transfer_s: float = 0.0
     token_ids: tuple[int, ...] | None = None  # live: one per item that samples, in item order
     eos: tuple[bool, ...] | None = None  # live: whether that token ends the request
-    error: str | None = None  # the step failed; its requests are requeued
+    error: str | None = None  # the step failed (a fault of the replica); its requests are requeued
+    faults: tuple[RequestFault, ...] = ()  # live: requests that failed alone (their tokens are placeholders)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFault:
+    """A fault of one request in a step that otherwise ran (bad input, non-finite logits):
+    the live driver fails that request alone; `adapter_id` is set when its adapter is to blame."""
+
+    request_id: int
+    message: str
+    adapter_id: int | None = None
 
 
 class Executor(Protocol):

@@ -74,3 +74,71 @@ def test_bad_sweep_point_fails_before_any_work():
     data["sweep"] = {"parameter": "cluster.replicas", "values": [1, -2]}
     with pytest.raises(ConfigError, match="cluster.replicas: must be >= 1, got -2"):
         scenario_from_dict(data, QUICKSTART.parent)
+
+
+# ---- bad input families (issue 13): one line with the key path or the file and line ----
+
+
+@pytest.mark.parametrize("sets", [
+    ["workload.arrival.rate_per_s=.inf"],
+    ["workload.arrival.rate_per_s=.nan"],
+    ["workload.lengths.prompt_sigma=.inf"],
+    ["workload.lengths.output_median=.inf"],
+    ["slo.latency_per_token_s=-.inf"],
+    ["cluster.memory_fraction=.nan"],
+    ["cluster.expected_output_tokens=.inf"],
+    ["adapters.ranks=[16, .inf]"],
+    ["workload.num_requests=.inf"],
+])
+def test_non_finite_numbers_fail_every_bound(sets):
+    with pytest.raises(ConfigError) as info:
+        load_scenario(QUICKSTART, sets)
+    key = sets[0].split("=")[0].replace("ranks", "ranks[1]")
+    assert str(info.value).startswith(f"{key}: must be")
+    assert "finite" in str(info.value) or "integer" in str(info.value)
+
+
+def test_duplicate_keys_are_refused_with_the_line(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(QUICKSTART.read_text().replace("seed: 0\n", "seed: 0\nseed: 1\n"))
+    line = dup.read_text().splitlines().index("seed: 1") + 1
+    with pytest.raises(ConfigError, match=rf"dup.yaml: line {line}: duplicate key 'seed' \(first at line {line - 1}\)"):
+        load_scenario(dup)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text(QUICKSTART.read_text().replace("  replicas: 4\n", "  replicas: 4\n  replicas: 8\n"))
+    with pytest.raises(ConfigError, match="duplicate key 'replicas'"):
+        load_scenario(nested)
+    with pytest.raises(ConfigError, match="duplicate key 'replicas'"):
+        load_scenario(QUICKSTART, ["cluster={replicas: 1, replicas: 2}"])
+    merged = tmp_path / "merge.yaml"  # a key written beside a YAML merge (<<) is no duplicate
+    merged.write_text(QUICKSTART.read_text().replace("cluster:\n", "x-base: &c {replicas: 2}\ncluster:\n  <<: *c\n"))
+    with pytest.raises(ConfigError, match="x-base: unknown key"):  # parsed fine, then the schema
+        load_scenario(merged)
+
+
+def test_non_utf8_and_deeply_nested_scenarios(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(QUICKSTART.read_bytes().replace(b"name: quickstart", b"name: caf\xe9"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: line \d+: not UTF-8 text"):
+        load_scenario(latin1)
+    for text in ("a: " + "[" * 5000 + "]" * 5000, "a: " + "{a: " * 5000 + "1" + "}" * 5000):
+        deep = tmp_path / "deep.yaml"
+        deep.write_text(text)
+        with pytest.raises(ConfigError, match="deep.yaml: YAML nested too deeply"):
+            load_scenario(deep)
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_scenario(QUICKSTART, ["seed=" + "[" * 5000 + "]" * 5000])
+
+
+def test_adapter_that_never_fits_a_replica_names_adapters_ranks():
+    from dlora.build import check_scenario
+
+    check_scenario(load_scenario(QUICKSTART))  # the quickstart is fine
+    with pytest.raises(ConfigError, match=r"^adapters.ranks\[0\]: rank 100000 makes adapters of .* no request"):
+        check_scenario(load_scenario(QUICKSTART, ["adapters.ranks=[100000]"]))
+    with pytest.raises(ConfigError, match=r"^adapters.ranks\[1\]: .*static adapter budget"):
+        check_scenario(load_scenario(QUICKSTART, ["adapters.ranks=[1, 16]", "cluster.adapter_memory=static",
+                                                  "cluster.adapter_memory_fraction=0.0001"]))
+    sweep = ["sweep.variants={big: {adapters.ranks: [100000]}}"]
+    with pytest.raises(ConfigError, match=r"^sweep point big: adapters.ranks\[0\]"):
+        check_scenario(load_scenario(QUICKSTART, sweep))

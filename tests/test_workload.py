@@ -207,7 +207,7 @@ def test_build_time_errors_name_the_key_path_and_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"^workload.popularity.path: file .*missing_functions"):
         build(poisson(popularity=funcs))
     (tmp_path / "bad.csv").write_text("num_prefill_tokens,num_decode_tokens\n12,x\n")
-    with pytest.raises(ConfigError, match=r"^workload.lengths.path: .*bad.csv: cannot parse"):
+    with pytest.raises(ConfigError, match=r"^workload.lengths.path: .*bad.csv, line 2: cannot parse"):
         build(poisson(lengths={"kind": "empirical", "path": str(tmp_path / "bad.csv")}))
 
 
@@ -564,3 +564,52 @@ def test_documented_examples_build(name: str) -> None:
     reqs = build(yaml.safe_load(EXAMPLES)[name], names=["alpha", "beta", "gamma", "delta"])
     assert reqs
     check_well_formed(reqs, 4)
+
+
+# ---- bad trace rows (issue 13): the file and line, before the run -----------------------
+
+
+@pytest.mark.parametrize("row, message", [
+    ("-1.0,10,5", "arrival_s must be a finite number >= 0"),
+    ("nan,10,5", "arrival_s must be a finite number >= 0"),
+    ("inf,10,5", "arrival_s must be a finite number >= 0"),
+    ("1e999,10,5", "arrival_s must be a finite number >= 0"),
+    ("1.5,-3,5", "prompt_tokens must be >= 1"),
+    ("1.5,3,-5", "output_tokens must be >= 1"),
+    ("1.5,nan,5", "cannot parse"),
+])
+def test_bad_trace_rows_name_the_file_and_line(tmp_path: Path, row: str, message: str) -> None:
+    (tmp_path / "t.csv").write_text(f"arrival_s,prompt_tokens,output_tokens\n0.0,10,5\n{row}\n2.0,4,4\n")
+    pattern = rf"^workload.arrival.path: .*t.csv, line 3: {re.escape(message)}"
+    with pytest.raises(ConfigError, match=pattern):
+        build({"arrival": {"kind": "trace", "path": "t.csv"}}, base=tmp_path)
+
+
+def test_bad_azure_rows_lengths_tables_and_function_traces(tmp_path: Path) -> None:
+    (tmp_path / "az.csv").write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,10,5\n2023-11-16 18:15:47.00,10,-5\n")
+    with pytest.raises(WorkloadError, match=r"az.csv, line 3: GeneratedTokens must be >= 0"):
+        load_azure_llm_trace(tmp_path / "az.csv")
+    (tmp_path / "az.csv").write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.68,10,5\n2023-11-16 18:15:nan,10,5\n")
+    with pytest.raises(WorkloadError, match=r"az.csv, line 3: TIMESTAMP must be a finite number"):
+        load_azure_llm_trace(tmp_path / "az.csv")
+    for cell in ("inf", "nan", "-4"):
+        (tmp_path / "len.csv").write_text(f"num_prefill_tokens,num_decode_tokens\n10,5\n{cell},3\n")
+        with pytest.raises(WorkloadError, match=r"len.csv, line 3: .* must be finite numbers >= 0"):
+            load_lengths_table(tmp_path / "len.csv")
+    (tmp_path / "f.csv").write_text("app,func,end_timestamp,duration\na,f,1.0,0.5\na,f,inf,0.5\n")
+    with pytest.raises(WorkloadError, match=r"f.csv, line 3: end_timestamp - duration must be a finite"):
+        load_azure_functions_2021(tmp_path / "f.csv")
+
+
+def test_non_utf8_trace_files_name_the_key_path_and_line(tmp_path: Path) -> None:
+    header = b"arrival_s,prompt_tokens,output_tokens\n"
+    (tmp_path / "head.csv").write_bytes(header + b"\xff0.0,10,5\n1.0,3,3\n")
+    (tmp_path / "late.csv").write_bytes(header + b"0.0,10,5\n1.0,3,3\n2.0,3,\xe93\n")
+    for name, line in (("head.csv", 2), ("late.csv", 4)):
+        with pytest.raises(ConfigError, match=rf"^workload.arrival.path: .*{name}, line {line}: not UTF-8"):
+            build({"arrival": {"kind": "trace", "path": name}}, base=tmp_path)
+    (tmp_path / "len.csv").write_bytes(b"num_prefill_tokens,num_decode_tokens\n10,5\n\xe9,3\n")
+    with pytest.raises(ConfigError, match=r"^workload.lengths.path: .*len.csv, line 3: not UTF-8"):
+        build(poisson(lengths={"kind": "empirical", "path": "len.csv"}), base=tmp_path)

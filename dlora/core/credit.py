@@ -265,6 +265,8 @@ class CreditPolicy:
         if d is None or d.step != batch.step or result.error is not None:
             return
         self._boundary(batch)
+        if (batch.mode, batch.merged_adapter) != (d.mode, d.adapter):
+            return  # the replica ran its fallback (nothing of the plan fitted): no credit moves
         self._apply(d, batch)
 
     def observe_repeated(self, batch: Batch, times: Sequence[float]) -> None:

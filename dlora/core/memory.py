@@ -5,10 +5,20 @@ every KV block and every resident adapter takes bytes from the same pool, so an 
 room the KV cache could use and gives it back when evicted (the split moves with demand).
 `adapter_budget_bytes` caps the adapters' share (a static split, as in the dLoRA artifact);
 None means no cap beyond the pool. Swapped-out KV lives in a bounded host swap space.
+
+Prefix caching (vLLM's automatic prefix caching; `prefix_caching`): a full KV block of a
+prompt is registered under a hash chained over its tokens and salted by the adapter
+(`prefix.py`), so requests of different adapters never share KV. Hashed blocks are shared by
+reference count; when the last holder releases one it stays cached as an evictable block,
+counted as free (any allocation may take it back, least recently freed first) until a request
+with the same prefix claims it again. So recomputing a preempted request's prompt, or a system
+prompt many requests share, costs only the blocks that were evicted meanwhile.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
@@ -22,6 +32,7 @@ class MemoryConfig:
     max_adapter_slots: int | None = None  # resident adapters at most (None: only memory bounds)
     adapter_budget_bytes: int | None = None  # static cap on adapter bytes (None: unified pool)
     swap_capacity_bytes: int = 0  # host memory for swapped KV
+    prefix_caching: bool = False  # keep hashed prompt blocks for reuse (vLLM's prefix caching)
 
 
 class MemoryPool:
@@ -41,9 +52,15 @@ class MemoryPool:
         self.kv_blocks: dict[int, int] = {}  # request id -> device blocks held
         self.swapped_blocks: dict[int, int] = {}  # request id -> host blocks held
         self.adapters: dict[int, int] = {}  # resident adapter id -> bytes
-        self.kv_used_blocks = 0
+        self.kv_used_blocks = 0  # physical blocks held (a shared block counts once)
         self.adapter_bytes = 0
         self.swap_used_blocks = 0
+        # prefix cache: hash -> holders of a shared block; freed hashed blocks, oldest first
+        self.block_refs: dict[Hashable, int] = {}
+        self.cached: OrderedDict[Hashable, None] = OrderedDict()
+        self.shared: dict[int, list[Hashable]] = {}  # request id -> its hashed blocks, in order
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
 
     # ---- sizes ----
     @property
@@ -56,6 +73,7 @@ class MemoryPool:
 
     @property
     def free_bytes(self) -> int:
+        """Bytes neither KV nor adapters hold (cached prefix blocks count as free)."""
         return self.capacity_bytes - self.used_bytes
 
     @property
@@ -84,21 +102,93 @@ class MemoryPool:
 
     # ---- KV ----
     def allocate(self, request_id: int, blocks: int) -> None:
+        """Give a request `blocks` new private blocks (cached blocks are taken back if needed)."""
         assert 0 <= blocks <= self.free_blocks, (blocks, self.free_blocks)
         if blocks:
             self.kv_blocks[request_id] = self.kv_blocks.get(request_id, 0) + blocks
             self.kv_used_blocks += blocks
+            self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Drop cached blocks (oldest first) while used and cached blocks overfill the pool."""
+        over = self.kv_used_blocks + len(self.cached) - self.total_kv_blocks_now
+        while over > 0 and self.cached:
+            self.cached.popitem(last=False)
+            over -= 1
+
+    @property
+    def total_kv_blocks_now(self) -> int:
+        """Blocks the pool holds besides the resident adapters."""
+        return (self.capacity_bytes - self.adapter_bytes) // self.block_bytes
 
     def release(self, request_id: int) -> int:
+        """Free a request's blocks; its hashed blocks stay cached once nobody holds them.
+        Returns the blocks it held."""
         blocks = self.kv_blocks.pop(request_id, 0)
-        self.kv_used_blocks -= blocks
+        hashed = self.shared.pop(request_id, ())
+        freed = blocks - len(hashed)
+        for h in hashed:
+            n = self.block_refs[h] - 1
+            if n:
+                self.block_refs[h] = n
+            else:
+                del self.block_refs[h]
+                self.cached[h] = None
+                freed += 1
+        self.kv_used_blocks -= freed
         return blocks
+
+    # ---- prefix cache ----
+    def cached_prefix_blocks(self, hashes: Sequence[Hashable]) -> tuple[int, int]:
+        """(blocks of `hashes` present, leading run; of them, how many are cached but unheld and
+        so take free room when claimed)."""
+        if not self.config.prefix_caching:
+            return 0, 0
+        n = idle = 0
+        for h in hashes:
+            if h in self.block_refs:
+                n += 1
+            elif h in self.cached:
+                n += 1
+                idle += 1
+            else:
+                break
+        return n, idle
+
+    def claim_prefix(self, request_id: int, hashes: Sequence[Hashable]) -> None:
+        """Give a request without blocks the cached blocks of `hashes` (all present)."""
+        assert request_id not in self.kv_blocks and hashes
+        for h in hashes:
+            if h in self.block_refs:
+                self.block_refs[h] += 1
+            else:
+                del self.cached[h]
+                self.block_refs[h] = 1
+                self.kv_used_blocks += 1
+        self.kv_blocks[request_id] = len(hashes)
+        self.shared[request_id] = list(hashes)
+
+    def register(self, request_id: int, hashes: Sequence[Hashable]) -> None:
+        """The request's first `len(hashes)` blocks are full and computed: make them shareable.
+        Blocks already registered are skipped; a block whose hash another holder registered
+        first stays private (and so does every block after it)."""
+        if not self.config.prefix_caching:
+            return
+        mine = self.shared.setdefault(request_id, [])
+        for i in range(len(mine), len(hashes)):
+            h = hashes[i]
+            if h in self.block_refs or h in self.cached:
+                break
+            self.block_refs[h] = 1
+            mine.append(h)
+        if not mine:
+            del self.shared[request_id]
 
     def can_swap_out(self, blocks: int) -> bool:
         return self.swap_used_blocks + blocks <= self.swap_capacity_blocks
 
     def swap_out(self, request_id: int) -> int:
-        blocks = self.release(request_id)
+        blocks = self.release(request_id)  # its hashed blocks stay cached; it comes back private
         assert self.can_swap_out(blocks)
         self.swapped_blocks[request_id] = blocks
         self.swap_used_blocks += blocks
@@ -133,6 +223,7 @@ class MemoryPool:
         assert adapter_id not in self.adapters and self.adapter_fits(num_bytes)
         self.adapters[adapter_id] = num_bytes
         self.adapter_bytes += num_bytes
+        self._reclaim()
 
     def evict_adapter(self, adapter_id: int) -> int:
         num_bytes = self.adapters.pop(adapter_id)
@@ -141,7 +232,12 @@ class MemoryPool:
 
     def check(self) -> None:
         """Internal invariants (tests call this)."""
-        assert 0 <= self.kv_used_blocks == sum(self.kv_blocks.values())
+        shared = {h for hs in self.shared.values() for h in hs}
+        assert shared == set(self.block_refs)
+        private = sum(self.kv_blocks.values()) - sum(len(hs) for hs in self.shared.values())
+        assert 0 <= self.kv_used_blocks == private + len(self.block_refs)
+        assert not (set(self.cached) & set(self.block_refs))
+        assert self.kv_used_blocks + len(self.cached) <= self.total_kv_blocks_now
         assert 0 <= self.adapter_bytes == sum(self.adapters.values())
         assert 0 <= self.used_bytes <= self.capacity_bytes
         assert 0 <= self.swap_used_blocks <= max(self.swap_capacity_blocks, 0)

@@ -7,8 +7,9 @@ imbalance (the busiest holds `count_imbalance` more than the mean), or estimated
 then it asks the cluster for per-request snapshots (`Cluster.migration_view`), picks the
 replicas involved with `choose_replicas` (more than two when several are out of balance),
 takes the candidates (requests on the overloaded ones: waiting first, then the least computed,
-latest arrival first), and solves the MILP of `migration_solver` (HiGHS under a time limit,
-greedy fallback above `max_size` or without a solution). The plan becomes `DropAdapter`,
+latest arrival first), and solves the MILP of `migration_solver` (HiGHS under a deterministic
+node limit, greedy fallback above `max_size` or without a solution; no wall-clock quantity
+decides anything unless the opt-in `time_limit_s` binds). The plan becomes `DropAdapter`,
 `LoadAdapter` and `MigrateRequest` actions; each move is a recompute or a KV transfer,
 whichever the profile says is cheaper. Every solver call is recorded in `stats()`.
 """
@@ -48,8 +49,10 @@ class DloraMigrationParams:
     max_replicas: int = spec(4, ge=2, doc="replicas in one problem")
     imbalance: float = spec(0.1, ge=0, doc="relative band of choose_replicas")
     max_candidates: int = spec(96, ge=1, doc="requests that may move per check")
-    time_limit_s: float = spec(5.0, gt=0, doc="MILP time limit (wall seconds; a safety cap)")
-    node_limit: int | None = spec(500, ge=1, doc="MILP branch-and-bound nodes (deterministic limit)")
+    node_limit: int | None = spec(500, ge=1, doc="MILP branch-and-bound nodes: the deterministic "
+                                  "work limit (then the incumbent or the greedy); None: no limit")
+    time_limit_s: float | None = spec(None, gt=0, doc="opt-in wall-clock cap per MILP solve; when it "
+                                      "binds, runs are NOT reproducible (off by default)")
     max_size: int = spec(4096, ge=1, doc="requests x replicas above which only the greedy runs")
     mode: str = spec("auto", choices=("auto", "recompute", "transfer"),
                      doc="per-request migration mode; auto: the cheaper")
@@ -111,7 +114,7 @@ class DloraMigrator:
 
     def plan(self, view: ClusterView, now: float) -> list[Action]:
         """Check the triggers; when one fires, build the co-migration MILP over the replicas
-        `choose_replicas` picks, solve it (time limit, greedy fallback) and return its actions."""
+        `choose_replicas` picks, solve it (node limit, greedy fallback) and return its actions."""
         self.checks += 1
         self.last_check_s = now
         reasons = self.triggered(view)

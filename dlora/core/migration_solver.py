@@ -3,7 +3,8 @@
 Owns the pure decision: given the replicas involved, the candidate requests (the ones that may
 move) and the adapters, where should each candidate run, which adapters must be loaded (or may
 be evicted), and is each move a recompute or a KV transfer. No clock (only the solver's own
-wall time is measured), no simpy, no torch. `dlora.core.migration` wires it to the cluster.
+wall time is measured, and it decides nothing), no simpy, no torch. `dlora.core.migration`
+wires it to the cluster.
 
 Model (`x[i,j]` request i on replica j, `y[k,j]` adapter k on j, binary; `ov_j >= 0` KV blocks
 over capacity and `T` continuous):
@@ -21,10 +22,12 @@ chosen mode reported per move. Resident adapters cost nothing; only `evictable_a
 no request outside the problem needs) may leave. Slot and memory limits are hard (never below
 today's use, so doing nothing is always feasible and the result is never worse than that).
 Beyond the artifact: any number of replicas, adapter load cost, memory and slot limits, KV
-overflow priced at swap bandwidth, and the mode choice. Solved with HiGHS (`scipy.optimize.milp`)
-under a time limit; the greedy of `greedy_migration` runs when the instance is above `max_size`
-(requests x replicas), when the solver finds no solution, and next to a time-limited incumbent
-(the better plan wins).
+overflow priced at swap bandwidth, and the mode choice. Solved with HiGHS (`scipy.optimize.milp`,
+one thread, silent) under a deterministic branch-and-bound node limit, so the same problem gives
+the same plan on any machine under any load; the greedy of `greedy_migration` runs when the
+instance is above `max_size` (requests x replicas), when the solver stops without a solution,
+and next to an incumbent cut off by a limit (the better plan wins). A wall-clock time limit
+exists only as an opt-in safety cap: when it binds, plans depend on the machine.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -120,8 +124,9 @@ class MigrationProblem:
 
 class SolveStatus(StrEnum):
     OPTIMAL = "optimal"
-    TIME_LIMIT = "time_limit"  # solver stopped at its limit with a feasible solution
-    NO_SOLUTION = "no_solution"  # solver stopped without one
+    NODE_LIMIT = "node_limit"  # stopped at the node limit with a feasible solution (deterministic)
+    TIME_LIMIT = "time_limit"  # stopped at the opt-in wall-clock limit with one (machine-dependent)
+    NO_SOLUTION = "no_solution"  # stopped at a limit without one
     FAILED = "failed"  # solver reported infeasible / error (should not happen)
     TOO_LARGE = "too_large"  # above max_size: solver skipped
     TRIVIAL = "trivial"  # fewer than two replicas or no candidates
@@ -183,7 +188,7 @@ def _plan(
 
 def solve_migration(
     problem: MigrationProblem,
-    time_limit_s: float = 1.0,
+    time_limit_s: float | None = None,
     max_size: int = 4096,
     mip_rel_gap: float = 1e-3,
     node_limit: int | None = None,
@@ -192,8 +197,9 @@ def solve_migration(
 
     `max_size` bounds `len(requests) * len(replicas)` for the MILP; above it only the greedy
     runs. The plan never has a larger makespan than doing nothing. `node_limit` bounds the
-    branch-and-bound nodes: unlike the wall-clock `time_limit_s`, it gives the same plan on
-    every machine (set the time limit as a safety cap above it).
+    branch-and-bound nodes: the same problem gives the same plan on every machine. The
+    wall-clock `time_limit_s` (None: off) is a safety cap only; when it binds, the plan depends
+    on the machine's speed and load. `solve_s` is measured but never decides anything.
     """
     t0 = time.perf_counter()
     stay = Layout(problem)
@@ -208,7 +214,7 @@ def solve_migration(
     if layout is None or not layout.feasible():
         log.info("migration MILP gave no usable solution (%s): greedy fallback", status)
         return _plan(problem, greedy_migration(problem), before_s, status, True, t0)
-    if status == SolveStatus.TIME_LIMIT:
+    if status in (SolveStatus.NODE_LIMIT, SolveStatus.TIME_LIMIT):
         greedy = greedy_migration(problem)
         if greedy.makespan() < layout.makespan() - 1e-12:
             return _plan(problem, greedy, before_s, status, True, t0)
@@ -218,7 +224,10 @@ def solve_migration(
 
 
 def _solve_milp(
-    problem: MigrationProblem, time_limit_s: float, mip_rel_gap: float, node_limit: int | None = None
+    problem: MigrationProblem,
+    time_limit_s: float | None,
+    mip_rel_gap: float,
+    node_limit: int | None = None,
 ) -> tuple[SolveStatus, Layout | None]:
     reqs, reps, ads = problem.requests, problem.replicas, problem.adapters
     n, r, k = len(reqs), len(reps), len(ads)
@@ -286,18 +295,20 @@ def _solve_milp(
         add_row(span, -np.inf, -rep.base_work_s)
     r_idx, c_idx, vals = zip(*rows, strict=True)
     a_mat = coo_array((vals, (r_idx, c_idx)), shape=(len(row_lb), nv)).tocsr()
-    res = milp(
-        cost,
-        integrality=integrality,
-        bounds=Bounds(lb, ub),
-        constraints=LinearConstraint(a_mat, row_lb, row_ub),
-        options={"time_limit": max(time_limit_s, 1e-3), "mip_rel_gap": mip_rel_gap, "disp": False,
-                 **({"node_limit": node_limit} if node_limit is not None else {})},
-    )
+    options = _highs_options(time_limit_s, mip_rel_gap, node_limit)
+    with warnings.catch_warnings():  # scipy warns that it passes threads etc. to HiGHS verbatim
+        warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
+        res = milp(
+            cost,
+            integrality=integrality,
+            bounds=Bounds(lb, ub),
+            constraints=LinearConstraint(a_mat, row_lb, row_ub),
+            options=options,
+        )
+    stopped = _stopped_by(res)
     if res.x is None:
-        status = SolveStatus.NO_SOLUTION if res.status == 1 else SolveStatus.FAILED
-        return status, None
-    status = SolveStatus.OPTIMAL if res.status == 0 else SolveStatus.TIME_LIMIT
+        return (SolveStatus.FAILED if stopped is None else SolveStatus.NO_SOLUTION), None
+    status = SolveStatus.OPTIMAL if res.status == 0 else stopped or SolveStatus.NODE_LIMIT
     x = res.x[: n * r].reshape(n, r)
     y = res.x[n * r : n * r + k * r].reshape(k, r)
     layout = Layout(problem)
@@ -308,6 +319,34 @@ def _solve_milp(
             if y[kidx[a_id], j] < 0.5 and layout.count.get((a_id, j), 0) == 0:
                 layout.evict(a_id, j)
     return status, layout
+
+
+def _highs_options(
+    time_limit_s: float | None, mip_rel_gap: float, node_limit: int | None
+) -> dict[str, object]:
+    """HiGHS options: silent, one thread (the same search on every machine), the node limit,
+    and the wall-clock limit only when asked for."""
+    options: dict[str, object] = {
+        "mip_rel_gap": mip_rel_gap, "disp": False, "output_flag": False, "threads": 1,
+    }
+    if node_limit is not None:
+        options["node_limit"] = node_limit
+    if time_limit_s is not None:
+        options["time_limit"] = max(time_limit_s, 1e-3)
+    return options
+
+
+# HiGHS model statuses of a solve cut off by a limit (scipy reports them in `res.message`)
+_HIGHS_LIMITS = {13: SolveStatus.TIME_LIMIT, 14: SolveStatus.NODE_LIMIT, 16: SolveStatus.NODE_LIMIT}
+
+
+def _stopped_by(res: object) -> SolveStatus | None:
+    """Which limit stopped the solve (None: it finished or failed)."""
+    message = str(getattr(res, "message", ""))
+    for code, status in _HIGHS_LIMITS.items():
+        if f"HiGHS Status {code}:" in message:
+            return status
+    return SolveStatus.TIME_LIMIT if getattr(res, "status", None) == 1 else None
 
 
 def choose_replicas(

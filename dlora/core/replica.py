@@ -22,6 +22,8 @@ plan under the token cap (prefill is chunked to fit):
   evicted after the idle ones;
 - a policy may leave running requests out of an iteration (a merged batch does) and they keep
   their KV; a plan of which nothing can be admitted falls back to the running requests in order;
+- with prefix caching on, a new or recomputed request first claims the cached blocks of its
+  prompt (memory.py) and computes only the rest;
 - with `reserve_output` (the `slora` baseline), a waiting request is admitted only if every
   admitted request's whole output still fits when it finishes (S-LoRA's admission), so nobody
   is ever preempted.
@@ -32,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +51,7 @@ from ..types import (
 )
 from .batching import BatchPolicy, Plan, QueueView
 from .memory import MemoryPool
+from .prefix import prompt_block_hashes
 from .room import RoomMaker
 from .snapshot import ReplicaMemory, RequestSnapshot
 from .stats import ReplicaStats
@@ -114,6 +118,7 @@ class ReplicaScheduler(RoomMaker):
         self._pending_loads: list[int] = []
         self._pending_evicts: list[int] = []
         self._incoming_kv: dict[int, int] = {}  # request id -> KV tokens arriving by transfer
+        self._block_hashes: dict[int, tuple[Hashable, ...]] = {}  # prefix caching, per request
 
     # ---- queue ----
     @property
@@ -176,6 +181,7 @@ class ReplicaScheduler(RoomMaker):
     def remove(self, request: Request) -> None:
         """Take an unfinished request off this replica (migration, abort), freeing its memory."""
         self._take(request)
+        self._block_hashes.pop(request.id, None)
         self.work.remove(request)
         if self.memory.release(request.id) or self.memory.drop_swapped(request.id):
             self._pending_free.append(request.id)
@@ -249,6 +255,7 @@ class ReplicaScheduler(RoomMaker):
         preempted = False
         waiting_blocked = False  # a waiting request's KV did not fit: FCFS stops admitting
         reserved = self._reserved_tokens() if self.reserve_output else None
+        caching = mem.config.prefix_caching
         for attempt in (plan, None):
             if attempt is None:
                 if admitted:
@@ -261,14 +268,20 @@ class ReplicaScheduler(RoomMaker):
                 if r.id in scheduled or r.is_done or r.replica != self.id:
                     continue
                 computed = r.computed_tokens
+                hits: tuple[Hashable, ...] = ()
+                idle_hits = 0
+                if caching and r.status == RequestStatus.WAITING and not computed \
+                        and r.id not in mem.kv_blocks and r.id not in self._incoming_kv:
+                    hits, idle_hits = self._prefix_hits(r)
+                    computed = len(hits) * block_tokens
                 new = min(r.prompt_tokens + r.generated_tokens - computed, tokens_left)
                 adapter = r.adapter_id
                 adapter_bytes = 0
                 if adapter is not None and adapter not in mem.adapters:
                     adapter_bytes = self.adapters[adapter].size_bytes
                 keep_now = keep | ({adapter} if adapter is not None else set())
-                blocks = -(-(computed + new) // block_tokens) - mem.held(r.id)
-                need = blocks * block_bytes + adapter_bytes
+                blocks = -(-(computed + new) // block_tokens) - mem.held(r.id) - len(hits)
+                need = (blocks + idle_hits) * block_bytes + adapter_bytes
                 if r.status == RequestStatus.RUNNING:
                     ok = self._evict_until(need, adapter_bytes, keep_now, evicts)
                     if not ok and adapter_bytes:
@@ -293,6 +306,14 @@ class ReplicaScheduler(RoomMaker):
                         if mem.free_bytes + self._evictable_bytes(keep_now) < need:
                             waiting_blocked = True  # KV short: FCFS admits nobody behind it
                         continue  # only a slot (or the adapter budget) is short: it waits
+                    if caching:
+                        self.stats.prefix_query_tokens += r.prompt_tokens
+                    if hits:
+                        mem.claim_prefix(r.id, hits)
+                        self.work.remove(r)
+                        r.computed_tokens = computed
+                        self.work.add(r)
+                        self.stats.prefix_hit_tokens += computed
                     if r.status == RequestStatus.SWAPPED:
                         mem.swap_in(r.id)
                         swap_in.append(r.id)
@@ -344,6 +365,29 @@ class ReplicaScheduler(RoomMaker):
         self.step += 1
         return batch
 
+    # ---- prefix caching (memory.py, prefix.py) ----
+    def _hashes_of(self, r: Request) -> tuple[Hashable, ...]:
+        h = self._block_hashes.get(r.id)
+        if h is None:
+            h = self._block_hashes[r.id] = prompt_block_hashes(r, self.memory.block_tokens)
+        return h
+
+    def _prefix_hits(self, r: Request) -> tuple[tuple[Hashable, ...], int]:
+        """The cached leading blocks of a request's prompt (at least one token is left to
+        compute, as vLLM does) and how many of them are unheld (they take free room)."""
+        hashes = self._hashes_of(r)
+        n, _ = self.memory.cached_prefix_blocks(hashes)
+        n = min(n, (r.prompt_tokens + r.generated_tokens - 1) // self.memory.block_tokens)
+        if n <= 0:
+            return (), 0
+        hits = hashes[:n]
+        return hits, self.memory.cached_prefix_blocks(hits)[1]
+
+    def _register_prompt(self, r: Request) -> None:
+        full = min(r.computed_tokens, r.prompt_tokens) // self.memory.block_tokens
+        if full:
+            self.memory.register(r.id, self._hashes_of(r)[:full])
+
     def _evictable_bytes(self, keep: set[int]) -> int:
         return sum(self.memory.adapters[a] for a in self._eviction_order(keep))
 
@@ -379,12 +423,15 @@ class ReplicaScheduler(RoomMaker):
             self._requeue(batch, result.error)
             return []
         finished: list[Request] = []
+        caching = self.memory.config.prefix_caching
         token_ids = iter(result.token_ids) if result.token_ids is not None else None
         eos_flags = iter(result.eos) if result.eos is not None else None
         for item, r in zip(batch.items, batch.requests, strict=True):
             r.executing_s += result.elapsed_s
             self.work.remove(r)
             r.computed_tokens += item.new_tokens
+            if caching and item.computed_tokens < r.prompt_tokens:
+                self._register_prompt(r)
             if item.samples:
                 r.generated_tokens += 1
                 if r.first_token_s is None:
@@ -406,6 +453,7 @@ class ReplicaScheduler(RoomMaker):
 
     def _finish(self, r: Request, now: float, status: RequestStatus = RequestStatus.FINISHED) -> None:
         self._take(r)
+        self._block_hashes.pop(r.id, None)
         self.memory.release(r.id)
         self.memory.drop_swapped(r.id)
         self._pending_free.append(r.id)

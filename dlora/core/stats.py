@@ -22,6 +22,8 @@ class ReplicaStats:
     adapter_evictions: int = 0
     swaps: int = 0
     recomputes: int = 0
+    prefix_query_tokens: int = 0  # prompt tokens of admitted requests (prefix caching on)
+    prefix_hit_tokens: int = 0  # of them, found in the prefix cache
     preempting_iterations: int = 0  # iterations that preempted (they admit nothing new)
     failed_steps: int = 0
     finished: int = 0

@@ -5,6 +5,15 @@ One instance per replica, no global state. `execute` first applies the batch's m
 items: merged mode runs the base weights with the merged adapter folded in; unmerged mode runs
 the clean base weights plus each token's LoRA side path through `dlora.kernels` (PAPER.md
 section 1). Items with `samples=True` get one sampled token each.
+
+Faults of one request fail that request alone (`StepResult.faults`), the rest of the batch runs:
+prompt token ids outside the vocabulary are refused before anything reaches the device (on a
+GPU an out-of-range index poisons the whole CUDA context); an adapter this executor cannot
+serve (invalid, not registered) fails its requests and is blamed; a row of non-finite logits (an
+adapter with huge weights) is not sampled and blames the request's adapter; a forward that
+raises is re-run request by request after a probe (one base-model token through a scratch KV
+block) shows the model itself still runs, so the request that raises alone is the one at
+fault. An exception that escapes `execute`, or `StepResult.error`, is a fault of the replica.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from dlora.exec.kv_cache import PagedKVCache
 from dlora.exec.lora_slots import AdapterSlots, MergeState
 from dlora.exec.model import LlamaModel, StepInputs, build_group
 from dlora.exec.sampling import sample
-from dlora.types import Batch, BatchItem, BatchMode, Request, StepResult
+from dlora.types import Batch, BatchItem, BatchMode, Request, RequestFault, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +98,7 @@ class TorchExecutor:
         )
         self.adapter_errors = self.store.errors  # adapter id -> why it cannot be served
         self.last_logits: torch.Tensor | None = None  # (sampling items, vocab) of the last step
+        self._probe_pool: torch.Tensor | None = None  # one scratch KV block for `probe`
 
     # ---- adapters ----
     def register_adapter(self, adapter_id: int, source: AdapterSource) -> LoraAdapter:
@@ -177,11 +187,13 @@ class TorchExecutor:
             t = self._sync()
             for aid in batch.evict_adapters:
                 self.slots.evict(aid)
+            broken = self._broken_adapters(batch)
             for aid in batch.load_adapters:
-                self._load(aid)
+                if aid not in broken:
+                    self._load(aid)
             if batch.mode == BatchMode.UNMERGED:
                 for aid in {it.adapter_id for it in batch.items if it.adapter_id is not None}:
-                    if aid not in self.slots:
+                    if aid not in self.slots and aid not in broken:
                         log.debug("adapter %s used without a load action; loading", aid)
                         self._load(aid)
             t, load_s = self._sync(), time.perf_counter() - t
@@ -190,9 +202,13 @@ class TorchExecutor:
             for rid in batch.swap_in:
                 self.kv.swap_in(rid)
             t, swap_s = self._sync(), time.perf_counter() - t
-            self._switch(batch)
+            if batch.merged_adapter in broken:  # every item fails; leave the weights clean
+                if self.merge_state.merged is not None:
+                    self.merge_state.unmerge()
+            else:
+                self._switch(batch)
             t, switch_s = self._sync(), time.perf_counter() - t
-            tokens, eos = self._run(batch) if batch.items else ((), ())
+            tokens, eos, faults = self._run_attributed(batch, broken) if batch.items else ((), (), ())
         except DloraError as e:
             log.error("replica %d step %d failed: %s", batch.replica, batch.step, e)
             return StepResult(
@@ -209,11 +225,125 @@ class TorchExecutor:
             swap_s=swap_s,
             token_ids=tokens,
             eos=eos,
+            faults=faults,
         )
 
-    def _run(self, batch: Batch) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    def _broken_adapters(self, batch: Batch) -> dict[int, str]:
+        """Adapters the batch needs that this executor cannot serve (invalid, or not
+        registered here): adapter id -> why. Their requests fail alone."""
+        need = {it.adapter_id for it in batch.items if it.adapter_id is not None}
+        need.update(batch.load_adapters)
+        broken: dict[int, str] = {}
+        for aid in need:
+            try:
+                self.store.get(aid)  # a dict look-up once loaded
+            except DloraError as e:
+                broken[aid] = str(e)
+        return broken
+
+    def _run_attributed(
+        self, batch: Batch, broken: dict[int, str]
+    ) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[RequestFault, ...]]:
+        """Run the batch; a request whose input, adapter or output is bad fails alone."""
+        faults: dict[int, RequestFault] = {}  # item index -> its fault
+        new_ids: dict[int, list[int]] = {}
+        vocab = self.model.config.vocab_size
+        for j, (it, req) in enumerate(zip(batch.items, batch.requests, strict=True)):
+            if it.adapter_id in broken:
+                faults[j] = RequestFault(
+                    req.id, f"its adapter cannot be served: {broken[it.adapter_id]}", it.adapter_id
+                )
+                continue
+            ids = self._item_tokens(it, req)
+            if ids and (min(ids) < 0 or max(ids) >= vocab):
+                bad = next(t for t in ids if not 0 <= t < vocab)
+                faults[j] = RequestFault(
+                    req.id, f"prompt token id {bad} is outside the vocabulary [0, {vocab})"
+                )
+            else:
+                new_ids[j] = ids
+        run = list(new_ids)
+        try:
+            sampled = self._run(batch, run, new_ids) if run else {}
+        except DloraError:
+            raise
+        except Exception as exc:  # noqa: BLE001  (attributed below, or re-raised)
+            sampled = self._isolate(batch, run, new_ids, exc, faults)
+        tokens: list[int] = []
+        eos: list[bool] = []
+        for j, (it, req) in enumerate(zip(batch.items, batch.requests, strict=True)):
+            if not it.samples:
+                continue
+            token = sampled.get(j)
+            if token is None and j not in faults:
+                where = "the base model" if it.adapter_id is None else "its adapter"
+                faults[j] = RequestFault(
+                    req.id,
+                    f"the logits are not finite (inf or nan) under {where}, whose weights are "
+                    "likely broken",
+                    it.adapter_id,
+                )
+            if j in faults:  # a placeholder the live driver discards with the request
+                tokens.append(0)
+                eos.append(False)
+                continue
+            assert token is not None
+            tokens.append(token)
+            eos.append(self._ends(req, token))
+        for f in faults.values():
+            log.warning("replica %d step %d: request %d fails alone: %s",
+                        batch.replica, batch.step, f.request_id, f.message)
+        return tuple(tokens), tuple(eos), tuple(faults[j] for j in sorted(faults))
+
+    def _isolate(
+        self,
+        batch: Batch,
+        run: list[int],
+        new_ids: dict[int, list[int]],
+        exc: Exception,
+        faults: dict[int, RequestFault],
+    ) -> dict[int, int | None]:
+        """The forward of `run` raised `exc`: if the model still runs (`probe`), re-run each
+        request alone and fail those that raise; otherwise the replica is at fault (re-raise)."""
+        log.warning("replica %d step %d raised %s: %s; re-running its %d requests one by one",
+                    batch.replica, batch.step, type(exc).__name__, exc, len(run))
+        if not self.probe():
+            raise exc
+        sampled: dict[int, int | None] = {}
+        for j in run:
+            try:
+                sampled.update(self._run(batch, [j], new_ids))
+            except Exception as e:  # noqa: BLE001  (this request's own fault)
+                faults[j] = RequestFault(batch.requests[j].id, f"{type(e).__name__}: {e}")
+        return sampled
+
+    def probe(self) -> bool:
+        """Whether the model still runs: one base-model token through a scratch KV block
+        (the cache and the adapters are untouched)."""
+        try:
+            c, dev, bs = self.model.config, self.device, self.kv.block_size
+            if self._probe_pool is None:
+                self._probe_pool = torch.zeros(
+                    (c.num_layers, 2, bs, c.num_kv_heads, c.head_dim),
+                    dtype=self.model.dtype, device=dev,
+                )
+            zero = torch.zeros(1, dtype=torch.long, device=dev)
+            step = StepInputs(zero, zero, zero, (build_group([(0, 0, 1, [0])], bs, dev),), bs)
+            self.model.logits(self.model.forward(step, self._probe_pool))
+            self._sync()
+            return True
+        except Exception:  # noqa: BLE001
+            log.exception("replica probe failed: the replica itself is at fault")
+            return False
+
+    def _run(
+        self, batch: Batch, run: list[int], new_ids: dict[int, list[int]]
+    ) -> dict[int, int | None]:
+        """One forward over items `run` (indexes into the batch; their token ids in
+        `new_ids`): item index -> sampled token of each sampling item, None where its
+        logits are not finite."""
         unmerged = batch.mode == BatchMode.UNMERGED
-        order = list(range(len(batch.items)))
+        order = list(run)
         if unmerged:  # tokens of one adapter contiguous: one kernel segment per adapter
             order.sort(key=lambda j: _adapter_order(batch.items[j].adapter_id))
         ids: list[int] = []
@@ -224,13 +354,12 @@ class TorchExecutor:
         prefill: list[tuple[int, int, int, list[int]]] = []
         last: dict[int, int] = {}  # item index -> flat index of its last token
         for j in order:
-            it, req = batch.items[j], batch.requests[j]
-            new_ids = self._item_tokens(it, req)
+            it = batch.items[j]
             end = it.computed_tokens + it.new_tokens
             self.kv.reserve(it.request_id, end)
             span = (len(ids), it.computed_tokens, it.new_tokens, self.kv.tables[it.request_id])
             (decode if it.new_tokens == 1 else prefill).append(span)
-            ids.extend(new_ids)
+            ids.extend(new_ids[j])
             positions.extend(range(it.computed_tokens, end))
             slot_map.extend(self.kv.slots(it.request_id, it.computed_tokens, end))
             per_token.extend([it.adapter_id if unmerged else None] * it.new_tokens)
@@ -245,21 +374,33 @@ class TorchExecutor:
         )
         hook = self.slots.hook(per_token, self.lora_backend) if unmerged else None
         hidden = self.model.forward(step, self.kv.pool, hook)
-        for it in batch.items:
+        for j in run:
+            it = batch.items[j]
             self.kv.mark_written(it.request_id, it.computed_tokens + it.new_tokens)
-        sampling = [j for j, it in enumerate(batch.items) if it.samples]
+        sampling = [j for j in sorted(run) if batch.items[j].samples]
         if not sampling:
-            return (), ()
+            return {}
         logits = self.model.logits(hidden[torch.tensor([last[j] for j in sampling], device=dev)])
         self.last_logits = logits
-        reqs = [batch.requests[j] for j in sampling]
-        tokens = sample(
+        finite = torch.isfinite(logits).all(-1)
+        if not bool(finite.all()):  # sample the finite rows only
+            keep = [k for k, ok in enumerate(finite.tolist()) if ok]
+            out: dict[int, int | None] = {j: None for j in sampling}
+            if keep:
+                rows = torch.tensor(keep, device=dev)
+                sub = self._sample(logits[rows], [batch.requests[sampling[k]] for k in keep])
+                out.update({sampling[k]: t for k, t in zip(keep, sub, strict=True)})
+            return out
+        tokens = self._sample(logits, [batch.requests[j] for j in sampling])
+        return dict(zip(sampling, tokens, strict=True))
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
+        return sample(
             logits,
             [r.sampling for r in reqs],
             [self._seed(r) for r in reqs],
             [len(r.output_token_ids) for r in reqs],
         )
-        return tuple(tokens), tuple(self._ends(r, t) for r, t in zip(reqs, tokens, strict=True))
 
     def _seed(self, req: Request) -> int:
         if req.sampling is not None and req.sampling.seed is not None:

@@ -3,6 +3,10 @@
 The pool is a tensor (layers, 2, num_blocks * block_size, kv_heads, head_dim); token `p` of a
 request lives at slot `table[p // block_size] * block_size + p % block_size`. Owns block
 allocation, swap to host and back, and export / import of one request's KV (for migration).
+
+A block handed out again is zeroed first: attention reads whole blocks and masks the positions
+past a request's context, and a masked NaN left by an earlier owner (a request whose adapter
+overflowed) would still turn the new owner's output into NaN (0 * NaN).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class PagedKVCache:
             device=self.device,
         )
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
+        self._used = [False] * num_blocks  # held before: zeroed when handed out again
         self.tables: dict[int, list[int]] = {}
         self.lengths: dict[int, int] = {}  # tokens whose KV is present per request
         self._slots: dict[int, list[int]] = {}  # flat slots of every reserved position
@@ -71,10 +76,18 @@ class PagedKVCache:
                 f"{self.num_blocks} are free; admit fewer tokens or give the cache more blocks"
             )
         slots = self._slots.setdefault(request_id, [])
+        reused: list[int] = []
         for _ in range(max(0, need)):
             block = self._free.pop()
             table.append(block)
             slots.extend(range(block * self.block_size, (block + 1) * self.block_size))
+            if self._used[block]:
+                reused.append(block)
+            self._used[block] = True
+        if reused:
+            blocks = self.pool.view(*self.pool.shape[:2], self.num_blocks, self.block_size,
+                                    *self.pool.shape[3:])
+            blocks.index_fill_(2, torch.tensor(reused, dtype=torch.long, device=self.device), 0)
 
     def slots(self, request_id: int, start: int, stop: int) -> list[int]:
         """Flat slot indices of positions start..stop-1 (already reserved)."""

@@ -43,7 +43,7 @@ class AttentionGroup:
     own KV blocks (gathered through the block tables)."""
 
     q_index: torch.Tensor  # (B, Qmax) long, flat token index (padding points at a valid token)
-    block_tables: torch.Tensor  # (B, max_blocks) long (padding: block 0, masked)
+    block_tables: torch.Tensor  # (B, max_blocks) long (padding: the request's first block, masked)
     mask: torch.Tensor  # (B, 1, Qmax, max_blocks * block_size) bool, True: query may attend key
     dst_rows: torch.Tensor  # (N,) long, flat token index of each real query row
     src_rows: torch.Tensor | None  # (N,) long rows of the (B * Qmax) output; None: all rows
@@ -75,7 +75,7 @@ def build_group(
     for i, (offset, computed, new, table) in enumerate(spans):
         q_index.append(list(range(offset, offset + new)) + [offset] * (q_max - new))
         q_pos.append(list(range(computed, computed + new)) + [-1] * (q_max - new))
-        tables.append(table + [0] * (num_blocks - len(table)))
+        tables.append(table + table[:1] * (num_blocks - len(table)))  # own block: no other's NaN
         src.extend(range(i * q_max, i * q_max + new))
         dst.extend(range(offset, offset + new))
     pos = torch.tensor(q_pos, dtype=torch.long)

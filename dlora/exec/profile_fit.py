@@ -138,11 +138,16 @@ def step_points(sweep: Sweep, ranks: dict[int, int]) -> list[StepPoint]:
     for s in sweep.decode_seqs:
         for c in sweep.decode_context:
             groups["decode"].append(StepPoint("decode", ((c, 1, base),) * s, base))
+    mixed = {}  # prefill chunk beside decodes: contexts and batch sizes vary (the mixed terms)
     for t, s, c in ((mid_tokens, sweep.decode_seqs[-1], sweep.decode_context[0]),
                     (sweep.prefill_tokens[0], sweep.decode_seqs[len(sweep.decode_seqs) // 2],
                      sweep.decode_context[-1]),
-                    (sweep.prefill_tokens[-1], sweep.decode_seqs[0], mid_ctx)):
-        groups["mixed"].append(StepPoint("mixed", ((0, t, base), *((c, 1, base),) * s), base))
+                    (sweep.prefill_tokens[-1], sweep.decode_seqs[0], mid_ctx),
+                    (mid_tokens, sweep.decode_seqs[-1], sweep.decode_context[-1]),
+                    (sweep.prefill_tokens[0], sweep.decode_seqs[-1], mid_ctx),
+                    (mid_tokens, sweep.decode_seqs[0], sweep.decode_context[-1])):
+        mixed.setdefault((t, s, c), StepPoint("mixed", ((0, t, base), *((c, 1, base),) * s), base))
+    groups["mixed"].extend(mixed.values())
     unmerged = groups["unmerged"]
     for n in sweep.num_adapters:
         for _, ids in sorted(by_rank.items()):
@@ -239,7 +244,8 @@ def build_profile(setup: ProfileSetup, sweep: Sweep, curve: Curve, terms: Any,
                   step_errors: dict[str, float], switches: dict[str, Samples],
                   transfers: dict[str, Samples], measured: list[Measured],
                   copy_bytes_per_s: float) -> Profile:
-    """The profile document; `terms` are per_seq, attention decode / prefill, then LoraCost's."""
+    """The profile document; `terms` are per_seq, attention decode / prefill, the two mixed
+    terms (per decode context token, per decode sequence), then LoraCost's."""
     errors = dict(step_errors)
     rank_costs = {}
     for key in ("merge", "unmerge"):
@@ -262,12 +268,13 @@ def build_profile(setup: ProfileSetup, sweep: Sweep, curve: Curve, terms: Any,
     rng = Range(max_batch_tokens=max(s.total_tokens for s in shapes),
                 max_decode_seqs=max(s.decode_seqs for s in shapes),
                 max_context_tokens=max(max_ctx, *sweep.transfer_tokens))
-    per_seq, att_dec, att_pre, *lora = (float(t) for t in terms)
+    per_seq, att_dec, att_pre, mixed_tok, mixed_seq, *lora = (float(t) for t in terms)
     scheduler = measure_scheduler_s()
     notes.append(f"scheduler_s {scheduler * 1e6:.0f} us: median of dlora's schedule + complete per "
                  "iteration (credit policy, 8 decoding requests, 4 adapters) on this host")
     latency = Latency(linear=curve, per_seq_s=per_seq, scheduler_s=scheduler, attention_decode_s_per_token=att_dec,
-                      attention_prefill_s_per_pair=att_pre, lora=LoraCost(*lora),
+                      attention_prefill_s_per_pair=att_pre, attention_mixed_s_per_decode_token=mixed_tok,
+                      attention_mixed_s_per_decode_seq=mixed_seq, lora=LoraCost(*lora),
                       merge=rank_costs["merge"], unmerge=rank_costs["unmerge"], switch=None,
                       adapter_load=fitted["adapter_load"], swap=fitted["swap"],
                       kv_transfer=fitted["kv_transfer"])

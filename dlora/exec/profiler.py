@@ -8,7 +8,9 @@ rounds (rounds interleave the points, so drifting background load hits all of th
 median counts. Step terms are fitted together by non-negative least squares on relative error
 (each row divided by its measured time), the linear curve as hat functions on fixed knots. A
 deterministic third of the points (interior ones) is held out, the profile is the fit on the
-rest, and `fit_error` gives each term group's error on the held-out points.
+rest, and `fit_error` gives each term group's error on the held-out points. The mixed points (a
+prefill chunk beside decodes of several batch sizes and contexts) fit the mixed-iteration
+terms (`LatencyModel.mixed_s`).
 """
 
 from __future__ import annotations
@@ -239,7 +241,9 @@ def _knots(tokens: list[int]) -> tuple[int, ...]:
 
 def design_row(shape: BatchShape, knots: tuple[int, ...]) -> list[float]:
     """The step terms of `LatencyModel.step_s` as a row linear in the fitted parameters:
-    curve knot values (hat weights), per_seq, attention decode / prefill, 5 LoRA terms."""
+    curve knot values (hat weights), per_seq, attention decode / prefill, the two mixed-iteration
+    terms (decode context tokens and decode sequences, only with prefill tokens beside them),
+    5 LoRA terms."""
     hats = [0.0] * len(knots)
     n = shape.total_tokens
     if len(knots) == 1:
@@ -252,8 +256,10 @@ def design_row(shape: BatchShape, knots: tuple[int, ...]) -> list[float]:
     if shape.mode == BatchMode.UNMERGED and shape.adapter_ranks:
         lora = [1.0, len(shape.adapter_ranks), sum(shape.adapter_ranks), shape.lora_tokens,
                 shape.lora_token_rank]
+    mixed = [float(shape.decode_context_tokens), float(shape.decode_seqs)] if (
+        shape.prefill_tokens and shape.decode_seqs) else [0.0, 0.0]
     return [*hats, shape.decode_seqs + shape.prefill_seqs, shape.decode_context_tokens,
-            shape.prefill_attention_pairs, *lora]
+            shape.prefill_attention_pairs, *mixed, *lora]
 
 
 def fit_steps(measured: list[Measured]) -> tuple[Curve, np.ndarray, dict[str, float]]:

@@ -6,9 +6,11 @@ condition. A replay thread submits a workload at its arrival times; timers run t
 and the placement. Hooks for an HTTP server: `submit` (thread-safe, returns at once),
 `abort`, `on_token(request, token_id)` / `on_finish(request)` callbacks, `wait`, `stop`.
 
-Failures: a step that raises or returns `StepResult.error` is counted and its requests are
-requeued by `ReplicaScheduler.complete` (recompute); a replica failing `max_step_failures`
-steps in a row is marked dead and its requests move to live replicas. Migration moves a
+Failures: a request the executor blames (`StepResult.faults`) fails alone (worker.py); a step
+that raises or returns `StepResult.error` is a fault of the replica: counted, and its requests
+are requeued by `ReplicaScheduler.complete` (recompute); a replica failing `max_step_failures`
+steps in a row is marked dead, its requests move to live replicas, and the `restart` hook (if
+given) rebuilds its executor on a thread of its own, then calls `revive`. Migration moves a
 request with its adapter (the core's actions); a KV transfer is exported by the source's
 worker before its next step and imported by the destination's worker (kv_transfer.py);
 requests in a step in flight are not moved until the step ends.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -40,6 +43,7 @@ EPS_S = 1e-9
 
 
 GIL_SWITCH_INTERVAL_S = 0.0005
+RESTART_BACKOFF_S, RESTART_BACKOFF_MAX_S = 0.5, 30.0
 
 class LiveCluster:
     """Threads driving `cluster` with one executor per replica (see the module docstring)."""
@@ -51,6 +55,7 @@ class LiveCluster:
         record_batches: bool = False, retain_requests: bool = True,
         max_context_tokens: int | None = None, require_token_ids: bool = False,
         transfer_timeout_s: float = 30.0, progress: Callable[[int, int], None] | None = None,
+        restart: Callable[[int], None] | None = None,
     ) -> None:
         if len(executors) != len(cluster.replicas):
             raise ValueError("one executor per replica")
@@ -60,7 +65,11 @@ class LiveCluster:
         self.max_step_failures = max_step_failures
         self.max_context_tokens, self.require_token_ids = max_context_tokens, require_token_ids
         self.retain_requests = retain_requests
+        self.restart = restart  # replica id -> rebuild its executor (the replica is dead)
         n = len(cluster.replicas)
+        self.restarts = [0] * n  # restarts since the replica's last good step
+        self.adapter_faults: dict[int, str] = {}  # adapter id -> why it is broken (first fault)
+        self.suspects: dict[int, int] = {}  # request id -> dying replicas whose last step it was in
         self._lock = threading.Lock()
         self._wake = [self.clock.condition(self._lock) for _ in range(n)]
         self._timer = self.clock.condition(self._lock)
@@ -138,6 +147,32 @@ class LiveCluster:
             self._spawn(name, partial(self._worker, replica_id))
         log.warning("replica %d is back", replica_id)
         return True
+
+    def _replica_dead(self, replica_id: int) -> None:
+        """A replica was evacuated (lock held): rebuild and revive it on a thread of its own,
+        after a back-off that doubles with each restart that did not serve a good step."""
+        if self.restart is None or self._stopping:
+            return
+        k = self.restarts[replica_id]
+        self.restarts[replica_id] = k + 1
+        delay_s = 0.0 if k == 0 else min(RESTART_BACKOFF_MAX_S, RESTART_BACKOFF_S * 2 ** (k - 1))
+        restart = self.restart
+
+        def run() -> None:
+            if delay_s:
+                time.sleep(delay_s)
+            if self._stopping:
+                return
+            try:
+                restart(replica_id)
+            except Exception:  # noqa: BLE001  (the replica stays dead; the others serve)
+                log.exception("restarting replica %d failed", replica_id)
+                return
+            if self.revive(replica_id):
+                with self._lock:
+                    self.stats.restarts += 1
+
+        threading.Thread(target=run, name=f"dlora-restart-{replica_id}", daemon=True).start()
 
     def next_request_id(self) -> int:
         with self._lock:
@@ -294,6 +329,8 @@ class LiveCluster:
         self._finished(r)
 
     def _finished(self, r: Request) -> None:
+        if self.suspects:
+            self.suspects.pop(r.id, None)
         self.unfinished -= 1
         self.done += 1
         self._outbox.finish(r)

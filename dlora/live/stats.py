@@ -28,6 +28,8 @@ class LiveStats:
     kv_transfers: int = 0
     kv_transfer_failures: int = 0
     aborted: int = 0
+    failed_requests: int = 0  # failed alone (a fault of the request, not of its replica)
+    restarts: int = 0  # dead replicas rebuilt and revived
     errors: list[str] = field(default_factory=list)
 
     def record_failure(self, replica: int, batch: Batch, error: str, kind: str) -> None:

@@ -2,9 +2,15 @@
 executor outside it, complete under it; wait on the replica's condition when idle.
 
 Before each schedule the worker runs the migrations that waited for its previous step and
-exports the KV of requests that left it by transfer (before its next step frees them). A
-step that raises or returns an error is counted and requeued by the core; after
-`max_step_failures` failures in a row the replica is evacuated (moves.py)."""
+exports the KV of requests that left it by transfer (before its next step frees them).
+
+Faults: a request the executor reports in `StepResult.faults` fails alone (aborted in the
+scheduler, finish_reason "error", `Request.error` says why; never retried elsewhere) and the
+step counts as a good one; its adapter is flagged when blamed (`LiveCluster.adapter_faults`).
+A step that raises or returns an error is a fault of the replica: counted and requeued by the
+core; after `max_step_failures` failures in a row the replica is evacuated (moves.py) and,
+where the live cluster has a `restart` hook, rebuilt and revived. A request that was in the
+last failing step of `MAX_REPLICA_DEATHS` dying replicas fails alone rather than moving on."""
 
 from __future__ import annotations
 
@@ -12,13 +18,14 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
-from ..types import Batch, Request, StepResult
+from ..types import Batch, Request, RequestFault, RequestStatus, StepResult
 from .kv_transfer import TransferError
 
 if TYPE_CHECKING:
     from .engine import LiveCluster
 
 log = logging.getLogger(__name__)
+MAX_REPLICA_DEATHS = 2  # a request in the failing steps of this many dying replicas fails alone
 
 
 class ReplicaWorker:
@@ -38,6 +45,7 @@ class ReplicaWorker:
             with self.live._lock:
                 if self.rep.is_alive:
                     self.live.moves.evacuate(self.rep, self.live.clock.now())
+                    self.live._replica_dead(self.id)
             self.live._outbox.deliver()
 
     def _loop(self) -> None:
@@ -121,9 +129,11 @@ class ReplicaWorker:
             self.failures += kind != "transfer"  # a lost KV copy is not the replica's fault
         else:
             self.failures = 0
+            live.restarts[self.id] = 0
+            failed = self._fail_alone(batch, result.faults, finished, now) if result.faults else set()
             if result.token_ids is not None and live._outbox.on_token is not None:
                 for item, r in zip(batch.items, batch.requests, strict=True):
-                    if item.samples:
+                    if item.samples and r.id not in failed:
                         live._outbox.token(r, r.output_token_ids[-1])
         if finished:
             self._finished(finished, now)
@@ -134,7 +144,66 @@ class ReplicaWorker:
                     live._abort_now(r, now)
         if self.failures >= live.max_step_failures and rep.is_alive:
             log.error("replica %d failed %d steps in a row", self.id, self.failures)
+            if kind != "transfer":
+                self._blame_deaths(batch, now)
             live.moves.evacuate(rep, now)
+            live._replica_dead(self.id)
+
+    def _fail_alone(self, batch: Batch, faults: tuple[RequestFault, ...], finished: list[Request],
+                    now: float) -> set[int]:
+        """Fail the requests the executor blamed, alone (lock held); their ids."""
+        live, rep = self.live, self.rep
+        at = {r.id: j for j, r in enumerate(batch.requests)}
+        failed: set[int] = set()
+        for f in faults:
+            j = at.get(f.request_id)
+            if j is None or f.request_id in failed:
+                continue
+            r = batch.requests[j]
+            failed.add(r.id)
+            if r in finished:  # the core ended it on the placeholder token
+                finished.remove(r)
+                r.status = RequestStatus.ABORTED
+            elif not r.is_done:
+                rep.abort(r, now)
+            else:
+                continue  # aborted already (client gone)
+            if batch.items[j].samples and r.output_token_ids:  # drop the placeholder
+                r.output_token_ids.pop()
+                r.generated_tokens -= 1
+            if f.adapter_id is not None and f.adapter_id not in live.adapter_faults:
+                live.adapter_faults[f.adapter_id] = f.message
+                log.error("adapter %d flagged as broken: %s", f.adapter_id, f.message)
+            self._failed(r, f.message)
+        return failed
+
+    def _failed(self, r: Request, message: str) -> None:
+        """`r` (aborted in the scheduler) failed alone: say why and finish it (lock held)."""
+        live = self.live
+        r.finish_reason, r.error = "error", message
+        live._aborts.discard(r.id)
+        if live.kv is not None:
+            live.kv.forget(r.id)
+        live.stats.failed_requests += 1
+        live._finished(r)
+
+    def _blame_deaths(self, batch: Batch, now: float) -> None:
+        """The replica dies on `batch` (lock held): a request that was in the last failing
+        step of `MAX_REPLICA_DEATHS` dying replicas fails alone instead of moving on (a fault
+        no executor could pin on it must not take every replica down in turn)."""
+        live = self.live
+        if not any(o.is_alive for o in live.cluster.replicas if o is not self.rep):
+            return  # nowhere to move: every request is rejected anyway
+        for r in batch.requests:
+            if r.is_done:
+                continue
+            deaths = live.suspects[r.id] = live.suspects.get(r.id, 0) + 1
+            if deaths >= MAX_REPLICA_DEATHS:
+                log.error("request %d was in the failing steps of %d dying replicas; failing it",
+                          r.id, deaths)
+                self.rep.abort(r, now)
+                self._failed(r, f"the request was in the failing steps of {deaths} replicas "
+                                "that died; it is not retried again")
 
     def _finished(self, finished: list[Request], now: float) -> None:
         live = self.live

@@ -48,7 +48,8 @@ class _Sim:
         self.sched_calls = 0
         self.env = simpy.Environment()
         self.adapters = make_adapters(scenario, latency)
-        self.cluster, self.migrator = make_cluster(scenario, latency, self.adapters)
+        self.cluster, self.migrator = make_cluster(scenario, latency, self.adapters,
+                                                   prefix_caching=scenario.cluster.prefix_caching)
         self.requests = requests
         self.total = len(requests)
         self.done = 0

@@ -35,8 +35,11 @@ def build_report(result: RunResult) -> Report:
     totals = {k: sum(r.get(k, 0) for r in rows) for k in (
         "iterations", "merged_iterations", "unmerged_iterations", "switches", "credit_forced_batches",
         "adapter_loads", "adapter_evictions", "swaps", "recomputes", "failed_steps",
-        "busy_s", "switch_s", "load_s", "swap_s")}
+        "busy_s", "switch_s", "load_s", "swap_s", "preempting_iterations",
+        "prefix_query_tokens", "prefix_hit_tokens")}
     summary["totals"] = totals
+    queried = totals["prefix_query_tokens"]
+    summary["prefix_cache_hit_rate"] = totals["prefix_hit_tokens"] / queried if queried else 0.0
     summary["switch_time_share"] = totals["switch_s"] / totals["busy_s"] if totals["busy_s"] else 0.0
     migration = result.migrator.stats()
     wall = {k: migration.pop(k) for k in list(migration) if "wall" in k or k.endswith("share_of_simulated")}

@@ -28,7 +28,7 @@ from .generate import (
     sample_lengths,
     scale_lengths,
 )
-from .traces import load_function_trace, load_lengths_table, load_request_trace
+from .traces import load_function_trace, load_lengths_table, load_request_trace, read_text
 
 log = logging.getLogger(__name__)
 DEFAULT_BIN_S = 3600.0
@@ -77,8 +77,9 @@ def check_workload(
         file = resolve_path(base_dir, value)
         if not file.is_file():
             raise ConfigError(f"{key_path}: file {file} does not exist")
-        with file.open(encoding="utf-8") as f:
-            rows = [line for line in (f.readline(), f.readline()) if line.strip()]
+        with _errors_at(key_path):
+            head = read_text(file, lines=2)
+        rows = [line for line in head.splitlines() if line.strip()]
         if len(rows) < 2:
             raise ConfigError(f"{key_path}: file {file} is empty (no rows after the header)")
 
@@ -113,12 +114,29 @@ def build_requests(
             adapters = _draw_adapters(cfg, num_adapters, len(times), rng)
         prompt, output = _sample_lengths(cfg, len(times), rng, base_dir, path)
     log.info("workload: %d requests over %.1f s", len(times), times[-1] if len(times) else 0.0)
-    return [
+    requests = [
         Request(i, None if a < 0 else a, t, p, o)
         for i, (a, t, p, o) in enumerate(
             zip(adapters.tolist(), times.tolist(), prompt.tolist(), output.tolist(), strict=True)
         )
     ]
+    _assign_prefixes(cfg, requests, rng)
+    return requests
+
+
+def _assign_prefixes(cfg: WorkloadConfig, requests: list[Request], rng: np.random.Generator) -> None:
+    """Shared system prompts (`workload.prefix`); draws from `rng` only for kind `groups`."""
+    prefix = cfg.prefix
+    if prefix.kind == "none":
+        return
+    assert prefix.tokens is not None
+    groups = None
+    if prefix.kind == "groups":
+        assert prefix.groups is not None
+        groups = rng.integers(prefix.groups, size=len(requests)).tolist()
+    for i, r in enumerate(requests):
+        r.prefix_group = groups[i] if groups is not None else (-1 if r.adapter_id is None else r.adapter_id)
+        r.prefix_tokens = min(prefix.tokens, r.prompt_tokens)
 
 
 def _sample_lengths(

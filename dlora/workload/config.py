@@ -20,6 +20,7 @@ POPULARITY_KINDS = ("uniform", "zipf", "weights", "gamma_streams", "function_tra
 FUNCTION_FORMATS = ("azure_functions_2019", "azure_functions_2021")
 LENGTH_KINDS = ("fixed", "uniform", "lognormal", "empirical")
 STREAM_POPULARITY = ("gamma_streams", "function_trace")
+MAX_TOKENS = 2**31 - 1  # bound on any token count (no context is that long)
 FILTERS = (
     "min_prompt_tokens",
     "max_prompt_tokens",
@@ -145,10 +146,10 @@ class LengthsConfig:
     `scale` then multiplies both lengths (rounded, at least 1)."""
 
     kind: str | None = spec(None, choices=LENGTH_KINDS)
-    prompt_tokens: int | None = spec(None, ge=1, doc="fixed")
-    output_tokens: int | None = spec(None, ge=1, doc="fixed")
-    prompt_range: tuple[int, ...] | None = spec(None, ge=1, doc="uniform: [low, high] inclusive")
-    output_range: tuple[int, ...] | None = spec(None, ge=1, doc="uniform: [low, high] inclusive")
+    prompt_tokens: int | None = spec(None, ge=1, le=MAX_TOKENS, doc="fixed")
+    output_tokens: int | None = spec(None, ge=1, le=MAX_TOKENS, doc="fixed")
+    prompt_range: tuple[int, ...] | None = spec(None, ge=1, le=MAX_TOKENS, doc="uniform: [low, high] inclusive")
+    output_range: tuple[int, ...] | None = spec(None, ge=1, le=MAX_TOKENS, doc="uniform: [low, high] inclusive")
     prompt_mean: float | None = spec(None, gt=0, doc="lognormal: mean tokens")
     prompt_median: float | None = spec(None, gt=0, doc="lognormal: median tokens")
     prompt_sigma: float | None = spec(None, ge=0, doc="lognormal: sigma of log(tokens)")
@@ -156,11 +157,11 @@ class LengthsConfig:
     output_median: float | None = spec(None, gt=0)
     output_sigma: float | None = spec(None, ge=0)
     path: str | None = spec(None, nonempty=True, doc="empirical: lengths CSV")
-    min_prompt_tokens: int | None = spec(None, ge=1)
-    max_prompt_tokens: int | None = spec(None, ge=1)
-    min_output_tokens: int | None = spec(None, ge=1)
-    max_output_tokens: int | None = spec(None, ge=1)
-    max_total_tokens: int | None = spec(None, ge=2, doc="prompt + output")
+    min_prompt_tokens: int | None = spec(None, ge=1, le=MAX_TOKENS)
+    max_prompt_tokens: int | None = spec(None, ge=1, le=MAX_TOKENS)
+    min_output_tokens: int | None = spec(None, ge=1, le=MAX_TOKENS)
+    max_output_tokens: int | None = spec(None, ge=1, le=MAX_TOKENS)
+    max_total_tokens: int | None = spec(None, ge=2, le=MAX_TOKENS, doc="prompt + output")
     scale: float = spec(1.0, gt=0, doc="multiplies both lengths (Fig. 11b)")
     override: bool = spec(False, doc="sample lengths even when the arrival trace has them")
 
@@ -233,6 +234,29 @@ class LengthsConfig:
         return any(getattr(self, name) is not None for name in FILTERS)
 
 
+PREFIX_KINDS = ("none", "per_adapter", "groups")
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixConfig:
+    """Shared prompt prefixes (system prompts), for prefix caching. `per_adapter`: every
+    request of an adapter starts with that adapter's `tokens`-token system prompt; `groups`:
+    each request starts with one of `groups` system prompts, drawn uniformly. A prompt shorter
+    than the prefix is all prefix. Prefixes of different adapters never share KV."""
+
+    kind: str = spec("none", choices=PREFIX_KINDS)
+    tokens: int | None = spec(None, ge=1, doc="system prompt length in tokens")
+    groups: int | None = spec(None, ge=1, doc="number of system prompts (kind groups)")
+
+    def validate(self, path: str) -> None:
+        if self.kind != "none" and self.tokens is None:
+            raise ConfigError(f"{key(path, 'tokens')}: required for kind {self.kind!r}")
+        if self.kind == "none" and self.tokens is not None:
+            raise ConfigError(f"{key(path, 'kind')}: set it (per_adapter or groups) to use tokens")
+        if (self.kind == "groups") != (self.groups is not None):
+            raise ConfigError(f"{key(path, 'groups')}: required for kind 'groups' and only there")
+
+
 @dataclass(frozen=True, slots=True)
 class WorkloadConfig:
     """The scenario's `workload:` section. The run issues `num_requests` requests, or those
@@ -242,6 +266,7 @@ class WorkloadConfig:
     arrival: ArrivalConfig
     popularity: PopularityConfig = spec(factory=PopularityConfig)
     lengths: LengthsConfig = spec(factory=LengthsConfig)
+    prefix: PrefixConfig = spec(factory=PrefixConfig)
     num_requests: int | None = spec(None, ge=1)
     duration_s: float | None = spec(None, gt=0)
 
@@ -249,6 +274,7 @@ class WorkloadConfig:
         self.arrival.validate(key(path, "arrival"))
         self.popularity.validate(key(path, "popularity"))
         self.lengths.validate(key(path, "lengths"))
+        self.prefix.validate(key(path, "prefix"))
         arrival, popularity, lengths = self.arrival, self.popularity, self.lengths
         is_trace = arrival.kind == "trace"
         has_length = is_trace or popularity.kind == "function_trace"

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import ConfigError
-from .config import LengthsConfig
+from .config import MAX_TOKENS, LengthsConfig
 from .traces import LengthsTable
 
 
@@ -124,7 +124,8 @@ def scale_lengths(cfg: LengthsConfig, tokens: np.ndarray) -> np.ndarray:
     """Multiply by `cfg.scale`, rounded, at least 1."""
     if cfg.scale == 1.0:
         return tokens
-    return np.maximum(1, np.rint(tokens * cfg.scale)).astype(np.int64)
+    with np.errstate(over="ignore"):
+        return np.clip(np.rint(tokens * cfg.scale), 1, MAX_TOKENS).astype(np.int64)
 
 
 def _lognormal(
@@ -135,7 +136,9 @@ def _lognormal(
     else:
         assert mean is not None
         mu = float(np.log(mean)) - sigma * sigma / 2.0
-    return np.maximum(1, np.rint(np.exp(mu + sigma * rng.standard_normal(n)))).astype(np.int64)
+    with np.errstate(over="ignore"):  # a huge sigma: inf, clipped below
+        tokens = np.rint(np.exp(mu + sigma * rng.standard_normal(n)))
+    return np.clip(tokens, 1, MAX_TOKENS).astype(np.int64)
 
 
 def sample_lengths(

@@ -3,8 +3,9 @@ tables (the `num_prefill_tokens,num_decode_tokens,...` format of Vidur's tables)
 Functions invocation traces (2019 per-minute counts, 2021 per-invocation rows) for dLoRA's
 function-to-adapter mapping (PAPER.md section 7).
 
-Loaders parse by hand (no pandas) and raise `WorkloadError` naming the file and line; the
-workload builder turns that into a `ConfigError` naming the key path.
+Loaders parse by hand (no pandas) and raise `WorkloadError` naming the file and line (also for
+times that are negative, NaN or infinite, and token counts that are negative or not numbers);
+the workload builder turns that into a `ConfigError` naming the key path.
 """
 
 from __future__ import annotations
@@ -88,11 +89,22 @@ class FunctionTrace:
         return counts.reshape(len(self.functions), num_bins)
 
 
+def read_text(path: Path, lines: int | None = None) -> str:
+    """The file's text (or its first `lines` lines); WorkloadError naming the line if it is not
+    UTF-8."""
+    with path.open("rb") as f:
+        data = f.read() if lines is None else b"".join(f.readline() for _ in range(lines))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise WorkloadError(f"{path}, line {line}: not UTF-8 text; save the file as UTF-8") from None
+
+
 def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise WorkloadError(f"file {path} does not exist")
-    with path.open(encoding="utf-8") as f:
-        lines = [line for line in f.read().splitlines() if line.strip()]
+    lines = [line for line in read_text(path).splitlines() if line.strip()]
     if len(lines) < 2:
         raise WorkloadError(f"file {path} is empty (no rows after the header)")
     return lines
@@ -138,11 +150,42 @@ def load_azure_llm_trace(path: Path | str) -> RequestTrace:
             times[i] = _stamp_seconds(row[ts_col].strip(), days)
             prompt[i] = int(row[ctx_col])
             output[i] = int(row[gen_col])
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, OverflowError) as exc:
         raise WorkloadError(f"{path}, line {i + 2}: cannot parse {line!r} ({exc})") from None
+    _check_rows(path, lines[1:], 2, times, "TIMESTAMP", prompt, output, min_tokens=0, min_time=None,
+                token_names=("ContextTokens", "GeneratedTokens"))
     order = np.argsort(times, kind="stable")
     times = times[order] - times[order[0]]
     return RequestTrace(times, np.maximum(prompt[order], 1), np.maximum(output[order], 1))
+
+
+def _check_rows(
+    path: Path,
+    body: list[str],
+    first_line: int,
+    times: np.ndarray,
+    time_name: str,
+    prompt: np.ndarray | None = None,
+    output: np.ndarray | None = None,
+    min_tokens: int = 1,
+    min_time: float | None = 0.0,
+    token_names: tuple[str, str] = ("prompt_tokens", "output_tokens"),
+) -> None:
+    """Raise naming the first row whose time is NaN, infinite or below `min_time` (None: any
+    finite time), or whose token counts are below `min_tokens`. `first_line` is the line
+    number of `body[0]`."""
+    bad_time = ~np.isfinite(times)
+    if min_time is not None:
+        bad_time |= times < min_time
+    at_least = "" if min_time is None else f" >= {min_time:g}"
+    checks = [(bad_time, f"{time_name} must be a finite number{at_least}")]
+    for name, tokens in zip(token_names, (prompt, output), strict=True):
+        if tokens is not None:
+            checks.append((tokens < min_tokens, f"{name} must be >= {min_tokens}"))
+    for bad, what in checks:
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise WorkloadError(f"{path}, line {i + first_line}: {what}, got {body[i]!r}")
 
 
 def load_generic_trace(path: Path | str) -> RequestTrace:
@@ -175,11 +218,10 @@ def load_generic_trace(path: Path | str) -> RequestTrace:
             )
             if cols[3] >= 0:
                 adapters.append(row[cols[3]].strip() if cols[3] < len(row) else "")
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, OverflowError) as exc:
         lineno = i + 1 + has_header
         raise WorkloadError(f"{path}, line {lineno}: cannot parse {line!r} ({exc})") from None
-    if (prompt < 1).any() or (output < 1).any():
-        raise WorkloadError(f"{path}: prompt_tokens and output_tokens must be >= 1")
+    _check_rows(path, body, 1 + has_header, times, "arrival_s", prompt, output)
     order = np.argsort(times, kind="stable")
     column = tuple(adapters[i] for i in order.tolist()) if cols[3] >= 0 else None
     return RequestTrace(times[order], prompt[order], output[order], column)
@@ -187,8 +229,7 @@ def load_generic_trace(path: Path | str) -> RequestTrace:
 
 def detect_trace_format(path: Path | str) -> str:
     """`azure_llm_2023` if the header names TIMESTAMP, else `generic`."""
-    with Path(path).open(encoding="utf-8") as f:
-        header = f.readline()
+    header = read_text(Path(path), lines=1)
     return "azure_llm_2023" if "TIMESTAMP" in header else "generic"
 
 
@@ -213,12 +254,21 @@ def load_lengths_table(path: Path | str) -> LengthsTable:
         else ("num_prefill_tokens", "num_decode_tokens")
     )
     p_col, o_col = _columns(path, header, needed)
-    try:
-        rows = [line.split(",") for line in lines[1:]]
-        prompt = np.array([int(float(r[p_col])) for r in rows], dtype=np.int64)
-        output = np.array([int(float(r[o_col])) for r in rows], dtype=np.int64)
-    except (ValueError, IndexError) as exc:
-        raise WorkloadError(f"{path}: cannot parse a row ({exc})") from None
+    n = len(lines) - 1
+    prompt = np.empty(n, dtype=np.int64)
+    output = np.empty(n, dtype=np.int64)
+    for i, line in enumerate(lines[1:]):
+        row = line.split(",")
+        try:
+            values = float(row[p_col]), float(row[o_col])
+        except (ValueError, IndexError, OverflowError) as exc:
+            raise WorkloadError(f"{path}, line {i + 2}: cannot parse {line!r} ({exc})") from None
+        if not all(0 <= v < 2**62 for v in values):  # also NaN and inf
+            raise WorkloadError(
+                f"{path}, line {i + 2}: {needed[0]} and {needed[1]} must be finite numbers >= 0, "
+                f"got {line!r}"
+            )
+        prompt[i], output[i] = int(values[0]), int(values[1])
     return LengthsTable(prompt, output)
 
 
@@ -246,9 +296,12 @@ def load_azure_functions_2019(path: Path | str) -> FunctionTrace:
         name = "/".join(c.strip() for c in row[:3])
         k = index.setdefault(name, len(index))
         try:
-            counts[k] += np.array(row[first:], dtype=np.int64)
+            row_counts = np.array(row[first:], dtype=np.int64)
         except ValueError as exc:
             raise WorkloadError(f"{path}, line {lineno}: {exc}") from None
+        if (row_counts < 0).any():
+            raise WorkloadError(f"{path}, line {lineno}: invocation counts must be >= 0")
+        counts[k] += row_counts
     return FunctionTrace(tuple(index), minute_counts=counts[: len(index)])
 
 
@@ -272,8 +325,9 @@ def load_azure_functions_2021(path: Path | str) -> FunctionTrace:
                 f"{row[app_col].strip()}/{row[func_col].strip()}", len(index)
             )
             times[i] = float(row[end_col]) - (float(row[dur_col]) if dur_col >= 0 else 0.0)
-    except (ValueError, IndexError) as exc:
+    except (ValueError, IndexError, OverflowError) as exc:
         raise WorkloadError(f"{path}, line {i + 2}: cannot parse {line!r} ({exc})") from None
+    _check_rows(path, lines[1:], 2, times, "end_timestamp - duration", min_time=None)
     return FunctionTrace(tuple(index), event_function=func, event_time_s=times)
 
 
@@ -283,8 +337,7 @@ def load_function_trace(path: Path | str, format: str | None = None) -> Function
     if format is None:
         if not path.is_file():
             raise WorkloadError(f"file {path} does not exist")
-        with path.open(encoding="utf-8") as f:
-            header = f.readline()
+        header = read_text(path, lines=1)
         format = (
             "azure_functions_2019" if header.startswith("HashOwner") else "azure_functions_2021"
         )

@@ -3,6 +3,7 @@ returns (every move from an overloaded replica, adapters and slots respected aft
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -130,3 +131,45 @@ def test_deferred_migration_waits_for_the_iteration_in_flight():
     assert [d.id for d in dests] == [1]
     assert cluster.requests[rid].replica == 1 and cluster.requests[rid].num_migrations == 1
     assert not cluster.deferred
+
+
+def _migration_report(params, monkeypatch=None, clock_step_s=None):
+    """report.json and timings of a small run where the node limit binds (issue 13)."""
+    import itertools
+
+    from dlora.core import migration_solver
+    from dlora.sim.driver import simulate
+    from dlora.sim.report import build_report
+
+    if clock_step_s is not None:  # a machine where every solve seems to take ages
+        ticks = itertools.count()
+        monkeypatch.setattr(migration_solver.time, "perf_counter", lambda: next(ticks) * clock_step_s)
+    data = {
+        "model": {"profile": str(ROOT / "profiles" / "cpu-tiny-synthetic.yaml")},
+        "cluster": {"replicas": 4, "max_batch_size": 4, "max_batched_tokens": 256, "max_adapter_slots": 3},
+        "adapters": {"count": 8, "ranks": [8, 16]},
+        "workload": {"num_requests": 80, "arrival": {"kind": "poisson", "rate_per_s": 300.0},
+                     "popularity": {"kind": "zipf", "alpha": 3.0},
+                     "lengths": {"kind": "uniform", "prompt_range": [4, 64], "output_range": [4, 40]}},
+        "policies": {"dispatch": {"name": "round_robin", "params": {"placement": "round_robin"}},
+                     "migration": {"name": "dlora", "params": {
+                         "interval_s": 0.05, "count_imbalance": 3, "max_candidates": 16, "node_limit": 10,
+                         **params}}},
+        "run": {"progress": False},
+    }
+    report = build_report(simulate(scenario_from_dict(data, ROOT)))
+    return report.to_json(), report.timings
+
+
+def test_report_is_identical_whatever_the_wall_clock(monkeypatch):
+    """No wall-clock quantity decides anything: the same scenario and seed give the same
+    report.json bytes with the time limit off or generous, and on a machine whose clock says
+    every solve takes minutes; the solver's wall time goes to the timings only."""
+    base, timings = _migration_report({})
+    stats = json.loads(base)["migration"]
+    assert stats["statuses"].get("node_limit", 0) > 0  # the deterministic limit really binds
+    assert "solver_wall_s" not in stats and "solver_wall_s" in timings["migration"]
+    assert _migration_report({"time_limit_s": 1000.0})[0] == base
+    slow, slow_timings = _migration_report({}, monkeypatch, clock_step_s=60.0)
+    assert slow == base
+    assert slow_timings["migration"]["solver_max_wall_s"] >= 60.0

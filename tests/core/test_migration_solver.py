@@ -249,3 +249,17 @@ def test_choose_replicas():
     assert choose_replicas({0: 10.0, 1: 1.0, 2: 5.0, 3: 5.0}) == (0, 1)
     assert choose_replicas({0: 10.0, 1: 9.0, 2: 1.0, 3: 2.0, 4: 5.5}) == (0, 1, 2, 3)
     assert choose_replicas({0: 10.0, 1: 9.0, 2: 1.0, 3: 2.0}, max_replicas=3) == (0, 1, 2)
+
+
+def test_node_limit_is_deterministic_and_highs_is_silent(capfd):
+    reps = tuple(replica(j, resident=[0, 1], base=float(j)) for j in range(4))
+    reqs = tuple(
+        request(i, i % 2, adapter=i % 2, work=0.5 + (i * 7919 % 13) / 7) for i in range(120)
+    )
+    p = MigrationProblem(reps, reqs, adapters(2))
+    plans = [solve_migration(p, node_limit=1) for _ in range(2)]
+    assert plans[0].status in (SolveStatus.NODE_LIMIT, SolveStatus.OPTIMAL)
+    assert [m.destination for m in plans[0].moves] == [m.destination for m in plans[1].moves]
+    check_plan(p, plans[0])
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == ""

@@ -89,3 +89,26 @@ def test_a_crashing_worker_evacuates_its_replica():
     res = run(sc, executor_factory=execs.__getitem__, clock=VirtualClock())
     assert res.live["dead_replicas"] == [1]
     assert all(r.status == RequestStatus.FINISHED and r.replica == 0 for r in res.requests)
+
+
+class PoisonedBy(ScriptedExecutor):
+    """Raises on every step whose batch holds request `poison` (a fault nothing pins on it)."""
+
+    def __init__(self, poison: int) -> None:
+        super().__init__(0.02)
+        self.poison = poison
+
+    def execute(self, batch: Batch) -> StepResult:
+        if self.poison in batch.request_ids:
+            raise RuntimeError("device-side assert triggered")
+        return super().execute(batch)
+
+
+def test_a_request_that_kills_two_replicas_fails_alone_instead_of_moving_on():
+    sc = scenario(*SETS, "cluster.replicas=3")
+    res = run(sc, executor_factory=lambda i: PoisonedBy(0), clock=VirtualClock())
+    poison = next(r for r in res.requests if r.id == 0)
+    assert poison.status == RequestStatus.ABORTED and poison.finish_reason == "error"
+    assert "2 replicas that died" in poison.error
+    assert len(res.live["dead_replicas"]) == 2 and res.live["replicas_alive"] == 1
+    assert all_complete([r for r in res.requests if r.id != 0])  # the last replica served the rest

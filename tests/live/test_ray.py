@@ -1,6 +1,7 @@
-"""The Ray backend on a local Ray cluster: replicas are actors; killing one mid-run loses no
-request (its requests are recomputed on the live replica) and the replica comes back.
-Skipped only where Ray is not installed or cannot start here."""
+"""The Ray backend on a local Ray cluster: replicas are actors; a fault of one request (bad
+token ids, an adapter with huge weights) fails that request alone inside its actor; killing an
+actor mid-run loses no request (its requests are recomputed on the live replica) and the
+replica comes back. Skipped only where Ray is not installed or cannot start here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from fault_helpers import huge_adapter, raw_request
 
 from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
 
@@ -31,7 +33,7 @@ def wait_until(cond, timeout_s: float = 120.0) -> bool:
 @pytest.fixture(scope="module")
 def ray_server():
     try:
-        engine = ServingEngine(ServeConfig(replicas=2, ray_address="local"))
+        engine = ServingEngine(ServeConfig(replicas=2, ray_address="local", allow_runtime_lora=True))
     except Exception as exc:  # noqa: BLE001
         pytest.skip(f"Ray cannot start here: {exc}")
     try:
@@ -39,6 +41,28 @@ def ray_server():
             yield srv
     finally:
         ray.shutdown()
+
+
+def test_a_request_fault_fails_that_request_alone_on_ray(ray_server, tmp_path):
+    engine = ray_server.engine
+    client = openai.OpenAI(base_url=ray_server.url + "/v1", api_key="none", max_retries=0, timeout=120)
+    r = httpx.post(ray_server.url + "/v1/completions", timeout=60,
+                   json={"model": "alpha-r4", "prompt": [512], "max_tokens": 3})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    bad = raw_request(engine.live, (1, 512))  # past the API: the actor's executor fails it alone
+    assert engine.live.submit(bad)
+    assert wait_until(lambda: bad.is_done, 60)
+    assert bad.finish_reason == "error" and "outside the vocabulary" in bad.error
+    huge = huge_adapter(tmp_path / "huge")
+    assert httpx.post(ray_server.url + "/v1/load_lora_adapter", timeout=60,
+                      json={"lora_name": "huge", "lora_path": str(huge)}).status_code == 200
+    r = httpx.post(ray_server.url + "/v1/completions", timeout=60, json={"model": "huge", "prompt": "x", "max_tokens": 3})
+    assert r.status_code == 500 and "not finite" in r.json()["error"]["message"]
+    assert httpx.post(ray_server.url + "/v1/unload_lora_adapter", json={"lora_name": "huge"}).status_code == 200
+    assert httpx.get(ray_server.url + "/health").status_code == 200
+    assert all(rep.is_alive for rep in engine.live.cluster.replicas)
+    assert engine.live.stats.failed_steps == 0 and [ex.inner.restarts for ex in engine.executors] == [0, 0]
+    assert client.completions.create(model="beta-r8", prompt="next", max_tokens=3).usage.completion_tokens == 3
 
 
 def test_killed_replica_actor_loses_no_request_and_comes_back(ray_server):

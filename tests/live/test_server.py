@@ -29,7 +29,7 @@ GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
 @pytest.fixture(scope="module")
 def server():
-    engine = ServingEngine(ServeConfig(replicas=2, max_loras=2, max_cpu_loras=8))
+    engine = ServingEngine(ServeConfig(replicas=2, max_loras=2, max_cpu_loras=8, allow_runtime_lora=True))
     with BackgroundServer(engine) as srv:
         yield srv
 

@@ -35,6 +35,8 @@ case_st = st.fixed_dictionaries({
     "batching": st.sampled_from(["unmerged_only", "merged_only", "credit", "vllm", "peft", "slora"]),
     "dispatch": st.sampled_from(["round_robin", "least_loaded", "dlora", "proactive"]),
     "migration": st.sampled_from(["none", "dlora"]),
+    "prefix": st.sampled_from(["none", "per_adapter", "groups"]),
+    "caching": st.booleans(),
 })
 
 
@@ -48,8 +50,12 @@ def _overrides(c: dict) -> list[str]:
         f"cluster.preemption={c['preemption']}", f"policies.batching={c['batching']}",
         f"policies.dispatch={c['dispatch']}",
         "workload.lengths={kind: uniform, prompt_range: [1, 128], output_range: [1, 48]}",
-        "run.progress=false",
+        "run.progress=false", f"cluster.prefix_caching={'true' if c['caching'] else 'false'}",
     ]
+    if c["prefix"] == "per_adapter":
+        out.append("workload.prefix={kind: per_adapter, tokens: 48}")
+    elif c["prefix"] == "groups":
+        out.append("workload.prefix={kind: groups, tokens: 40, groups: 2}")
     if c["adapter_memory"] == "static":
         out.append("cluster.adapter_memory_fraction=0.5")
     if c["migration"] == "dlora":

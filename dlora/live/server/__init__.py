@@ -7,7 +7,7 @@ from __future__ import annotations
 from .app import create_app
 from .config import ServeConfig, parse_lora_modules
 from .engine import Generation, GenerationParams, ServeError, ServingEngine
-from .run import BackgroundServer, serve
+from .run import BackgroundServer, bind_socket, serve
 
 __all__ = [
     "BackgroundServer",
@@ -16,6 +16,7 @@ __all__ = [
     "ServeConfig",
     "ServeError",
     "ServingEngine",
+    "bind_socket",
     "create_app",
     "parse_lora_modules",
     "serve",

@@ -6,6 +6,9 @@ its `parent`), POST /v1/load_lora_adapter {lora_name, lora_path}, POST
 /v1/unload_lora_adapter {lora_name}, GET /health, GET /metrics. The adapter is chosen by
 `model` (the base model's name: no adapter). Errors use OpenAI's shape
 {"error": {"message", "type", "param", "code"}}; a client that disconnects aborts its request.
+With an API key every /v1 route needs it (auth.py). A request that fails alone (a fault of the
+request found in its step, e.g. non-finite logits) is a 500 with the reason, or, streamed, a
+`data: {"error": ...}` event before `data: [DONE]` (as vLLM streams errors).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from .auth import ApiKeyMiddleware
 from .engine import Generation, GenerationParams, ServeError, ServingEngine
 from .metrics import CONTENT_TYPE
 from .protocol import (
@@ -60,6 +64,8 @@ def create_app(engine: ServingEngine) -> FastAPI:
 
     app = FastAPI(title="dlora", lifespan=lifespan)
     app.state.engine = engine
+    if engine.cfg.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=engine.cfg.api_key)
 
     @app.exception_handler(ServeError)
     async def _serve_error(_: HttpRequest, exc: ServeError) -> JSONResponse:
@@ -125,8 +131,9 @@ def create_app(engine: ServingEngine) -> FastAPI:
     async def chat(body: ChatCompletionRequest, raw: HttpRequest) -> Response:
         _check(body)
         prompt = engine.codec.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-        ids = engine.codec.encode(prompt)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_context_tokens - len(ids))
+        ids = _encode(engine, prompt, "messages")
+        max_tokens = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None),
+                          max(1, engine.max_context_tokens - len(ids)))
         gen = engine.submit(body.model, ids, _params(body, max_tokens))
         rid, created = new_id("chatcmpl"), int(time.time())
 
@@ -159,14 +166,27 @@ def _check(body: _Sampling) -> None:
 def _params(body: _Sampling, max_tokens: int) -> GenerationParams:
     _check(body)
     if max_tokens < 1:
-        raise ServeError(400, f"max_tokens must be at least 1, got {max_tokens}", "BadRequestError", "max_tokens")
+        name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
+        raise ServeError(400, f"{name} must be at least 1, got {max_tokens}", "BadRequestError", name)
     return GenerationParams(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
                             tuple(body.stop_token_ids or ()))
 
 
+def _encode(engine: ServingEngine, text: str, param: str) -> list[int]:
+    """Token ids of `text`; 400 if it is not valid Unicode (a lone UTF-16 surrogate, which
+    JSON's \\ud800 escapes allow, has no UTF-8 form)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ServeError(400, f"{param}: the text holds a lone surrogate ({text[exc.start]!r} at "
+                              f"character {exc.start}), which is not valid Unicode; send UTF-8 text",
+                         "BadRequestError", param) from None
+    return engine.codec.encode(text)
+
+
 def _prompt_ids(engine: ServingEngine, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
-        return engine.codec.encode(prompt)
+        return _encode(engine, prompt, "prompt")
     if prompt and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     if isinstance(prompt, list) and len(prompt) == 1:
@@ -193,6 +213,8 @@ def _finish_reason(gen: Generation, detok: Detokenizer, stream: bool) -> str:
             stops |= set(gen.engine.model_config.eos_token_ids)
         if r.output_token_ids[-1] not in stops:
             reason = "length"
+    if reason == "error" and not stream:
+        raise ServeError(500, gen.engine.failure(r), "InternalServerError")
     if reason.startswith("rejected"):
         if not stream:
             raise ServeError(503, f"the request could not complete: {reason}", "ServiceUnavailableError")
@@ -255,6 +277,10 @@ def _sse(gen: Generation, detok: Detokenizer, chunk: Chunk, body: _Sampling,
                 if detok.stopped:
                     gen.close()
                     break
+            if gen.request.finish_reason == "error" and not detok.stopped:
+                yield data(error_body(gen.engine.failure(gen.request), "InternalServerError", 500))
+                yield "data: [DONE]\n\n"
+                return
             rest = detok.flush()
             if rest:
                 yield data(chunk(rest, None))

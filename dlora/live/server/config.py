@@ -42,6 +42,9 @@ class ServeConfig:
     ray_address: str | None = None  # set: replicas are Ray actors ("local" starts a local Ray)
     max_step_failures: int = 3
     seed: int = 0
+    api_key: str | None = None  # set: every /v1 route needs `Authorization: Bearer <key>`
+    allow_runtime_lora: bool = False  # /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM: off)
+    allowed_adapter_roots: tuple[str, ...] = ()  # set: runtime loads only from under these folders
 
     def __post_init__(self) -> None:
         for name in ("replicas", "max_queue", "max_lora_rank", "max_batch_size", "max_batched_tokens"):
@@ -52,6 +55,12 @@ class ServeConfig:
         names = [n for n, _ in self.lora_modules]
         if len(set(names)) != len(names):
             raise ConfigError("--lora-modules: adapter names must be unique")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("--api-key: empty; give a key, or leave the option (and "
+                              "DLORA_API_KEY / VLLM_API_KEY) unset for an open server")
+        for root in self.allowed_adapter_roots:
+            if not Path(root).expanduser().is_dir():
+                raise ConfigError(f"--allowed-adapter-root {root}: not a folder")
 
 
 def parse_lora_modules(items: list[str] | None) -> tuple[tuple[str, str], ...]:

@@ -10,6 +10,16 @@ the request in the scheduler, which frees its KV blocks and its slot in the batc
 
 Adapter unload: the name disappears at once (new requests get 404); requests already
 admitted for it run to completion; its weights leave every replica when the last one ends.
+Runtime loading and unloading are off unless `allow_runtime_lora` (403, as vLLM without
+VLLM_ALLOW_RUNTIME_LORA_UPDATING); with `allowed_adapter_roots` a load from anywhere else is
+refused with one 403 that says nothing about the path (whether it exists, why it failed).
+
+Faults: prompt token ids outside [0, vocab) are a 400 here; a request the executor fails alone
+ends with finish_reason "error" (the app answers 500 with `Request.error`); an adapter blamed
+for non-finite logits, or that a replica cannot serve, is disabled: its requests get 400 until
+it is unloaded and loaded again (a new id). A replica that keeps failing is marked dead and
+rebuilt (`ServingExecutor.restart`: a new TorchExecutor, or a new Ray actor), then revived;
+with no live replica a request is 503.
 """
 
 from __future__ import annotations
@@ -152,11 +162,12 @@ class ServingEngine:
         self.live = LiveCluster(
             cluster, migrator, self.executors, on_token=self._on_token, on_finish=self._on_finish,
             max_step_failures=1 if cfg.ray_address is not None else cfg.max_step_failures,
-            retain_requests=False, max_context_tokens=self.max_context_tokens, require_token_ids=True)
-        if cfg.ray_address is not None:  # a dead actor's replica rejoins once restarted
-            from .ray_backend import attach_revive
-
-            attach_revive(self.live, self.executors)
+            retain_requests=False, max_context_tokens=self.max_context_tokens, require_token_ids=True,
+            restart=lambda i: self.executors[i].restart())
+        self.allowed_roots = tuple(Path(r).expanduser().resolve() for r in cfg.allowed_adapter_roots)
+        if cfg.allow_runtime_lora and not self.allowed_roots:
+            log.warning("runtime adapter loading is on with no --allowed-adapter-root: any folder "
+                        "this process can read may be loaded")
         self.metrics = ServerMetrics(self)
         self._streams: dict[int, Generation] = {}
         self._outstanding: Counter[int | None] = Counter()
@@ -198,8 +209,36 @@ class ServingEngine:
         return (AdapterEntry(aid, name, str(Path(path).resolve()), rank),
                 Adapter(aid, name, lora.rank, lora.size_bytes, targets, str(path)))
 
+    def _check_runtime_lora(self) -> None:
+        if not self.cfg.allow_runtime_lora:
+            raise ServeError(403, "runtime adapter loading and unloading are off on this server; "
+                                  "restart it with --allow-runtime-lora (or "
+                                  "VLLM_ALLOW_RUNTIME_LORA_UPDATING=true)", "PermissionDeniedError")
+
+    def _check_allowed(self, path: str) -> None:
+        """403 unless `path` (symbolic links resolved) lies under an allowed root; the same
+        answer whether or not it exists."""
+        if not self.allowed_roots:
+            return
+        try:
+            real = Path(path).expanduser().resolve()
+        except (OSError, RuntimeError, ValueError):
+            real = None
+        if real is None or not any(real.is_relative_to(root) for root in self.allowed_roots):
+            raise ServeError(403, "the adapter path is not under an allowed adapter root of this "
+                                  "server (--allowed-adapter-root)", "PermissionDeniedError", "lora_path")
+
     def load_adapter(self, name: str, path: str) -> AdapterEntry:
-        """Register an adapter on every replica; raises ServeError (400) if it cannot be."""
+        """Register an adapter on every replica; raises ServeError (400) if it cannot be, 403
+        where runtime loading is off or the path is outside the allowed roots."""
+        self._check_runtime_lora()
+        for param, text in (("lora_name", name), ("lora_path", path)):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ServeError(400, f"{param}: not valid Unicode (a lone surrogate)",
+                                 "BadRequestError", param) from None
+        self._check_allowed(path)
         with self._lock:
             if name in self.adapters:
                 raise ServeError(400, f"the adapter {name!r} is already loaded; unload it first")
@@ -221,6 +260,7 @@ class ServingEngine:
 
     def unload_adapter(self, name: str) -> int:
         """Remove the name now; returns how many of its requests still run to completion."""
+        self._check_runtime_lora()
         with self._lock:
             entry = self.adapters.pop(name, None)
             if entry is None:
@@ -245,7 +285,20 @@ class ServingEngine:
         entry = self.adapters.get(model)
         if entry is None:
             raise ServeError(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+        reason = self.live.adapter_faults.get(entry.id)
+        if reason is not None:
+            raise ServeError(400, f"The model `{model}` is disabled: a request under it failed "
+                                  f"({reason}); unload it and load a fixed copy", "BadRequestError", "model")
         return entry.id
+
+    def failure(self, request: Request) -> str:
+        """Why a request that failed alone (finish_reason "error") failed, for its client."""
+        text = f"the request failed: {request.error or 'unknown error'}"
+        aid = request.adapter_id
+        if aid is not None and aid in self.live.adapter_faults:
+            text += (f" (adapter `{self.adapter_names.get(aid, aid)}`, disabled now, until it is "
+                     "unloaded and loaded again)")
+        return text
 
     # ---- requests ----
     def submit(self, model: str, prompt_ids: Sequence[int], params: GenerationParams) -> Generation:
@@ -259,6 +312,11 @@ class ServingEngine:
                                   f"tokens. However, you requested {n + params.max_tokens} tokens ({n} in "
                                   f"the prompt, {params.max_tokens} in the completion). Please reduce "
                                   "the prompt or max_tokens.", param="max_tokens")
+        vocab = self.model_config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+            raise ServeError(400, f"prompt token id {bad} is outside the model's vocabulary "
+                                  f"[0, {vocab})", "BadRequestError", "prompt")
         if self.live.unfinished >= self.max_queue:
             raise ServeError(429, f"the server holds {self.live.unfinished} unfinished requests "
                                   f"(--max-queue {self.max_queue}); retry later",
@@ -274,6 +332,10 @@ class ServingEngine:
             self._streams[request.id] = gen
             self._outstanding[adapter_id] += 1
         if not self.live.submit(request):
+            if not any(rep.is_alive for rep in self.live.cluster.replicas):
+                raise ServeError(503, "no live replica: every replica has failed and is being "
+                                      "restarted; retry later", "ServiceUnavailableError",
+                                 retry_after_s=1)
             raise ServeError(400, f"the request cannot be served: {request.finish_reason}")
         return gen
 

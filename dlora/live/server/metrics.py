@@ -8,7 +8,8 @@ vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_tot
 vllm:lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}. dlora's own:
 dlora_adapter_residency{adapter, replica, state=host|device|merged}, dlora_mode_switches_total,
 dlora_credit_forced_batches_total, dlora_migrations_total, dlora_queue_length{replica},
-dlora_kv_usage{replica}, dlora_replica_alive{replica}, dlora_requests_aborted_total.
+dlora_kv_usage{replica}, dlora_replica_alive{replica}, dlora_requests_aborted_total,
+dlora_requests_failed_total (requests that failed alone).
 Gauges are read from the scheduler at scrape time (under the live cluster's lock).
 """
 
@@ -59,6 +60,8 @@ class ServerMetrics:
                                [*labels, "finished_reason"], registry=r)
         self.aborted = Counter("dlora_requests_aborted", "Requests aborted (client gone) or rejected.",
                                labels, registry=r)
+        self.failed = Counter("dlora_requests_failed", "Requests that failed alone (a fault of the "
+                              "request: bad input, non-finite logits).", labels, registry=r)
         r.register(_SchedulerCollector(engine))
 
     def observe_finished(self, request: Request) -> None:
@@ -66,7 +69,7 @@ class ServerMetrics:
         self.prompt_tokens.labels(name).inc(request.prompt_tokens)
         self.generation_tokens.labels(name).inc(request.generated_tokens)
         if request.status != RequestStatus.FINISHED:
-            self.aborted.labels(name).inc()
+            (self.failed if request.finish_reason == "error" else self.aborted).labels(name).inc()
             return
         self.success.labels(name, request.finish_reason or "length").inc()
         for hist, value in ((self.ttft, request.ttft_s), (self.tpot, request.tpot_s), (self.e2e, request.latency_s)):

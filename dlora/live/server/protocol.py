@@ -85,6 +85,12 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
 
+    def problems(self) -> tuple[str, str] | None:
+        if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
+            return ("max_completion_tokens",
+                    f"max_completion_tokens must be at least 1, got {self.max_completion_tokens}")
+        return super().problems()
+
 
 class LoadLoraRequest(BaseModel):
     lora_name: str = Field(min_length=1)
@@ -122,5 +128,7 @@ def new_id(prefix: str) -> str:
 
 
 def error_body(message: str, kind: str, status: int, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error shape (vLLM also puts the status in `code`)."""
+    """OpenAI's error shape (vLLM also puts the status in `code`). A lone surrogate echoed from
+    a request (e.g. an unknown model name) is escaped, so the body can be sent as UTF-8."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}

@@ -9,6 +9,10 @@ Fault tolerance: when an actor dies, its step fails; the live cluster (built wit
 `max_step_failures=1` on this backend) marks the replica dead and re-dispatches its requests to
 live replicas, where they are recomputed and complete. Meanwhile a new actor is started with
 the replica's current adapters; when it is ready the replica rejoins the cluster (`revive`).
+The server restarts a dead replica's actor through the live cluster's `restart` hook (also
+when the actor lives but its steps keep failing: `RayReplica.restart`); `dlora run` lets the
+proxy restart a dead actor itself (`auto_restart`). A request's own fault (bad input,
+non-finite logits) is caught inside the actor's TorchExecutor and fails that request alone.
 """
 
 from __future__ import annotations
@@ -96,6 +100,7 @@ class RayReplica:
         self.actor = spawn(self.sources)
         self.restarts = 0
         self.on_restarted: Callable[[int], None] | None = None
+        self.auto_restart = True  # restart a dead actor here (off: the live cluster's hook does)
         self._restarting = threading.Lock()
 
     def _get(self, ref: Any) -> Any:
@@ -110,8 +115,9 @@ class RayReplica:
         try:
             return self._get(self.actor.execute.remote(batch))
         except RayActorError as exc:
-            log.error("replica %d: its Ray actor died (%s); restarting it", self.replica_id, type(exc).__name__)
-            self.restart_in_background()
+            log.error("replica %d: its Ray actor died (%s)", self.replica_id, type(exc).__name__)
+            if self.auto_restart:
+                self.restart_in_background()
             return StepResult(time.perf_counter() - t0, error=f"replica actor died: {type(exc).__name__}")
 
     def register_adapter(self, adapter_id: int, path: str) -> None:
@@ -128,23 +134,32 @@ class RayReplica:
     def import_kv(self, request_id: int, kv: Any) -> None:
         self._get(self.actor.import_kv.remote(request_id, kv))
 
+    def restart(self) -> None:
+        """Replace the actor by a new one holding the current adapters (kills the old one if it
+        still lives); returns when the new actor is ready. Raises if it cannot start."""
+        import ray
+
+        with self._restarting:
+            old = self.actor
+            with contextlib.suppress(Exception):
+                ray.kill(old, no_restart=True)
+            actor = self.spawn(dict(self.sources))
+            self._get(actor.ready.remote())
+            self.actor = actor
+            self.restarts += 1
+        log.warning("replica %d: actor restarted", self.replica_id)
+
     def restart_in_background(self) -> None:
-        if not self._restarting.acquire(blocking=False):
+        if self._restarting.locked():
             return
 
         def run() -> None:
             try:
-                actor = self.spawn(dict(self.sources))
-                self._get(actor.ready.remote())
-                self.actor = actor
-                self.restarts += 1
-                log.warning("replica %d: actor restarted", self.replica_id)
+                self.restart()
                 if self.on_restarted is not None:
                     self.on_restarted(self.replica_id)
             except Exception:  # noqa: BLE001
                 log.exception("replica %d: restarting its actor failed", self.replica_id)
-            finally:
-                self._restarting.release()
 
         threading.Thread(target=run, name=f"dlora-ray-restart-{self.replica_id}", daemon=True).start()
 
@@ -172,7 +187,9 @@ def ray_serving_executors(cfg: ServeConfig, folder: Path, sources: dict[int, str
         def spawn(srcs: dict[int, str], blocks: int = rep.memory.total_blocks) -> Any:
             return remote.options(max_restarts=0).remote(
                 str(folder), srcs, device, cfg.block_size, blocks, cfg.max_loras, cfg.seed, threads)
-        out.append(ServingExecutor(RayReplica(rep.id, spawn, sources)))
+        proxy = RayReplica(rep.id, spawn, sources)
+        proxy.auto_restart = False  # the live cluster's restart hook restarts it (engine.py)
+        out.append(ServingExecutor(proxy, sources))
     refs = [ex.inner.actor.ready.remote() for ex in out]
     ray.get(refs)  # fail now, not at the first request, if an actor cannot start
     log.info("ray: %d replica actors on %s", n, device)
@@ -193,13 +210,6 @@ def reviver(live: LiveCluster) -> Callable[[int], None]:
     return revive
 
 
-def attach_revive(live: LiveCluster, executors: list[ServingExecutor]) -> None:
-    """When a replica's actor has been restarted, bring the replica back into the cluster."""
-    revive = reviver(live)
-    for ex in executors:
-        inner = ex.inner
-        if isinstance(inner, RayReplica):
-            inner.on_restarted = revive
 
 
 def ray_executor_factory(scenario: Any, address: str = "local") -> Callable[[int], Any]:

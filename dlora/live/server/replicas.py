@@ -4,7 +4,10 @@
 proxy) and applies adapter registrations and removals on the replica's own worker thread,
 just before its next step: an executor is never changed while it runs a batch, and an adapter
 is registered on a replica before any batch there can use it (the change is queued before the
-adapter's name is published).
+adapter's name is published). It keeps the replica's adapter sources, so a dead replica can
+be rebuilt with them (`restart`: a new TorchExecutor in-process, a new actor on Ray). An
+in-process rebuild shares the process: it cures a replica whose state went bad, not a sticky
+CUDA error (the process's context is lost; Ray actors are processes of their own).
 
 `register_in_cluster` adds an adapter to the scheduler's tables (the replicas' adapter maps,
 the batching policies' rank maps; dispatchers and migrators share the replicas' map); the
@@ -29,19 +32,47 @@ Op = Callable[[Any], None]
 class ServingExecutor:
     """One replica's executor plus a queue of adapter changes applied between steps."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, sources: dict[int, Any] | None = None,
+                 rebuild: Callable[[dict[int, Any]], Any] | None = None) -> None:
         self.inner = inner
+        self.sources = dict(sources or {})  # adapter id -> source, as registered so far
+        self.rebuild = rebuild  # sources -> a new inner executor (in-process restarts)
         self._ops: deque[Op] = deque()
         self._lock = threading.Lock()
+
+    def restart(self) -> None:
+        """Replace a dead replica's executor by a fresh one holding the current adapters."""
+        restart = getattr(self.inner, "restart", None)
+        if restart is not None:  # a Ray actor's proxy restarts its actor
+            restart()
+            return
+        if self.rebuild is None:
+            raise RuntimeError("this executor cannot be rebuilt")
+        with self._lock:
+            sources = dict(self.sources)
+        self.inner = None  # free the old weights and KV pool first: two may not fit the device
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.inner = self.rebuild(sources)
+        log.warning("replica executor rebuilt with %d adapters", len(sources))
 
     def enqueue(self, op: Op) -> None:
         with self._lock:
             self._ops.append(op)
 
     def register_adapter(self, adapter_id: int, source: Any) -> None:
+        with self._lock:
+            self.sources[adapter_id] = source
         self.enqueue(lambda ex: ex.register_adapter(adapter_id, source))
 
     def unregister_adapter(self, adapter_id: int) -> None:
+        with self._lock:
+            self.sources.pop(adapter_id, None)
         self.enqueue(lambda ex: ex.unregister_adapter(adapter_id))
 
     def apply_pending(self) -> None:
@@ -107,8 +138,8 @@ def torch_serving_executors(folder: Path, sources: dict[int, Any], cluster: Clus
                                          (os.cpu_count() or 1) // len(cluster.replicas))))
     out = []
     for rep in cluster.replicas:
-        ex = TorchExecutor(folder, sources, device=device, block_size=block_size,
-                           num_kv_blocks=rep.memory.total_blocks, max_device_adapters=max_loras,
-                           seed=seed)
-        out.append(ServingExecutor(ex))
+        def build(srcs: dict[int, Any], blocks: int = rep.memory.total_blocks) -> Any:
+            return TorchExecutor(folder, srcs, device=device, block_size=block_size,
+                                 num_kv_blocks=blocks, max_device_adapters=max_loras, seed=seed)
+        out.append(ServingExecutor(build(sources), sources, build))
     return out

@@ -3,18 +3,44 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import time
 from typing import Any
 
+from ...errors import DloraError
 from .app import create_app
 from .engine import ServingEngine
 
 
-def serve(engine: ServingEngine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Run the server in this thread until interrupted (`dlora serve`)."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (as uvicorn binds it); DloraError, in one line, when the
+    address is taken or cannot be bound, so `dlora serve` fails before it builds anything."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        what = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
+        raise DloraError(f"--host {host} --port {port}: the address {what}; stop what holds it or "
+                         "choose another --port") from None
+    return sock
+
+
+def serve(engine: ServingEngine, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+          sock: socket.socket | None = None) -> None:
+    """Run the server in this thread until interrupted (`dlora serve`); `sock`: a socket
+    bound already (`bind_socket`), else host:port is bound now."""
     import uvicorn
 
-    uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    if sock is None:
+        sock = bind_socket(host, port)
+    config = uvicorn.Config(create_app(engine), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 class BackgroundServer:
@@ -23,8 +49,6 @@ class BackgroundServer:
 
     def __init__(self, engine: ServingEngine, host: str = "127.0.0.1", port: int = 0,
                  log_level: str = "warning") -> None:
-        import socket
-
         import uvicorn
 
         if port == 0:

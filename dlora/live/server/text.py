@@ -1,6 +1,8 @@
 """Text in and out of the server: the model folder's `tokenizer.json` (the `tokenizers`
 package), the chat template (tokenizer_config.json's Jinja `chat_template` when present, else
-"role: content" lines ending in "assistant:"), incremental detokenization and stop strings."""
+"role: content" lines ending in "assistant:"), incremental detokenization and stop strings
+(an incomplete UTF-8 tail is held back until the next token completes it, and comes out as
+U+FFFD if the request ends first)."""
 
 from __future__ import annotations
 
@@ -74,8 +76,11 @@ class Detokenizer:
             return ""
         self.ids.append(token_id)
         text = self.codec.decode(self.ids)
-        if text.endswith(REPLACEMENT):
+        if text.endswith(REPLACEMENT):  # maybe the start of a character the next token ends
             return ""
+        return self._update(text)
+
+    def _update(self, text: str) -> str:
         self.text = text
         for s in self.stop:
             at = text.find(s, max(0, self.sent - len(s)))
@@ -87,8 +92,17 @@ class Detokenizer:
         return self._take(max(self.sent, len(text) - hold))
 
     def flush(self) -> str:
-        """Everything left (the request ended)."""
-        return "" if self.stopped else self._take(len(self.text))
+        """Everything left (the request ended). Trailing bytes that never completed a
+        character come out as U+FFFD, as Hugging Face's decode (errors="replace") gives them."""
+        if self.stopped:
+            return ""
+        text = self.codec.decode(self.ids)
+        if text != self.text:
+            out = self._update(text)
+            if self.stopped:
+                return out
+            return out + self._take(len(self.text))
+        return self._take(len(self.text))
 
     def _take(self, end: int) -> str:
         out = self.text[self.sent:end]

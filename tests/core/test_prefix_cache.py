@@ -1,0 +1,154 @@
+"""Prefix caching (core/memory.py, core/prefix.py): hashed prompt blocks shared by reference,
+kept after release, reused by requests of the same prefix and adapter, reclaimed oldest first."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dlora.core.memory import MemoryConfig, MemoryPool
+from dlora.core.prefix import prompt_block_hashes
+from dlora.testing import ScriptedExecutor, make_adapters, make_replica, make_request, run_replica
+from dlora.types import RequestStatus, StepResult
+
+
+def pool(blocks: int = 10) -> MemoryPool:
+    return MemoryPool(MemoryConfig(capacity_bytes=blocks * 1024, block_tokens=4, block_bytes=1024,
+                                   prefix_caching=True))
+
+
+def test_released_hashed_blocks_stay_cached_and_count_as_free():
+    m = pool()
+    m.allocate(1, 3)
+    m.register(1, ["a", "b"])
+    assert m.kv_used_blocks == 3
+    m.release(1)
+    assert m.kv_used_blocks == 0 and list(m.cached) == ["a", "b"] and m.free_blocks == 10
+    assert m.cached_prefix_blocks(["a", "b", "c"]) == (2, 2)
+    m.claim_prefix(2, ["a", "b"])
+    assert m.kv_used_blocks == 2 and not m.cached
+    m.claim_prefix(3, ["a"])  # shared: no new block
+    assert m.kv_used_blocks == 2 and m.block_refs == {"a": 2, "b": 1}
+    m.check()
+    m.release(2)
+    assert m.block_refs == {"a": 1} and list(m.cached) == ["b"]
+    m.check()
+
+
+def test_allocation_reclaims_the_oldest_cached_blocks():
+    m = pool(4)
+    m.allocate(1, 2)
+    m.register(1, ["x", "y"])
+    m.release(1)
+    m.allocate(2, 3)  # 2 free + 2 cached: the oldest cached block goes
+    assert list(m.cached) == ["y"] and m.kv_used_blocks == 3
+    m.check()
+    assert m.cached_prefix_blocks(["x", "y"]) == (0, 0)  # a chain broken at its head is a miss
+
+
+def test_a_duplicate_block_stays_private():
+    m = pool()
+    m.allocate(1, 2)
+    m.register(1, ["a", "b"])
+    m.allocate(2, 2)
+    m.register(2, ["a", "b"])  # computed concurrently: request 1's copy is the shared one
+    assert m.block_refs == {"a": 1, "b": 1} and 2 not in m.shared
+    m.check()
+
+
+def test_hashes_are_salted_by_adapter_and_shared_only_within_a_group():
+    a = make_request(0, adapter=0, prompt=40)
+    b = make_request(1, adapter=0, prompt=40)
+    c = make_request(2, adapter=1, prompt=40)
+    for r in (a, b, c):
+        r.prefix_group, r.prefix_tokens = 7, 32
+    ha, hb, hc = (prompt_block_hashes(r, 16) for r in (a, b, c))
+    assert ha[:2] == hb[:2] and ha[:2] != hc[:2]
+    assert len(ha) == 2
+    a.prompt_token_ids = b.prompt_token_ids = tuple(range(40))
+    c.prompt_token_ids = tuple(range(40))
+    assert prompt_block_hashes(a, 16) == prompt_block_hashes(b, 16) != prompt_block_hashes(c, 16)
+
+
+def test_a_second_request_of_the_same_system_prompt_computes_only_its_own_part():
+    rep = make_replica(prefix_caching=True, max_batch_size=4)
+    first = make_request(0, adapter=0, prompt=100, output=2)
+    first.prefix_group, first.prefix_tokens = 1, 64
+    run_replica(rep, [first])
+    second = make_request(1, adapter=0, prompt=90, output=2, arrival_s=1.0)
+    second.prefix_group, second.prefix_tokens = 1, 64
+    other = make_request(2, adapter=1, prompt=90, output=2, arrival_s=1.0)
+    other.prefix_group, other.prefix_tokens = 1, 64
+    rep.add(second, 1.0)
+    rep.add(other, 1.0)
+    b = rep.schedule(1.0)
+    items = {it.request_id: it for it in b.items}
+    assert items[1].computed_tokens == 64 and items[1].new_tokens == 26
+    assert items[2].computed_tokens == 0 and items[2].new_tokens == 90  # another adapter: no share
+    assert rep.stats.prefix_hit_tokens == 64 and rep.stats.prefix_query_tokens == 180 + 100
+    rep.memory.check()
+
+
+def test_recompute_after_preemption_reuses_the_prompt():
+    rep = make_replica(capacity_blocks=14, block_tokens=4, max_batch_size=4, adapters={}, num_adapters=0,
+                       prefix_caching=True)
+    a = make_request(0, None, 0.0, prompt=16, output=24)
+    b = make_request(1, None, 0.001, prompt=16, output=20)
+    rep.add(a, 0.0)
+    rep.add(b, 0.0)
+    now = 0.0
+    while b.num_preemptions == 0:
+        batch = rep.schedule(now)
+        now += 0.01
+        rep.complete(batch, StepResult(0.01), now)
+    assert b.status == RequestStatus.WAITING and b.computed_tokens == 0
+    while b.status != RequestStatus.RUNNING:
+        batch = rep.schedule(now)
+        now += 0.01
+        rep.complete(batch, StepResult(0.01), now)
+    assert rep.stats.prefix_hit_tokens == 16  # its 4 prompt blocks were still cached
+    rep.memory.check()
+
+
+workload_st = st.lists(
+    st.tuples(st.integers(0, 3), st.floats(0, 1.0), st.integers(1, 120), st.integers(1, 40),
+              st.sampled_from([None, 0, 1]), st.integers(0, 64)),
+    min_size=1, max_size=30,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(workload_st, st.sampled_from(["unmerged_only", "credit", "merged_only", "slora", "vllm"]),
+       st.integers(20, 60), st.sampled_from(["recompute", "swap"]))
+def test_memory_invariants_hold_with_prefix_caching(spec, policy, blocks, preemption) -> None:  # type: ignore[no-untyped-def]
+    adapters = make_adapters(4, size_bytes=1024)
+    rep = make_replica(policy, adapters=adapters, capacity_blocks=blocks, block_tokens=4, max_batch_size=6,
+                       max_batched_tokens=64, preemption=preemption, swap_blocks=16, prefix_caching=True)
+    reqs = []
+    for i, (a, t, p, o, g, n) in enumerate(spec):
+        r = make_request(i, a, t, p, o)
+        r.prefix_group, r.prefix_tokens = g, min(n, p)
+        try:
+            rep.check_fits(r)
+        except Exception:
+            continue
+        reqs.append(r)
+    ex = ScriptedExecutor()
+    pending = sorted(reqs, key=lambda r: (r.arrival_s, r.id))
+    now, i = 0.0, 0
+    for _ in range(50_000):
+        while i < len(pending) and pending[i].arrival_s <= now:
+            rep.add(pending[i], now)
+            i += 1
+        b = rep.schedule(now)
+        rep.memory.check()
+        if b is None:
+            if i >= len(pending):
+                break
+            now = pending[i].arrival_s
+            continue
+        now += 0.01
+        rep.complete(b, ex.execute(b), now)
+        rep.memory.check()
+    assert all(r.status == RequestStatus.FINISHED and r.generated_tokens == r.output_tokens for r in reqs)
+    assert rep.memory.kv_used_blocks == 0 and not rep.memory.block_refs

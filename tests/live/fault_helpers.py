@@ -1,0 +1,43 @@
+"""Helpers of the fault tests (issue 15, defect 1): an adapter with huge finite weights, the
+poison request that bypasses the API's checks, waiting (a module of its own: `conftest` is a
+name several test folders share)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+from dlora.exec.demo import demo_adapter_paths, ensure_demo
+from dlora.types import Request, SamplingParams
+
+HUGE = 1e30  # finite in float32; the LoRA side path overflows to inf, the logits to nan
+
+
+def huge_adapter(folder: Path) -> Path:
+    """A copy of the demo's alpha-r4 whose every LoRA weight is 1e30 (it loads: finite)."""
+    from safetensors.torch import load_file, save_file
+
+    src = demo_adapter_paths(ensure_demo())[0]
+    if folder.exists():
+        return folder
+    shutil.copytree(src, folder)
+    path = folder / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    save_file({k: v.clone().fill_(HUGE) for k, v in tensors.items()}, str(path))
+    return folder
+
+
+def raw_request(live, prompt: tuple[int, ...], max_tokens: int = 3, adapter_id: int | None = None) -> Request:
+    """A request straight into the live cluster (no API checks): the executor's guard."""
+    return Request(live.next_request_id(), adapter_id, 0.0, len(prompt), max_tokens,
+                   prompt_token_ids=prompt, sampling=SamplingParams(temperature=0.0, ignore_eos=True))
+
+
+def wait_until(cond, timeout_s: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
