@@ -290,6 +290,8 @@ def profile_import_llmservingsim(
     tp: Annotated[int | None, typer.Option("--tp", help="tensor-parallel degree: picks tp<N>/ (default: the smallest there)")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="the model's Hugging Face config.json (needed when the model has no built-in shape)")] = None,
     device_memory_gib: Annotated[float | None, typer.Option("--device-memory-gib", help="memory of one GPU (default: the known-GPU table)")] = None,
+    link_gbps: Annotated[float | None, typer.Option("--link-gbps", help="tensor parallel: all-reduce bandwidth between the GPUs in GB/s (default: the known-GPU table)")] = None,
+    link_latency_us: Annotated[float | None, typer.Option("--link-latency-us", help="tensor parallel: fixed time of one all-reduce in us (default: the known-GPU table)")] = None,
 ) -> None:
     """Import LLMServingSim's layer-wise vLLM profile (MIT) as a dlora profile."""
     import shlex
@@ -301,7 +303,7 @@ def profile_import_llmservingsim(
         command = "dlora profile import llmservingsim " + shlex.join(sys.argv[4:]) if sys.argv[1:4] == [
             "profile", "import", "llmservingsim"] else "dlora profile import llmservingsim"
         profile, found = import_llmservingsim(folder, tp=tp, config=config, device_memory_gib=device_memory_gib,
-                                              command=command)
+                                              command=command, link_gbps=link_gbps, link_latency_us=link_latency_us)
         text = profile.dump()
         if out_path is not None:
             out_path.parent.mkdir(parents=True, exist_ok=True)

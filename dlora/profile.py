@@ -11,6 +11,8 @@ Step time of one iteration:
          + [prefill and decode items in one iteration]
                attention_mixed_s_per_decode_token * decode_context_tokens
              + attention_mixed_s_per_decode_seq * decode_seqs
+         + attention_skew_{decode|mixed} * (decode attention per token)
+               * (decode_seqs * longest decode context - decode_context_tokens)
          + [unmerged, >= 1 adapter] lora.fixed_s + lora.per_adapter_s * distinct adapters
                                    + lora.per_adapter_rank_s * sum of their ranks
                                    + lora.per_token_s * LoRA tokens
@@ -197,6 +199,12 @@ class Latency:
     attention_mixed_s_per_decode_seq: float = spec(
         0.0, ge=0.0, doc="extra seconds per decoding sequence in an iteration that also has prefill "
         "tokens; 0 in profiles without it")
+    attention_skew_decode: float = spec(
+        0.0, ge=0.0, le=1.0, doc="decode attention over contexts of unequal length: the share of the gap "
+        "to a batch where every sequence had the longest context that it pays (LLMServingSim's alpha, "
+        "pure-decode iterations); 0 in profiles without it")
+    attention_skew_mixed: float = spec(
+        0.0, ge=0.0, le=1.0, doc="the same share in iterations that also carry prefill tokens")
     lora: LoraCost = field(kw_only=True)  # required: a missing cost would silently be free
     merge: RankCost = field(kw_only=True)
     unmerge: RankCost = field(kw_only=True)
@@ -273,6 +281,20 @@ class LatencyModel:
         t += self.tail_s(shape)
         return t
 
+    def skew_s(self, shape: BatchShape) -> float:
+        """Decode attention over unequal contexts costs more than over their mean: a share
+        (`attention_skew_*`) of the gap to every sequence at the longest context. The gap
+        (seqs x longest - total context) is the same in every iteration of a pure-decode run of
+        the same requests, so the fast path stays bit-identical."""
+        lat = self.latency
+        gap = shape.decode_seqs * shape.decode_max_context_tokens - shape.decode_context_tokens
+        if gap <= 0:
+            return 0.0
+        if shape.prefill_tokens:
+            per_token = lat.attention_decode_s_per_token + lat.attention_mixed_s_per_decode_token
+            return lat.attention_skew_mixed * per_token * gap
+        return lat.attention_skew_decode * lat.attention_decode_s_per_token * gap
+
     def mixed_s(self, decode_seqs: int, decode_context_tokens: int) -> float:
         """The extra decode-attention cost of an iteration that also carries prefill tokens."""
         lat = self.latency
@@ -300,6 +322,8 @@ class LatencyModel:
     def tail_s(self, shape: BatchShape) -> float:
         lat = self.latency
         t = lat.attention_prefill_s_per_pair * shape.prefill_attention_pairs
+        if shape.decode_max_context_tokens and (lat.attention_skew_decode or lat.attention_skew_mixed):
+            t += self.skew_s(shape)
         if shape.mode == BatchMode.UNMERGED and shape.adapter_ranks:
             lora = lat.lora
             t += (lora.fixed_s + lora.per_adapter_s * len(shape.adapter_ranks)

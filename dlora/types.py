@@ -156,6 +156,7 @@ class BatchShape:
     prefill_attention_pairs: int  # sum over prefill items of new * (computed + (new + 1) / 2)
     prefill_seqs: int = 0  # requests in prefill
     max_context_tokens: int = 0  # the longest item's context (computed + new); 0 = not given
+    decode_max_context_tokens: int = 0  # the longest decoding item's context; 0 = not given
 
     @property
     def total_tokens(self) -> int:
@@ -210,12 +211,13 @@ class Batch:
         """The batch's shape; `ranks` maps adapter id to rank."""
         prefill_tokens = prefill_seqs = prefill_ctx = decode_seqs = decode_ctx = 0
         adapters: set[int] = set()
-        lora_tokens = lora_token_rank = pairs = longest = 0
+        lora_tokens = lora_token_rank = pairs = longest = decode_longest = 0
         for it in self.items:
             longest = max(longest, it.computed_tokens + it.new_tokens)
             if it.new_tokens == 1 and it.computed_tokens > 0:
                 decode_seqs += 1
                 decode_ctx += it.computed_tokens + 1
+                decode_longest = max(decode_longest, it.computed_tokens + 1)
             else:
                 prefill_tokens += it.new_tokens
                 prefill_seqs += 1
@@ -237,6 +239,7 @@ class Batch:
             lora_token_rank=lora_token_rank,
             prefill_attention_pairs=pairs,
             max_context_tokens=longest,
+            decode_max_context_tokens=decode_longest,
         )
 
 

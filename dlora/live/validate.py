@@ -113,7 +113,7 @@ def validate(scenario: Scenario, out_dir: Path | None = None, *, device: str | N
         summaries.append(live_report.summary)
     sim_requests = [fresh_copy(r) for r in live.requests]
     log.info("validate: simulating the same %d requests", len(sim_requests))
-    sim = simulate(scenario, requests=sim_requests)
+    sim = simulate(scenario, requests=sim_requests, prefix_caching=False)  # the live executor shares no KV
     sim_report = build_report(sim)
     result = Validation(scenario.name, str(resolve(scenario, scenario.model.profile)),
                         compare(summaries, sim_report.summary), live_report, sim_report)

@@ -46,6 +46,27 @@ def fit_attention(att: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
     return coef, out
 
 
+def fit_skew(skew: dict[str, np.ndarray] | None, errors: dict[str, float]) -> tuple[float, float]:
+    """The share of the gap to the longest context that a batch of unequal contexts pays:
+    least squares of (t_skew - t_mean) on (t_max - t_mean), per regime (`pure` decode, `mixed`);
+    0 without skew.csv. Records each fit's mean absolute error relative to t_skew."""
+    out = []
+    for regime in ("pure", "mixed"):
+        rows = skew.get(regime) if skew else None
+        if rows is None or len(rows) == 0:
+            out.append(0.0)
+            continue
+        mean, top, measured = rows[:, 0], rows[:, 1], rows[:, 2]
+        gap = top - mean
+        alpha = float(np.clip((measured - mean) @ gap / max(float(gap @ gap), 1e-30), 0.0, 1.0))
+        alpha = float(f"{alpha:.4g}")
+        err = np.abs(mean + alpha * gap - measured) / measured
+        errors[f"attention_skew_{regime}_mean_rel"] = round_up(float(err.mean()))
+        errors[f"attention_skew_{regime}_mean_rel_without"] = round_up(float((np.abs(mean - measured) / measured).mean()))
+        out.append(alpha)
+    return out[0], out[1]
+
+
 def fit_per_sequence(per_seq: dict[str, dict[int, float]]) -> tuple[float, float, dict[str, float]]:
     """lm_head + sampler = fixed + slope x sequences (non-negative, relative error)."""
     seqs = sorted(set(per_seq["lm_head"]) & set(per_seq["sampler"]))

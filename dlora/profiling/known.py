@@ -43,10 +43,14 @@ KNOWN_GPUS: dict[str, Gpu] = {
     # x16, 63 GB/s raw per direction, assumed 50 GB/s for pinned copies (not measured).
     "RTXPRO6000": Gpu(
         name="NVIDIA RTX PRO 6000 Blackwell Server Edition", memory_gib=94.97,
-        allreduce_fixed_s=13.3e-6, allreduce_bytes_per_s=36.9e9, host_bytes_per_s=50e9,
+        allreduce_fixed_s=20e-6, allreduce_bytes_per_s=16e9, host_bytes_per_s=50e9,
         source="LLMServingSim (MIT) profiler/perf/RTXPRO6000/hardware.yaml: memory_total_gib "
-               "94.97, NCCL all_reduce samples on 2 GPUs (github.com/casys-kaist/LLMServingSim); "
-               "PCIe 5.0 x16 host link, 50 GB/s pinned assumed"),
+               "94.97; all-reduce: the interconnect LLMServingSim configures for this machine "
+               "(bench/examples/RTXPRO6000/*/config.json: link_bw 16 GB/s, link_latency 20 us; "
+               "github.com/casys-kaist/LLMServingSim), no NVLink. Its NCCL micro-benchmark in "
+               "hardware.yaml (2 GPUs) fits 13.3 us + bytes / 36.9 GB/s, about half of what the "
+               "all-reduces of a real vLLM TP-2 run cost; override with --link-gbps / "
+               "--link-latency-us. PCIe 5.0 x16 host link, 50 GB/s pinned assumed"),
 }
 
 

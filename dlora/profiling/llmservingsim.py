@@ -25,6 +25,8 @@ come from a stated roofline on rates derived from the dense rows. No torch here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import datetime
 import statistics
@@ -53,6 +55,7 @@ from .fitting import (
     Rates,
     derive_rates,
     fit_attention,
+    fit_skew,
     fit_curve,
     fit_per_sequence,
     lora_and_merge,
@@ -80,6 +83,7 @@ class Source:
     dense: dict[str, dict[int, float]]  # op -> tokens -> seconds (one layer, one rank)
     attention: np.ndarray  # rows: prefill_chunk, kv_prefill, n_decode, kv_decode, seconds
     per_sequence: dict[str, dict[int, float]]  # lm_head / sampler -> sequences -> seconds
+    skew: dict[str, np.ndarray] | None = None  # regime -> rows t_mean, t_max, t_skew (optional skew.csv)
 
     @property
     def files(self) -> tuple[Path, ...]:
@@ -156,7 +160,21 @@ def read_source(folder: Path, tp: int | None = None) -> Source:
     for op in ("lm_head", "sampler"):
         if op not in per_seq:
             raise ProfileError(f"llmservingsim: {d / 'per_sequence.csv'}: no rows for {op}")
-    return Source(folder, meta, tp, dense, att, per_seq)
+    return Source(folder, meta, tp, dense, att, per_seq, _read_skew(d / "skew.csv"))
+
+
+def _read_skew(path: Path) -> dict[str, np.ndarray] | None:
+    """skew.csv (optional): per regime (pure decode, mixed) the times of a batch at its mean
+    context, at its longest context, and as measured with unequal contexts."""
+    if not path.is_file():
+        return None
+    cols = ("regime", "t_mean_us", "t_max_us", "t_skew_us")
+    out: dict[str, list[list[float]]] = {}
+    for i, r in enumerate(_rows(path, cols), 2):
+        if not all(r[c] for c in cols[1:]):
+            continue  # a point the profiler could not measure
+        out.setdefault(r["regime"], []).append([_number(path, i, r, c) * 1e-6 for c in cols[1:]])
+    return {k: np.array(v) for k, v in out.items()}
 
 
 def model_shape(src: Source, config: Path | None) -> ModelShape:
@@ -191,6 +209,23 @@ def dense_iteration_s(src: Source, shape: ModelShape, gpu: Gpu | None) -> dict[i
             t += k * times[n]
         out[n] = t + allreduces_s(src.tp, shape, gpu, n)
     return out
+
+
+def _with_link(gpu: Gpu | None, hardware: str, gbps: float | None, latency_us: float | None) -> Gpu:
+    """The GPU entry with the all-reduce cost given on the command line."""
+    for name, v in (("--link-gbps", gbps), ("--link-latency-us", latency_us)):
+        if v is not None and not (np.isfinite(v) and (v > 0 if name == "--link-gbps" else v >= 0)):
+            raise ProfileError(f"{name} {v}: must be a {'positive' if name == '--link-gbps' else 'non-negative'} number")
+    if gpu is None and gbps is None:
+        raise ProfileError(f"--link-latency-us: hardware {hardware!r} is not in the known-GPU table; give --link-gbps too")
+    base = gpu or Gpu(name=hardware, memory_gib=0.0, allreduce_fixed_s=0.0, allreduce_bytes_per_s=1.0,
+                      host_bytes_per_s=UNKNOWN_HOST_BYTES_PER_S, source="")
+    return dataclasses.replace(
+        base,
+        allreduce_bytes_per_s=gbps * 1e9 if gbps is not None else base.allreduce_bytes_per_s,
+        allreduce_fixed_s=latency_us * 1e-6 if latency_us is not None else base.allreduce_fixed_s,
+        source=(f"{base.source}; " if base.source else "")
+        + f"all-reduce from the command line (--link-gbps {gbps}, --link-latency-us {latency_us})")
 
 
 def allreduces_s(tp: int, shape: ModelShape, gpu: Gpu | None, tokens: int) -> float:
@@ -268,13 +303,18 @@ def _interp(table: dict[int, float], x: int) -> float:
 
 
 def import_llmservingsim(folder: str | Path, *, tp: int | None = None, config: str | Path | None = None,
-                         device_memory_gib: float | None = None, command: str = ""
+                         device_memory_gib: float | None = None, command: str = "",
+                         link_gbps: float | None = None, link_latency_us: float | None = None,
                          ) -> tuple[Profile, list[Check]]:
-    """The profile of DIR's `tp` degree, and its step checks against the composed measurements."""
+    """The profile of DIR's `tp` degree, and its step checks against the composed measurements.
+    `link_gbps` / `link_latency_us` replace the known-GPU table's all-reduce cost (tensor
+    parallel): one all-reduce of b bytes takes latency + b / bandwidth."""
     src = read_source(Path(folder), tp)
     shape = model_shape(src, Path(config) if config is not None else None)
     hardware = src.meta["hardware"]
     gpu = known_gpu(hardware)
+    if link_gbps is not None or link_latency_us is not None:
+        gpu = _with_link(gpu, hardware, link_gbps, link_latency_us)
     if device_memory_gib is not None:
         if device_memory_gib <= 0:
             raise ProfileError(f"--device-memory-gib {device_memory_gib}: must be positive")
@@ -299,7 +339,9 @@ def import_llmservingsim(folder: str | Path, *, tp: int | None = None, config: s
     per_gpu = int(per_gpu_gib * GIB)
     reserved = src.tp * int((1 - util) * per_gpu + activations + ACTIVATION_OVERHEAD_GIB * GIB)
     host = gpu.host_bytes_per_s if gpu is not None else UNKNOWN_HOST_BYTES_PER_S
+    skew_decode, skew_mixed = fit_skew(src.skew, errors)
     latency = Latency(
+        attention_skew_decode=skew_decode, attention_skew_mixed=skew_mixed,
         linear=curve, per_seq_s=g(lm_slope + layers * att[2]), scheduler_s=0.0,
         attention_decode_s_per_token=g(layers * att[3]), attention_prefill_s_per_pair=g(layers * att[4]),
         attention_mixed_s_per_decode_token=g(layers * att[5]),
@@ -362,6 +404,9 @@ def notes(src: Source, shape: ModelShape, att: np.ndarray, lm_fixed: float, lm_s
         "attention run by the varlen prefill kernel, about twice the decode-only figure; a fixed mixed part fit "
         "near zero and is left out. Not modelled: a short chunk over a long prefix costs more than its pairs "
         "(KV reads), and one decode at a long context beside a prefill runs slower than linear.",
+        "Unequal decode contexts (skew.csv, when present): attention_skew_decode / attention_skew_mixed = least "
+        "squares of (t_skew - t_mean) on (t_max - t_mean) over its pure-decode / mixed rows, i.e. the share "
+        "of the gap to every sequence at the batch's longest context that a batch pays (LLMServingSim's alpha).",
         "scheduler_s = 0: vLLM's and dlora's host time are not in a GPU-kernel profile.",
         f"LoRA, merge, unmerge: not measured here; a roofline (the method of scripts/derive_profile.py) at "
         f"rates derived from dense.csv: HBM {rates.hbm_bytes_per_s / 1e12:.3g} TB/s (gate_up_proj weight bytes / "

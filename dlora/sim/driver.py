@@ -40,7 +40,7 @@ class SimResult(RunResult):
 class _Sim:
     def __init__(self, scenario: Scenario, latency: LatencyModel, requests: list[Request],
                  executor_factory: Callable[[int], Executor] | None, record_batches: bool,
-                 progress: Callable[[int, int], None] | None) -> None:
+                 progress: Callable[[int, int], None] | None, prefix_caching: bool | None = None) -> None:
         self.scenario = scenario
         self.stop_check: tuple[Callable[[float, list[Request]], bool], float] | None = None
         self.measure = False
@@ -48,8 +48,8 @@ class _Sim:
         self.sched_calls = 0
         self.env = simpy.Environment()
         self.adapters = make_adapters(scenario, latency)
-        self.cluster, self.migrator = make_cluster(scenario, latency, self.adapters,
-                                                   prefix_caching=scenario.cluster.prefix_caching)
+        caching = scenario.cluster.prefix_caching if prefix_caching is None else prefix_caching
+        self.cluster, self.migrator = make_cluster(scenario, latency, self.adapters, prefix_caching=caching)
         self.requests = requests
         self.total = len(requests)
         self.done = 0
@@ -226,9 +226,12 @@ def simulate(
     progress: Callable[[int, int], None] | None = None,
     measure_scheduler: bool = False,
     stop_check: tuple[Callable[[float, list[Request]], bool], float] | None = None,
+    prefix_caching: bool | None = None,
 ) -> SimResult:
     """Simulate a scenario. `requests` replaces the scenario's workload (the same list feeds
-    live runs); `executor_factory(replica_id)` replaces the profiled executor (tests)."""
+    live runs); `executor_factory(replica_id)` replaces the profiled executor (tests).
+    `prefix_caching` overrides `cluster.prefix_caching` (False to mirror a live run, whose
+    executor does not share KV blocks)."""
     latency = load_latency(scenario)
     if requests is None:
         rng = np.random.default_rng(scenario.seed)
@@ -237,7 +240,7 @@ def simulate(
         names = scenario.adapters.adapter_names()
         requests = build_requests(scenario.workload, names, rng, Path(scenario.base_dir))
     wall0 = time.perf_counter()
-    sim = _Sim(scenario, latency, requests, executor_factory, record_batches, progress)
+    sim = _Sim(scenario, latency, requests, executor_factory, record_batches, progress, prefix_caching)
     sim.measure = measure_scheduler
     sim.stop_check = stop_check  # (check(now, requests) -> stop?, every so many simulated seconds)
     end_s = sim.run()

@@ -69,7 +69,7 @@ def replay_data(run: RealRun, profile: Path) -> dict[str, Any]:
     cluster: dict[str, Any] = {
         "replicas": 1, "max_batch_size": caps.max_num_seqs,
         "max_batched_tokens": caps.max_num_batched_tokens, "block_size": caps.block_size or 16,
-        "preemption": "recompute", "swap_space_bytes": 0,
+        "preemption": "recompute", "swap_space_bytes": 0, "prefix_caching": caps.prefix_caching,
     }
     if caps.kv_blocks is not None:
         cluster["kv_blocks"] = caps.kv_blocks
@@ -287,6 +287,7 @@ def _notes(run: RealRun, scenario: Scenario, sim_blocks: int) -> list[str]:
                      f"request's, is {np.median(lags) * 1e3:.1f} ms median (max {max(lags) * 1e3:.1f} ms): "
                      "front-end time outside both sides")
     if caps.prefix_caching:
-        notes.append("the real engine caches prefixes (vLLM's default); the replay's requests carry no "
-                     "token ids, so the simulator computes every prompt token")
+        notes.append("the real engine caches prefixes (vLLM's default), and so does the replay; its requests "
+                     "carry no token ids, so prompts shared between requests are not found (a preempted "
+                     "request's own blocks are)")
     return notes

@@ -47,7 +47,7 @@ def test_virtual_clock_live_makes_the_simulators_decisions(sets):
     def make(i):
         return ScriptedExecutor(0.02, switch_s=0.005)
 
-    sim = simulate(sc, executor_factory=make, record_batches=True)
+    sim = simulate(sc, executor_factory=make, record_batches=True, prefix_caching=False)  # live shares no KV
     live = run(sc, executor_factory=make, clock=VirtualClock(), record_batches=True)
     assert sim.batch_log and live.batch_log == sim.batch_log
     assert [outcome(r) for r in live.requests] == [outcome(r) for r in sim.requests]
@@ -72,7 +72,7 @@ def bursts(starts=(0.05, 0.45, 0.85), per_burst=6) -> list[Request]:
 @pytest.mark.parametrize("policy", ["credit", "unmerged_only"])
 def test_wall_clock_live_makes_the_simulators_decisions_per_replica(policy):
     sc = scenario("cluster.replicas=2", "adapters.count=4", f"policies.batching={policy}")
-    sim = simulate(sc, bursts(), executor_factory=lambda i: ScriptedExecutor(0.004, 0.002),
+    sim = simulate(sc, bursts(), prefix_caching=False, executor_factory=lambda i: ScriptedExecutor(0.004, 0.002),
                    record_batches=True)
     live = run(sc, bursts(), executor_factory=lambda i: SleepingExecutor(0.004, 0.002),
                record_batches=True)

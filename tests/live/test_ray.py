@@ -64,6 +64,39 @@ def test_a_request_fault_fails_that_request_alone_on_ray(ray_server, tmp_path):
     assert engine.live.stats.failed_steps == 0 and [ex.inner.restarts for ex in engine.executors] == [0, 0]
     assert client.completions.create(model="beta-r8", prompt="next", max_tokens=3).usage.completion_tokens == 3
 
+    # a fault of the replica whose actor stays alive: the replica is marked dead, its actor
+    # replaced, and the replica rejoins (before, nothing revived it)
+    proxy = engine.executors[1].inner
+    old_actor, failed = proxy.actor, []
+
+    def fails_once(batch):
+        if not failed:
+            failed.append(batch.step)
+            raise RuntimeError("kernel launch failed")
+        return type(proxy).execute(proxy, batch)
+
+    proxy.execute = fails_once
+    gate = threading.Event()
+    engine.executors[1].enqueue(lambda _: gate.wait(60))  # hold replica 1's next step
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            with engine.live.lock:  # replica 0 out of the dispatcher's sight for a moment
+                engine.live.cluster.replicas[0].is_alive = False
+            try:
+                future = pool.submit(client.completions.create, model="gamma-r8", prompt="x", max_tokens=3)
+                assert wait_until(lambda: len(engine.live.cluster.replicas[1].unfinished) == 1, 30)
+            finally:
+                with engine.live.lock:
+                    engine.live.cluster.replicas[0].is_alive = True
+                gate.set()
+            r = future.result(timeout=120)
+        assert r.usage.completion_tokens == 3 and failed  # moved to replica 0 and completed
+        assert wait_until(lambda: proxy.restarts == 1 and engine.live.cluster.replicas[1].is_alive)
+        assert proxy.actor is not old_actor
+    finally:
+        del proxy.execute
+    assert client.completions.create(model="beta-r8", prompt="again", max_tokens=3).usage.completion_tokens == 3
+
 
 def test_killed_replica_actor_loses_no_request_and_comes_back(ray_server):
     engine = ray_server.engine
