@@ -138,7 +138,7 @@ def step_points(sweep: Sweep, ranks: dict[int, int]) -> list[StepPoint]:
     for s in sweep.decode_seqs:
         for c in sweep.decode_context:
             groups["decode"].append(StepPoint("decode", ((c, 1, base),) * s, base))
-    mixed = {}  # prefill chunk beside decodes: contexts and batch sizes vary (the mixed terms)
+    mixed: dict[tuple[int, int, int], StepPoint] = {}  # prefill chunk beside decodes: contexts and batch sizes vary (the mixed terms)
     for t, s, c in ((mid_tokens, sweep.decode_seqs[-1], sweep.decode_context[0]),
                     (sweep.prefill_tokens[0], sweep.decode_seqs[len(sweep.decode_seqs) // 2],
                      sweep.decode_context[-1]),

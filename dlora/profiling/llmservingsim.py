@@ -25,9 +25,8 @@ come from a stated roofline on rates derived from the dense rows. No torch here.
 
 from __future__ import annotations
 
-import dataclasses
-
 import csv
+import dataclasses
 import datetime
 import statistics
 import subprocess
@@ -55,9 +54,9 @@ from .fitting import (
     Rates,
     derive_rates,
     fit_attention,
-    fit_skew,
     fit_curve,
     fit_per_sequence,
+    fit_skew,
     lora_and_merge,
     round_up,
 )
