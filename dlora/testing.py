@@ -85,10 +85,13 @@ class ScriptedExecutor:
 
 
 def run_replica(rep: ReplicaScheduler, requests: list[Request], executor: ScriptedExecutor | None = None,
-                max_steps: int = 100_000) -> float:
+                max_steps: int = 100_000, schedule: Callable[[float], Batch | None] | None = None,
+                check_memory: bool = False) -> float:
     """Drive one replica to completion on a virtual clock (all requests added at their arrival
-    times); returns the end time."""
+    times); returns the end time. `schedule` replaces `rep.schedule` (a recorder wrapping it);
+    `check_memory` checks the pool's invariants after every schedule and complete."""
     ex = executor or ScriptedExecutor()
+    plan = schedule or rep.schedule
     pending = sorted(requests, key=lambda r: (r.arrival_s, r.id))
     now = 0.0
     i = 0
@@ -96,7 +99,9 @@ def run_replica(rep: ReplicaScheduler, requests: list[Request], executor: Script
         while i < len(pending) and pending[i].arrival_s <= now:
             rep.add(pending[i], now)
             i += 1
-        batch = rep.schedule(now)
+        batch = plan(now)
+        if check_memory:
+            rep.memory.check()
         if batch is None:
             if i >= len(pending):
                 return now
@@ -105,4 +110,6 @@ def run_replica(rep: ReplicaScheduler, requests: list[Request], executor: Script
         result = ex.execute(batch)
         now += result.elapsed_s
         rep.complete(batch, result, now)
+        if check_memory:
+            rep.memory.check()
     raise RuntimeError("replica did not finish within max_steps")

@@ -190,7 +190,7 @@ def solve_migration(
     problem: MigrationProblem,
     time_limit_s: float | None = None,
     max_size: int = 4096,
-    mip_rel_gap: float = 1e-3,
+    mip_rel_gap: float = 1e-2,
     node_limit: int | None = None,
 ) -> MigrationPlan:
     """Plan the co-migration: MILP of the module docstring, greedy when it cannot answer.

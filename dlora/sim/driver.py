@@ -230,8 +230,7 @@ def simulate(
 ) -> SimResult:
     """Simulate a scenario. `requests` replaces the scenario's workload (the same list feeds
     live runs); `executor_factory(replica_id)` replaces the profiled executor (tests).
-    `prefix_caching` overrides `cluster.prefix_caching` (False to mirror a live run, whose
-    executor does not share KV blocks)."""
+    `prefix_caching` overrides `cluster.prefix_caching` (None: the scenario's)."""
     latency = load_latency(scenario)
     if requests is None:
         rng = np.random.default_rng(scenario.seed)

@@ -139,13 +139,15 @@ class FastPath:
 
     def materialize(self, jump: Jump, now: float) -> None:
         """Apply every iteration that ended by `now`; allocate the blocks of the one in flight."""
+        k = len(jump.times)
+        first = jump.applied
+        if first >= k or (jump.allocated > first and jump.ends[first] > now):
+            return  # the iteration in flight is allocated and has not ended: nothing to apply
         rep = jump.rep
         mem = rep.memory
         reqs = jump.batch.requests
         block = mem.block_tokens
         stats = rep.stats
-        k = len(jump.times)
-        first = jump.applied
         adapters = [it.adapter_id for it in jump.batch.items if it.adapter_id is not None]
         while jump.applied < k and (jump.applied == 0 or jump.ends[jump.applied - 1] <= now):
             i = jump.applied

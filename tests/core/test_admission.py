@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlora.core.replica import ReplicaScheduler
-from dlora.testing import ScriptedExecutor, make_adapters, make_replica, make_request
+from dlora.testing import ScriptedExecutor, make_adapters, make_replica, make_request, run_replica
 from dlora.types import Batch, Request, RequestStatus, StepResult
 
 
@@ -55,26 +55,11 @@ class Recorder:
         return b
 
 
-def drive(rep: ReplicaScheduler, requests: list[Request], step_s: float = 0.01,
-          max_steps: int = 200_000) -> Recorder:
+def drive(rep: ReplicaScheduler, requests: list[Request], step_s: float = 0.01) -> Recorder:
     rec = Recorder(rep)
-    ex = ScriptedExecutor(step_s)
-    pending = sorted(requests, key=lambda r: (r.arrival_s, r.id))
-    now, i = 0.0, 0
-    for _ in range(max_steps):
-        while i < len(pending) and pending[i].arrival_s <= now:
-            rep.add(pending[i], now)
-            i += 1
-        b = rec.schedule(now)
-        rep.memory.check()
-        if b is None:
-            if i >= len(pending):
-                return rec
-            now = pending[i].arrival_s
-            continue
-        now += step_s
-        rep.complete(b, ex.execute(b), now)
-    raise RuntimeError("did not finish")
+    run_replica(rep, requests, ScriptedExecutor(step_s), max_steps=200_000, schedule=rec.schedule,
+                check_memory=True)
+    return rec
 
 
 def poisson(n: int, rate: float, seed: int, prompt: tuple[int, int], output: tuple[int, int],

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from dlora.core.memory import MemoryConfig, MemoryPool
 from dlora.core.prefix import prompt_block_hashes
-from dlora.testing import ScriptedExecutor, make_adapters, make_replica, make_request, run_replica
+from dlora.testing import make_adapters, make_replica, make_request, run_replica
 from dlora.types import RequestStatus, StepResult
 
 
@@ -133,22 +133,6 @@ def test_memory_invariants_hold_with_prefix_caching(spec, policy, blocks, preemp
         except Exception:
             continue
         reqs.append(r)
-    ex = ScriptedExecutor()
-    pending = sorted(reqs, key=lambda r: (r.arrival_s, r.id))
-    now, i = 0.0, 0
-    for _ in range(50_000):
-        while i < len(pending) and pending[i].arrival_s <= now:
-            rep.add(pending[i], now)
-            i += 1
-        b = rep.schedule(now)
-        rep.memory.check()
-        if b is None:
-            if i >= len(pending):
-                break
-            now = pending[i].arrival_s
-            continue
-        now += 0.01
-        rep.complete(b, ex.execute(b), now)
-        rep.memory.check()
+    run_replica(rep, reqs, max_steps=50_000, check_memory=True)
     assert all(r.status == RequestStatus.FINISHED and r.generated_tokens == r.output_tokens for r in reqs)
     assert rep.memory.kv_used_blocks == 0 and not rep.memory.block_refs
