@@ -51,13 +51,33 @@ class Adapter:
 
 @dataclass(frozen=True, slots=True)
 class SamplingParams:
-    """How a live request samples; the simulator ignores it."""
+    """How a live request samples; the simulator ignores it. vLLM's semantics and order
+    (dlora/exec/sampling.py): logit_bias (token id, bias) pairs, then the repetition (prompt and
+    output tokens), frequency and presence (output tokens) penalties, then temperature (0:
+    greedy), min_p, top_k (0: off) and top_p."""
 
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = True
     stop_token_ids: tuple[int, ...] = ()
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # top log-probabilities to return per token (0: the sampled one's only)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """Log-probabilities at one output position (log-softmax of the model's raw logits, as
+    vLLM's default `raw_logprobs`): the sampled token's, and the `top` most likely tokens'."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(slots=True, eq=False)
@@ -86,6 +106,7 @@ class Request:
     prefix_group: int | None = None  # requests of a group (and adapter) share their first prefix_tokens
     prefix_tokens: int = 0  # length of the shared prefix (a system prompt); simulated requests
     output_token_ids: list[int] = field(default_factory=list)  # live mode
+    output_logprobs: list[TokenLogprobs | None] = field(default_factory=list)  # live, if asked for
     sampling: SamplingParams | None = None  # live mode
     finish_reason: str | None = None
     error: str | None = None  # live: why the request failed alone (finish_reason "error")
@@ -257,6 +278,7 @@ class StepResult:
     eos: tuple[bool, ...] | None = None  # live: whether that token ends the request
     error: str | None = None  # the step failed (a fault of the replica); its requests are requeued
     faults: tuple[RequestFault, ...] = ()  # live: requests that failed alone (their tokens are placeholders)
+    logprobs: tuple[TokenLogprobs | None, ...] | None = None  # live: per sampled token, where asked for
 
 
 @dataclass(frozen=True, slots=True)

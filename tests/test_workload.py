@@ -613,3 +613,20 @@ def test_non_utf8_trace_files_name_the_key_path_and_line(tmp_path: Path) -> None
     (tmp_path / "len.csv").write_bytes(b"num_prefill_tokens,num_decode_tokens\n10,5\n\xe9,3\n")
     with pytest.raises(ConfigError, match=r"^workload.lengths.path: .*len.csv, line 3: not UTF-8"):
         build(poisson(lengths={"kind": "empirical", "path": "len.csv"}), base=tmp_path)
+
+
+def test_a_generic_trace_carries_prefix_groups(tmp_path):
+    from dlora.workload import build_requests
+    from dlora.workload.config import WorkloadConfig
+
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens,prefix_group,prefix_tokens\n"
+                     "0.0,100,5,3,64\n0.5,40,5,3,64\n1.0,80,5,,\n")
+    cfg = load_into(WorkloadConfig, {"arrival": {"kind": "trace", "path": str(trace), "format": "generic"}})
+    reqs = build_requests(cfg, ["a"], np.random.default_rng(0), tmp_path)
+    assert [(r.prefix_group, r.prefix_tokens) for r in reqs] == [(3, 64), (3, 40), (None, 0)]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("arrival_s,prompt_tokens,output_tokens,prefix_group\n0.0,1,1,2\n")
+    cfg = load_into(WorkloadConfig, {"arrival": {"kind": "trace", "path": str(bad), "format": "generic"}})
+    with pytest.raises(ConfigError, match="prefix_group and prefix_tokens"):
+        build_requests(cfg, ["a"], np.random.default_rng(0), tmp_path)

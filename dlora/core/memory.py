@@ -127,7 +127,7 @@ class MemoryPool:
         blocks = self.kv_blocks.pop(request_id, 0)
         hashed = self.shared.pop(request_id, ())
         freed = blocks - len(hashed)
-        for h in hashed:
+        for h in reversed(hashed):  # a chain's tail is reclaimed before its head (as vLLM does)
             n = self.block_refs[h] - 1
             if n:
                 self.block_refs[h] = n

@@ -51,7 +51,7 @@ from ..types import (
 )
 from .batching import BatchPolicy, Plan, QueueView
 from .memory import MemoryPool
-from .prefix import prompt_block_hashes
+from .prefix import block_hashes
 from .room import RoomMaker
 from .snapshot import ReplicaMemory, RequestSnapshot
 from .stats import ReplicaStats
@@ -118,7 +118,6 @@ class ReplicaScheduler(RoomMaker):
         self._pending_loads: list[int] = []
         self._pending_evicts: list[int] = []
         self._incoming_kv: dict[int, int] = {}  # request id -> KV tokens arriving by transfer
-        self._block_hashes: dict[int, tuple[Hashable, ...]] = {}  # prefix caching, per request
 
     # ---- queue ----
     @property
@@ -181,7 +180,6 @@ class ReplicaScheduler(RoomMaker):
     def remove(self, request: Request) -> None:
         """Take an unfinished request off this replica (migration, abort), freeing its memory."""
         self._take(request)
-        self._block_hashes.pop(request.id, None)
         self.work.remove(request)
         if self.memory.release(request.id) or self.memory.drop_swapped(request.id):
             self._pending_free.append(request.id)
@@ -366,27 +364,29 @@ class ReplicaScheduler(RoomMaker):
         return batch
 
     # ---- prefix caching (memory.py, prefix.py) ----
-    def _hashes_of(self, r: Request) -> tuple[Hashable, ...]:
-        h = self._block_hashes.get(r.id)
-        if h is None:
-            h = self._block_hashes[r.id] = prompt_block_hashes(r, self.memory.block_tokens)
-        return h
+    def _hashes_of(self, r: Request, tokens: int) -> tuple[Hashable, ...]:
+        """Hashes of the full blocks of the request's first `tokens` context tokens."""
+        return block_hashes(r, self.memory.block_tokens, tokens)
 
     def _prefix_hits(self, r: Request) -> tuple[tuple[Hashable, ...], int]:
-        """The cached leading blocks of a request's prompt (at least one token is left to
+        """The cached leading blocks of a request's context (at least one token is left to
         compute, as vLLM does) and how many of them are unheld (they take free room)."""
-        hashes = self._hashes_of(r)
+        hashes = self._hashes_of(r, r.prompt_tokens + r.generated_tokens - 1)
         n, _ = self.memory.cached_prefix_blocks(hashes)
-        n = min(n, (r.prompt_tokens + r.generated_tokens - 1) // self.memory.block_tokens)
         if n <= 0:
             return (), 0
         hits = hashes[:n]
         return hits, self.memory.cached_prefix_blocks(hits)[1]
 
-    def _register_prompt(self, r: Request) -> None:
-        full = min(r.computed_tokens, r.prompt_tokens) // self.memory.block_tokens
-        if full:
-            self.memory.register(r.id, self._hashes_of(r)[:full])
+    def register_blocks(self, r: Request, computed_before: int, computed_after: int | None = None) -> None:
+        """After a step took the request's computed tokens from `computed_before` to
+        `computed_after` (default: its computed tokens now): share the blocks that became full.
+        `complete` calls it for every item; the simulator's fast path for each iteration it
+        applies, before the next one allocates (so both reclaim cached blocks alike)."""
+        bt = self.memory.block_tokens
+        full = (r.computed_tokens if computed_after is None else computed_after) // bt
+        if full > computed_before // bt:
+            self.memory.register(r.id, self._hashes_of(r, full * bt))
 
     def _evictable_bytes(self, keep: set[int]) -> int:
         return sum(self.memory.adapters[a] for a in self._eviction_order(keep))
@@ -430,8 +430,8 @@ class ReplicaScheduler(RoomMaker):
             r.executing_s += result.elapsed_s
             self.work.remove(r)
             r.computed_tokens += item.new_tokens
-            if caching and item.computed_tokens < r.prompt_tokens:
-                self._register_prompt(r)
+            if caching:
+                self.register_blocks(r, item.computed_tokens)
             if item.samples:
                 r.generated_tokens += 1
                 if r.first_token_s is None:
@@ -453,7 +453,6 @@ class ReplicaScheduler(RoomMaker):
 
     def _finish(self, r: Request, now: float, status: RequestStatus = RequestStatus.FINISHED) -> None:
         self._take(r)
-        self._block_hashes.pop(r.id, None)
         self.memory.release(r.id)
         self.memory.drop_swapped(r.id)
         self._pending_free.append(r.id)

@@ -19,7 +19,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = 1
+DEMO_VERSION = 2  # 2: chat_template.jinja
 HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 64, 176, 2, 4, 2, 512
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
@@ -46,6 +46,12 @@ Numbers: one two three four five six seven eight nine ten eleven twelve hundred 
 Question: what is the capital of France? Answer: Paris. Question: how many legs has a spider?
 Answer: eight. Summarize the following text in one sentence. Translate to French: good morning.
 """
+
+
+DEMO_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 def _tokenizer(folder: Path) -> None:
@@ -80,6 +86,8 @@ def _tokenizer(folder: Path) -> None:
         folder / "special_tokens_map.json",
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"},
     )
+    # transformers 5 keeps the chat template beside the tokenizer (`chat_template.jinja`)
+    (folder / "chat_template.jinja").write_text(DEMO_CHAT_TEMPLATE)
 
 
 def _json(path: Path, data: dict[str, Any]) -> None:

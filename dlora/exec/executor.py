@@ -14,25 +14,42 @@ adapter with huge weights) is not sampled and blames the request's adapter; a fo
 raises is re-run request by request after a probe (one base-model token through a scratch KV
 block) shows the model itself still runs, so the request that raises alone is the one at
 fault. An exception that escapes `execute`, or `StepResult.error`, is a fault of the replica.
+
+Prefix caching (`kv_cache.py`): an item that says `computed_tokens = k * block_size` for a
+request without KV here claims the cached blocks of its first k block hashes (chained over
+its prompt and output ids: `dlora.core.prefix.block_hashes`, the core's function); after each
+step the blocks that became full are registered under their hashes, as the core registers them
+in its memory pool. Should the two disagree (a restarted replica, a failed step), the tokens the batch
+calls computed but this cache lacks are computed in the step, before the item's own tokens:
+a cache miss costs time, never correctness.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 
 import torch
 
+from dlora.core.prefix import block_hashes
 from dlora.errors import DloraError
 from dlora.exec.adapter_store import AdapterSource, AdapterStore
 from dlora.exec.adapters import LoraAdapter
 from dlora.exec.kv_cache import PagedKVCache
 from dlora.exec.lora_slots import AdapterSlots, MergeState
 from dlora.exec.model import LlamaModel, StepInputs, build_group
-from dlora.exec.sampling import sample
-from dlora.types import Batch, BatchItem, BatchMode, Request, RequestFault, StepResult
+from dlora.exec.sampling import sample, token_logprobs
+from dlora.types import (
+    Batch,
+    BatchItem,
+    BatchMode,
+    Request,
+    RequestFault,
+    StepResult,
+    TokenLogprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +69,11 @@ class TorchExecutor:
     PEFT folder, `dlora.types.Adapter` with a path, or a loaded `LoraAdapter`. Invalid adapters are logged and remembered
     (`adapter_errors`); batches that use them fail with that message while the rest is served.
     KV: `num_kv_blocks` blocks of `block_size` tokens (default 1024 blocks).
-    `max_device_adapters`: slot capacity (None: unbounded). `merge_backup`: where pristine copies
+    `max_device_adapters`: slot capacity (None: unbounded). `max_host_adapters`: host copies kept
+    (an LRU cache, vLLM's --max-cpu-loras; None: all). `merge_backup`: where pristine copies
     of merged weights live, "device" (fast switches) or "host" (saves device memory).
+    `prefix_caching`: register computed prompt blocks and claim them for items that say they
+    are computed (module docstring); off, such items are computed in full.
     """
 
     def __init__(
@@ -70,6 +90,8 @@ class TorchExecutor:
         seed: int = 0,
         lora_backend: str | None = None,
         preload_adapters: bool = True,
+        max_host_adapters: int | None = None,
+        prefix_caching: bool = True,
     ) -> None:
         self.model = (
             model
@@ -94,11 +116,16 @@ class TorchExecutor:
         self.seed = seed
         self.lora_backend = lora_backend
         self.store = AdapterStore(
-            self.model.config, self.model.dtype, adapters, preload=preload_adapters
+            self.model.config, self.model.dtype, adapters, preload=preload_adapters,
+            capacity=max_host_adapters,
         )
         self.adapter_errors = self.store.errors  # adapter id -> why it cannot be served
         self.last_logits: torch.Tensor | None = None  # (sampling items, vocab) of the last step
         self._probe_pool: torch.Tensor | None = None  # one scratch KV block for `probe`
+        self._logprobs: dict[int, TokenLogprobs] = {}  # request id -> this step's, if asked for
+        self.prefix_caching = prefix_caching
+        self.prefix_hit_tokens = 0  # tokens claimed from the prefix cache
+        self.prefix_missed_tokens = 0  # tokens a batch called computed that were computed here
 
     # ---- adapters ----
     def register_adapter(self, adapter_id: int, source: AdapterSource) -> LoraAdapter:
@@ -111,6 +138,7 @@ class TorchExecutor:
             self.merge_state.unmerge()
         self.slots.evict(adapter_id)
         self.store.remove(adapter_id)
+        self.kv.forget_salt(adapter_id)  # KV cached under this id is stale for any new weights
 
     def has_adapter(self, adapter_id: int) -> bool:
         """Whether this executor can serve the adapter (registered and valid)."""
@@ -172,6 +200,40 @@ class TorchExecutor:
     def free_request(self, request_id: int) -> None:
         self.kv.free(request_id)
 
+    # ---- prefix caching ----
+    def _hashes(self, req: Request, tokens: int) -> tuple[Hashable, ...]:
+        """Hashes of the full blocks of the request's first `tokens` context tokens (prompt and
+        output ids; the core's function, so both sides name blocks alike)."""
+        return block_hashes(req, self.kv.block_size, tokens)
+
+    def _prepare_kv(self, batch: Batch, it: BatchItem, req: Request) -> int:
+        """Make the request's KV agree with the item; returns the first position this step
+        computes: `it.computed_tokens`, or fewer where this cache lacks some of them."""
+        rid, computed, kv = it.request_id, it.computed_tokens, self.kv
+        have = kv.lengths.get(rid, 0)
+        if have > computed:  # the core counts fewer: drop the rest (shared blocks are copied)
+            kv.truncate(rid, computed)
+            have = computed
+        bs = kv.block_size
+        if have == 0 and computed >= bs and self.prefix_caching and not kv.is_swapped(rid):
+            have = kv.claim(rid, self._hashes(req, computed))
+            self.prefix_hit_tokens += have
+        if have < computed:
+            log.debug("replica %d step %d: request %d: KV of tokens %d..%d is not here (the prefix "
+                      "cache and the scheduler's books differ); computing them in this step",
+                      batch.replica, batch.step, rid, have, computed)
+            self.prefix_missed_tokens += computed - have
+        return have
+
+    def _register(self, req: Request, start: int) -> None:
+        """After a step that computed tokens from `start`: share the blocks that became full."""
+        if not self.prefix_caching:
+            return
+        length = self.kv.lengths.get(req.id, 0)
+        full = length // self.kv.block_size
+        if full > start // self.kv.block_size and full > self.kv.shared_blocks.get(req.id, 0):
+            self.kv.register(req.id, self._hashes(req, length), req.adapter_id)
+
     # ---- the step ----
     def _sync(self) -> float:
         if self.device.type == "cuda":
@@ -183,7 +245,7 @@ class TorchExecutor:
         switch_s = load_s = swap_s = 0.0
         try:
             for rid in batch.free_requests:
-                self.kv.free(rid)
+                self.free_request(rid)
             t = self._sync()
             for aid in batch.evict_adapters:
                 self.slots.evict(aid)
@@ -208,7 +270,9 @@ class TorchExecutor:
             else:
                 self._switch(batch)
             t, switch_s = self._sync(), time.perf_counter() - t
-            tokens, eos, faults = self._run_attributed(batch, broken) if batch.items else ((), (), ())
+            tokens, eos, faults, logprobs = (
+                self._run_attributed(batch, broken) if batch.items else ((), (), (), None)
+            )
         except DloraError as e:
             log.error("replica %d step %d failed: %s", batch.replica, batch.step, e)
             return StepResult(
@@ -226,6 +290,7 @@ class TorchExecutor:
             token_ids=tokens,
             eos=eos,
             faults=faults,
+            logprobs=logprobs,
         )
 
     def _broken_adapters(self, batch: Batch) -> dict[int, str]:
@@ -243,10 +308,18 @@ class TorchExecutor:
 
     def _run_attributed(
         self, batch: Batch, broken: dict[int, str]
-    ) -> tuple[tuple[int, ...], tuple[bool, ...], tuple[RequestFault, ...]]:
-        """Run the batch; a request whose input, adapter or output is bad fails alone."""
+    ) -> tuple[
+        tuple[int, ...],
+        tuple[bool, ...],
+        tuple[RequestFault, ...],
+        tuple[TokenLogprobs | None, ...] | None,
+    ]:
+        """Run the batch; a request whose input, adapter or output is bad fails alone. The
+        last element: each sampled token's log-probabilities where asked for (else None)."""
+        self._logprobs.clear()
         faults: dict[int, RequestFault] = {}  # item index -> its fault
         new_ids: dict[int, list[int]] = {}
+        starts: dict[int, int] = {}  # item index -> first position computed (prefix caching)
         vocab = self.model.config.vocab_size
         for j, (it, req) in enumerate(zip(batch.items, batch.requests, strict=True)):
             if it.adapter_id in broken:
@@ -254,7 +327,9 @@ class TorchExecutor:
                     req.id, f"its adapter cannot be served: {broken[it.adapter_id]}", it.adapter_id
                 )
                 continue
-            ids = self._item_tokens(it, req)
+            self._check_item(it, req)
+            starts[j] = self._prepare_kv(batch, it, req)
+            ids = self._item_tokens(it, req, starts[j])
             if ids and (min(ids) < 0 or max(ids) >= vocab):
                 bad = next(t for t in ids if not 0 <= t < vocab)
                 faults[j] = RequestFault(
@@ -264,13 +339,14 @@ class TorchExecutor:
                 new_ids[j] = ids
         run = list(new_ids)
         try:
-            sampled = self._run(batch, run, new_ids) if run else {}
+            sampled = self._run(batch, run, new_ids, starts) if run else {}
         except DloraError:
             raise
         except Exception as exc:  # noqa: BLE001  (attributed below, or re-raised)
-            sampled = self._isolate(batch, run, new_ids, exc, faults)
+            sampled = self._isolate(batch, run, new_ids, starts, exc, faults)
         tokens: list[int] = []
         eos: list[bool] = []
+        logprobs: list[TokenLogprobs | None] = []
         for j, (it, req) in enumerate(zip(batch.items, batch.requests, strict=True)):
             if not it.samples:
                 continue
@@ -286,20 +362,32 @@ class TorchExecutor:
             if j in faults:  # a placeholder the live driver discards with the request
                 tokens.append(0)
                 eos.append(False)
+                logprobs.append(None)
                 continue
             assert token is not None
             tokens.append(token)
             eos.append(self._ends(req, token))
+            logprobs.append(self._logprobs.pop(req.id, None))
+        for j in run:
+            if j not in faults:
+                self._register(batch.requests[j], starts[j])
         for f in faults.values():
             log.warning("replica %d step %d: request %d fails alone: %s",
                         batch.replica, batch.step, f.request_id, f.message)
-        return tuple(tokens), tuple(eos), tuple(faults[j] for j in sorted(faults))
+        asked = any(lp is not None for lp in logprobs)
+        return (
+            tuple(tokens),
+            tuple(eos),
+            tuple(faults[j] for j in sorted(faults)),
+            tuple(logprobs) if asked else None,
+        )
 
     def _isolate(
         self,
         batch: Batch,
         run: list[int],
         new_ids: dict[int, list[int]],
+        starts: dict[int, int],
         exc: Exception,
         faults: dict[int, RequestFault],
     ) -> dict[int, int | None]:
@@ -312,7 +400,7 @@ class TorchExecutor:
         sampled: dict[int, int | None] = {}
         for j in run:
             try:
-                sampled.update(self._run(batch, [j], new_ids))
+                sampled.update(self._run(batch, [j], new_ids, starts))
             except Exception as e:  # noqa: BLE001  (this request's own fault)
                 faults[j] = RequestFault(batch.requests[j].id, f"{type(e).__name__}: {e}")
         return sampled
@@ -337,11 +425,11 @@ class TorchExecutor:
             return False
 
     def _run(
-        self, batch: Batch, run: list[int], new_ids: dict[int, list[int]]
+        self, batch: Batch, run: list[int], new_ids: dict[int, list[int]], starts: dict[int, int]
     ) -> dict[int, int | None]:
-        """One forward over items `run` (indexes into the batch; their token ids in
-        `new_ids`): item index -> sampled token of each sampling item, None where its
-        logits are not finite."""
+        """One forward over items `run` (indexes into the batch; their token ids, from
+        position `starts[j]`, in `new_ids`): item index -> sampled token of each sampling
+        item, None where its logits are not finite."""
         unmerged = batch.mode == BatchMode.UNMERGED
         order = list(run)
         if unmerged:  # tokens of one adapter contiguous: one kernel segment per adapter
@@ -355,14 +443,14 @@ class TorchExecutor:
         last: dict[int, int] = {}  # item index -> flat index of its last token
         for j in order:
             it = batch.items[j]
-            end = it.computed_tokens + it.new_tokens
+            start, end = starts[j], it.computed_tokens + it.new_tokens
             self.kv.reserve(it.request_id, end)
-            span = (len(ids), it.computed_tokens, it.new_tokens, self.kv.tables[it.request_id])
-            (decode if it.new_tokens == 1 else prefill).append(span)
+            span = (len(ids), start, end - start, self.kv.tables[it.request_id])
+            (decode if end - start == 1 else prefill).append(span)
             ids.extend(new_ids[j])
-            positions.extend(range(it.computed_tokens, end))
-            slot_map.extend(self.kv.slots(it.request_id, it.computed_tokens, end))
-            per_token.extend([it.adapter_id if unmerged else None] * it.new_tokens)
+            positions.extend(range(start, end))
+            slot_map.extend(self.kv.slots(it.request_id, start, end))
+            per_token.extend([it.adapter_id if unmerged else None] * (end - start))
             last[j] = len(ids) - 1
         dev = self.device
         step = StepInputs(
@@ -395,31 +483,35 @@ class TorchExecutor:
         return dict(zip(sampling, tokens, strict=True))
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> list[int]:
-        return sample(
+        tokens = sample(
             logits,
             [r.sampling for r in reqs],
             [self._seed(r) for r in reqs],
             [len(r.output_token_ids) for r in reqs],
+            histories=[(r.prompt_token_ids or (), r.output_token_ids) for r in reqs],
         )
+        for i, (r, token) in enumerate(zip(reqs, tokens, strict=True)):
+            if r.sampling is not None and r.sampling.logprobs is not None:
+                self._logprobs[r.id] = token_logprobs(logits[i], token, r.sampling.logprobs)
+        return tokens
 
     def _seed(self, req: Request) -> int:
         if req.sampling is not None and req.sampling.seed is not None:
             return req.sampling.seed
         return self.seed * 1_000_003 + req.id
 
-    def _item_tokens(self, it: BatchItem, req: Request) -> list[int]:
+    def _check_item(self, it: BatchItem, req: Request) -> None:
         if req.prompt_token_ids is None:
             raise StepError(f"request {req.id} has no prompt_token_ids; live mode needs tokens")
         if req.id != it.request_id:
             raise StepError(f"batch item {it.request_id} is paired with request {req.id}")
-        have = self.kv.lengths.get(it.request_id, 0)
-        if it.computed_tokens > have:
-            raise StepError(
-                f"request {req.id}: the batch assumes {it.computed_tokens} computed "
-                f"tokens but this replica holds KV for {have}"
-            )
+
+    def _item_tokens(self, it: BatchItem, req: Request, start: int) -> list[int]:
+        """Token ids of positions `start` .. the item's end (`start` <= its computed tokens:
+        the KV it lacks here is computed too)."""
         prompt, output = req.prompt_token_ids, req.output_token_ids
-        start, end = it.computed_tokens, it.computed_tokens + it.new_tokens
+        assert prompt is not None
+        end = it.computed_tokens + it.new_tokens
         if it.new_tokens < 1 or end > len(prompt) + len(output):
             raise StepError(
                 f"request {req.id}: tokens {start}..{end} requested but its context has "

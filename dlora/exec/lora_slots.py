@@ -113,7 +113,9 @@ class AdapterSlots:
         An adapter's rows in a fused group stack its member modules: A rows are the members'
         `A`s, `B^T` rows are `scale * B^T` placed at the member's output columns (zeros
         elsewhere), so one kernel call covers q, k and v (or gate and up) with per-module
-        ranks and scales; the kernel's own `scales` are then all 1."""
+        ranks and scales; the kernel's own `scales` are then all 1. An adapter that adapts none
+        of the group's modules in a layer (PEFT's layers_to_transform / exclude_modules) gets
+        one zero row there."""
         if self._packs is not None:
             return self._packs
         cfg, dev, dtype = self.model.config, self.model.device, self.model.dtype
@@ -136,22 +138,22 @@ class AdapterSlots:
                 offsets = [0]
                 for aid in ids:
                     adapter = self._resident[aid]
+                    rank = 0
                     for m in members:
-                        if m not in adapter.target_modules:
+                        mod = adapter.modules.get((layer, m))
+                        if mod is None:  # not adapted in this layer (layers_to_transform, ...)
                             continue
-                        mod = adapter.modules[(layer, m)]
                         bt = torch.zeros(mod.rank, start, dtype=dtype, device=dev)
                         bt[:, columns[m][0] : columns[m][1]] = mod.b.t() * mod.scale
                         a_rows.append(mod.a)
                         bt_rows.append(bt)
-                    offsets.append(
-                        offsets[-1]
-                        + sum(
-                            adapter.modules[(layer, m)].rank
-                            for m in members
-                            if m in adapter.target_modules
-                        )
-                    )
+                        rank += mod.rank
+                    if rank == 0:  # one zero row: every kernel sees rank >= 1, the delta is 0
+                        a_rows.append(torch.zeros(1, cfg.module_shape(members[0])[1], dtype=dtype,
+                                                  device=dev))
+                        bt_rows.append(torch.zeros(1, start, dtype=dtype, device=dev))
+                        rank = 1
+                    offsets.append(offsets[-1] + rank)
                 packs[(layer, group)] = PackedModule(
                     a_packed=torch.cat(a_rows).contiguous(),
                     bt_packed=torch.cat(bt_rows).contiguous(),

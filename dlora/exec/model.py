@@ -1,7 +1,8 @@
 """A compact Llama-family forward over a flat batch of tokens from many requests.
 
 RMSNorm, RoPE (with the config's scaling), grouped-query attention over a paged KV cache and
-SwiGLU. Tokens of all requests of one iteration are flattened into one (T, hidden) tensor, so
+SwiGLU; projection biases and per-layer sliding windows as the config says (loader.py lists what
+is accepted; a checkpoint tensor the forward does not read is refused at load). Tokens of all requests of one iteration are flattened into one (T, hidden) tensor, so
 prefill and decode of requests of different lengths share every linear layer; attention runs
 per group (decodes together, prefills together) over each request's own blocks. In unmerged
 mode a `LoraHook` adds each token's adapter side path after every target projection
@@ -47,6 +48,15 @@ class AttentionGroup:
     mask: torch.Tensor  # (B, 1, Qmax, max_blocks * block_size) bool, True: query may attend key
     dst_rows: torch.Tensor  # (N,) long, flat token index of each real query row
     src_rows: torch.Tensor | None  # (N,) long rows of the (B * Qmax) output; None: all rows
+    q_positions: torch.Tensor | None = None  # (B, 1, Qmax, 1) long, -1 on padding rows
+
+    def window_mask(self, window: int) -> torch.Tensor:
+        """`mask` restricted to a sliding window: key position k is seen by the query at
+        position p iff p - window < k <= p (transformers' sliding_window_overlay). Key index
+        == key position (block tables cover positions from 0). Padded rows keep key 0."""
+        assert self.q_positions is not None, "build the group with build_group"
+        keys = torch.arange(self.mask.shape[-1], device=self.mask.device)
+        return self.mask & (keys > self.q_positions - window)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +98,7 @@ def build_group(
         mask=mask[:, None].to(device),
         dst_rows=torch.tensor(dst, dtype=torch.long, device=device),
         src_rows=None if len(src) == len(spans) * q_max else torch.tensor(src, device=device),
+        q_positions=pos[:, None, :, None].to(device),
     )
 
 
@@ -109,10 +120,12 @@ class LlamaModel:
         self.config = config
         self.device = torch.device(device)
         c = config
+        used: set[str] = set()
 
         def take(name: str, shape: tuple[int, ...]) -> torch.Tensor:
             if name not in tensors:
                 raise ModelError(f"the model weights lack {name!r}; the folder is incomplete")
+            used.add(name)
             t = tensors[name]
             if tuple(t.shape) != shape:
                 raise ModelError(
@@ -123,7 +136,7 @@ class LlamaModel:
         h = c.hidden_size
         self.embed = take("embed_tokens.weight", (c.vocab_size, h))
         self.norm = take("norm.weight", (h,))
-        if "lm_head.weight" in tensors:
+        if "lm_head.weight" in tensors:  # transformers 5 reads a saved head even when tied
             self.lm_head = take("lm_head.weight", (c.vocab_size, h))
         elif c.tie_word_embeddings:
             self.lm_head = self.embed
@@ -146,14 +159,25 @@ class LlamaModel:
                 for m, part in zip(members, parts, strict=True):  # row views: merge in place
                     layer[m] = layer[fused][start : start + part.shape[0]]
                     start += part.shape[0]
-            if c.attention_bias:
-                layer["qkv.bias"] = torch.cat(
-                    [
-                        take(f"{p}self_attn.{m}.bias", (c.module_shape(m)[0],))
-                        for m in FUSED_GROUPS["qkv"]
+            biased = {"qkv": c.qkv_bias, "o_proj": c.o_proj_bias, "gate_up": c.mlp_bias,
+                      "down_proj": c.mlp_bias}
+            for fused, members in FUSED_GROUPS.items():
+                if biased[fused]:
+                    biases = [
+                        take(f"{p}{'self_attn' if m in ATTN_MODULES else 'mlp'}.{m}.bias",
+                             (c.module_shape(m)[0],))
+                        for m in members
                     ]
-                )
+                    layer[fused + ".bias"] = torch.cat(biases) if len(biases) > 1 else biases[0]
             self.layers.append(layer)
+        leftover = sorted(n for n in tensors if n not in used and not n.endswith("rotary_emb.inv_freq"))
+        if leftover:
+            shown = ", ".join(leftover[:5]) + (f" and {len(leftover) - 5} more" if len(leftover) > 5 else "")
+            raise ModelError(
+                f"the checkpoint holds tensors the model code does not use: {shown}; serving it "
+                "without them would be silently wrong (a bias the config does not enable, an "
+                "lm_head bias, or modules of another architecture)"
+            )
         self._inv_freq = rope_inv_freq(c).to(self.device)
         self.dtype = self.embed.dtype
 
@@ -183,19 +207,26 @@ class LlamaModel:
         return y
 
     def _attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, step: StepInputs
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        step: StepInputs,
+        masks: tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
+        """`masks`: one per group in place of `group.mask` (a sliding-window layer)."""
         out = torch.empty_like(q)
         scale = self.config.head_dim**-0.5
         bs = step.block_size
         k_blocks = k_cache.view(-1, bs, *k_cache.shape[1:])
         v_blocks = v_cache.view(-1, bs, *v_cache.shape[1:])
-        for g in step.groups:
+        for n, g in enumerate(step.groups):
             qg = q[g.q_index].transpose(1, 2)  # (B, H, Qmax, D)
             kg = k_blocks[g.block_tables].flatten(1, 2).transpose(1, 2)  # (B, KVH, L, D)
             vg = v_blocks[g.block_tables].flatten(1, 2).transpose(1, 2)
             og = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=g.mask, scale=scale, enable_gqa=True
+                qg, kg, vg, attn_mask=g.mask if masks is None else masks[n], scale=scale,
+                enable_gqa=True,
             ).transpose(1, 2)  # (B, Qmax, H, D)
             rows = og.reshape(-1, *og.shape[2:])
             if len(step.groups) == 1 and g.src_rows is None and rows.shape[0] == q.shape[0]:
@@ -213,7 +244,11 @@ class LlamaModel:
         x = self.embed[step.token_ids]
         cos, sin = self._rope(step.positions)
         t = x.shape[0]
+        window_masks: dict[int, tuple[torch.Tensor, ...]] = {}  # built once per window size
         for i, layer in enumerate(self.layers):
+            window = c.window(i)
+            if window is not None and window not in window_masks:
+                window_masks[window] = tuple(g.window_mask(window) for g in step.groups)
             h = _rms_norm(x, layer["input_norm"], c.rms_norm_eps)
             qkv = self._linear(i, "qkv", h, lora)
             q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
@@ -224,7 +259,8 @@ class LlamaModel:
             k_cache, v_cache = kv_pool[i, 0], kv_pool[i, 1]
             k_cache[step.slot_mapping] = k
             v_cache[step.slot_mapping] = v
-            a = self._attention(q, k_cache, v_cache, step).reshape(t, -1)
+            masks = None if window is None else window_masks[window]
+            a = self._attention(q, k_cache, v_cache, step, masks).reshape(t, -1)
             x = x + self._linear(i, "o_proj", a, lora)
             h = _rms_norm(x, layer["post_norm"], c.rms_norm_eps)
             gate, up = self._linear(i, "gate_up", h, lora).chunk(2, dim=-1)

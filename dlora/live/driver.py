@@ -54,14 +54,17 @@ def create_live_cluster(
     record_batches: bool = False, retain_requests: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> LiveSystem:
-    """The scenario's cluster (same objects as `simulate`) with one executor per replica:
-    `executor_factory(replica_id)` if given, else TorchExecutors of the scenario's model."""
+    """The scenario's cluster (same objects as `simulate`, prefix caching as
+    `cluster.prefix_caching` says) with one executor per replica: `executor_factory(replica_id)`
+    if given, else TorchExecutors of the scenario's model (they share KV blocks as the core's
+    memory pool does)."""
     if scenario.sweep is not None:
         raise ConfigError("sweep: a live run takes one scenario; remove the sweep section "
                           "(or use `dlora simulate` for sweeps)")
     latency = load_latency(scenario)
     adapters = make_adapters(scenario, latency)
-    cluster, migrator = make_cluster(scenario, latency, adapters)
+    cluster, migrator = make_cluster(scenario, latency, adapters,
+                                     prefix_caching=scenario.cluster.prefix_caching)
     if executor_factory is None:
         executors, limits = torch_executors(scenario, cluster, adapters, device)
         require_ids = True

@@ -3,8 +3,9 @@
 `torch_executors` builds one TorchExecutor per replica for the scenario's model folder and
 adapters (`model.path`, `adapters.paths`), or the embedded demo (`dlora.exec.demo`) when
 `model.path` is unset; each KV pool holds exactly the blocks its replica's scheduler counts.
-`prepare_requests` gives workload requests seeded prompt token ids within the vocabulary and
-`ignore_eos` sampling (trace replay: every request generates its `output_tokens`).
+`prepare_requests` gives workload requests seeded prompt token ids within the vocabulary (a
+prefix group's requests share its system prompt's ids) and `ignore_eos` sampling (trace
+replay: every request generates its `output_tokens`).
 """
 
 from __future__ import annotations
@@ -112,10 +113,28 @@ def prompt_token_ids(seed: int, request_id: int, length: int, vocab_size: int = 
     return tuple(int(t) for t in rng.integers(FIRST_TOKEN, vocab_size, size=length))
 
 
+def prefix_token_ids(seed: int, group: int, length: int, vocab_size: int = DEMO_VOCAB) -> tuple[int, ...]:
+    """Seeded token ids of a prefix group's shared system prompt (`Request.prefix_group`)."""
+    rng = np.random.default_rng((seed, 0x5EED, group + 1))  # groups are >= -1
+    return tuple(int(t) for t in rng.integers(FIRST_TOKEN, vocab_size, size=length))
+
+
 def prepare_requests(requests: list[Request], seed: int, vocab_size: int = DEMO_VOCAB) -> None:
-    """Give workload requests prompt token ids and trace-replay sampling (in place)."""
+    """Give workload requests prompt token ids and trace-replay sampling (in place). Requests
+    of a prefix group start with the group's `prefix_tokens` ids (the same for the whole
+    group), so the executor's token-id block hashes share exactly the blocks the simulator's
+    group hashes share (`dlora.core.prefix`)."""
+    longest: dict[int, int] = {}
+    for r in requests:
+        if r.prompt_token_ids is None and r.prefix_group is not None and r.prefix_tokens > 0:
+            longest[r.prefix_group] = max(longest.get(r.prefix_group, 0), r.prefix_tokens)
+    prefixes = {g: prefix_token_ids(seed, g, n, vocab_size) for g, n in longest.items()}
     for r in requests:
         if r.prompt_token_ids is None:
-            r.prompt_token_ids = prompt_token_ids(seed, r.id, r.prompt_tokens, vocab_size)
+            ids = prompt_token_ids(seed, r.id, r.prompt_tokens, vocab_size)
+            if r.prefix_group in prefixes:
+                k = min(r.prefix_tokens, r.prompt_tokens)
+                ids = prefixes[r.prefix_group][:k] + ids[k:]
+            r.prompt_token_ids = ids
         if r.sampling is None:
             r.sampling = SamplingParams(ignore_eos=True)

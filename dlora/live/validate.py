@@ -74,9 +74,12 @@ class Validation:
 
 
 def fresh_copy(r: Request) -> Request:
-    """A not-yet-run request with the same id, adapter, arrival time and lengths."""
+    """A not-yet-run request with the same id, adapter, arrival time, lengths and prompt (its
+    token ids and prefix group, which prefix caching hashes)."""
     return Request(id=r.id, adapter_id=r.adapter_id, arrival_s=r.arrival_s,
-                   prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens)
+                   prompt_tokens=r.prompt_tokens, output_tokens=r.output_tokens,
+                   prompt_token_ids=r.prompt_token_ids, prefix_group=r.prefix_group,
+                   prefix_tokens=r.prefix_tokens)
 
 
 def _value(summary: dict[str, Any], key: str, stat: str | None) -> float | None:
@@ -113,7 +116,7 @@ def validate(scenario: Scenario, out_dir: Path | None = None, *, device: str | N
         summaries.append(live_report.summary)
     sim_requests = [fresh_copy(r) for r in live.requests]
     log.info("validate: simulating the same %d requests", len(sim_requests))
-    sim = simulate(scenario, requests=sim_requests, prefix_caching=False)  # the live executor shares no KV
+    sim = simulate(scenario, requests=sim_requests)  # prefix caching as the live run: cluster.prefix_caching
     sim_report = build_report(sim)
     result = Validation(scenario.name, str(resolve(scenario, scenario.model.profile)),
                         compare(summaries, sim_report.summary), live_report, sim_report)

@@ -131,6 +131,11 @@ class ReplicaWorker:
             self.failures = 0
             live.restarts[self.id] = 0
             failed = self._fail_alone(batch, result.faults, finished, now) if result.faults else set()
+            if result.logprobs is not None:  # asked for: kept beside the tokens they describe
+                sampled = [r for it, r in zip(batch.items, batch.requests, strict=True) if it.samples]
+                for r, lp in zip(sampled, result.logprobs, strict=True):
+                    if lp is not None and r.id not in failed:
+                        r.output_logprobs.append(lp)
             if result.token_ids is not None and live._outbox.on_token is not None:
                 for item, r in zip(batch.items, batch.requests, strict=True):
                     if item.samples and r.id not in failed:

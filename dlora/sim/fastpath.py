@@ -149,6 +149,7 @@ class FastPath:
         block = mem.block_tokens
         stats = rep.stats
         adapters = [it.adapter_id for it in jump.batch.items if it.adapter_id is not None]
+        caching = mem.config.prefix_caching
         while jump.applied < k and (jump.applied == 0 or jump.ends[jump.applied - 1] <= now):
             i = jump.applied
             if jump.allocated <= i:
@@ -172,6 +173,12 @@ class FastPath:
             for r in reqs:
                 r.executing_s += t
             jump.applied = i + 1
+            if caching:  # as `complete` does, before the next iteration allocates
+                offset = i - first
+                for r in reqs:
+                    after = r.computed_tokens + offset + 1
+                    if after % block == 0:
+                        rep.register_blocks(r, after - 1, after)
         done = jump.applied - first
         if done:
             n = len(reqs)

@@ -97,8 +97,9 @@ def build_requests(
     start with `path`; relative files resolve against `base_dir` (the scenario's folder)."""
     check_workload(cfg, adapter_names, base_dir, path)
     num_adapters = len(adapter_names)
+    trace_prefixes: tuple[np.ndarray, np.ndarray] | None = None
     if cfg.arrival.kind == "trace":
-        times, adapters, prompt, output = _from_trace(cfg, adapter_names, rng, base_dir, path)
+        times, adapters, prompt, output, trace_prefixes = _from_trace(cfg, adapter_names, rng, base_dir, path)
     else:
         if cfg.popularity.kind in STREAM_POPULARITY:
             times, adapters = _from_streams(cfg, num_adapters, rng, base_dir, path)
@@ -120,6 +121,13 @@ def build_requests(
             zip(adapters.tolist(), times.tolist(), prompt.tolist(), output.tolist(), strict=True)
         )
     ]
+    if trace_prefixes is not None:
+        if cfg.prefix.kind != "none":
+            raise ConfigError(f"{key(path, 'prefix.kind')}: the arrival trace has prefix_group columns; "
+                              "set kind none (or drop the columns)")
+        for r, g, n in zip(requests, *(a.tolist() for a in trace_prefixes), strict=True):
+            if g >= 0:
+                r.prefix_group, r.prefix_tokens = g, min(n, r.prompt_tokens)
     _assign_prefixes(cfg, requests, rng)
     return requests
 
@@ -237,7 +245,7 @@ def _from_trace(
     rng: np.random.Generator,
     base_dir: Path | str,
     path: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     arrival, lengths = cfg.arrival, cfg.lengths
     assert arrival.path is not None
     file_key = key(path, "arrival.path")
@@ -279,7 +287,10 @@ def _from_trace(
         prompt, output = _sample_lengths(cfg, count, rng, base_dir, path)
     else:
         prompt, output = scale_lengths(lengths, prompt[rows]), scale_lengths(lengths, output[rows])
-    return times, adapters, prompt, output
+    prefixes = None
+    if trace.prefix_group is not None and trace.prefix_tokens is not None:
+        prefixes = (trace.prefix_group[rows], trace.prefix_tokens[rows])
+    return times, adapters, prompt, output, prefixes
 
 
 def _adapter_column(

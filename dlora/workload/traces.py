@@ -31,6 +31,8 @@ class RequestTrace:
     prompt_tokens: np.ndarray  # int64
     output_tokens: np.ndarray  # int64
     adapters: tuple[str, ...] | None = None
+    prefix_group: np.ndarray | None = None  # int64, -1: no shared prefix (generic `prefix_group`)
+    prefix_tokens: np.ndarray | None = None  # int64 (generic `prefix_tokens`)
 
     def __len__(self) -> int:
         return len(self.arrival_s)
@@ -190,7 +192,9 @@ def _check_rows(
 
 def load_generic_trace(path: Path | str) -> RequestTrace:
     """Generic `arrival_s,prompt_tokens,output_tokens[,adapter]` (header optional; without one
-    the columns are in this order). Arrival times are kept as written."""
+    the columns are in this order). Arrival times are kept as written. With a header, the
+    optional `prefix_group,prefix_tokens` columns say which requests share their first
+    `prefix_tokens` prompt tokens (a system prompt; an empty group: none), for prefix caching."""
     path = Path(path)
     lines = _read_lines(path)
     first = lines[0].split(",")[0].strip()
@@ -199,11 +203,16 @@ def load_generic_trace(path: Path | str) -> RequestTrace:
         cols = _columns(path, lines[0], GENERIC_COLUMNS)
         names = [c.strip() for c in lines[0].split(",")]
         cols.append(names.index("adapter") if "adapter" in names else -1)
+        if ("prefix_group" in names) != ("prefix_tokens" in names):
+            raise WorkloadError(f"{path}: give both prefix_group and prefix_tokens columns, or neither")
+        cols += [names.index(c) if c in names else -1 for c in ("prefix_group", "prefix_tokens")]
         body = lines[1:]
     else:
         width = len(lines[0].split(","))
-        cols, body = [0, 1, 2, 3 if width > 3 else -1], lines
+        cols, body = [0, 1, 2, 3 if width > 3 else -1, -1, -1], lines
     n = len(body)
+    groups = np.full(n, -1, dtype=np.int64) if cols[4] >= 0 else None
+    ptokens = np.zeros(n, dtype=np.int64) if cols[4] >= 0 else None
     times = np.empty(n)
     prompt = np.empty(n, dtype=np.int64)
     output = np.empty(n, dtype=np.int64)
@@ -218,13 +227,21 @@ def load_generic_trace(path: Path | str) -> RequestTrace:
             )
             if cols[3] >= 0:
                 adapters.append(row[cols[3]].strip() if cols[3] < len(row) else "")
+            if groups is not None and ptokens is not None:
+                g = row[cols[4]].strip() if cols[4] < len(row) else ""
+                if g:
+                    groups[i], ptokens[i] = int(g), int(row[cols[5]])
+                    if groups[i] < 0 or ptokens[i] < 0:
+                        raise ValueError("prefix_group and prefix_tokens must be >= 0")
     except (ValueError, IndexError, OverflowError) as exc:
         lineno = i + 1 + has_header
         raise WorkloadError(f"{path}, line {lineno}: cannot parse {line!r} ({exc})") from None
     _check_rows(path, body, 1 + has_header, times, "arrival_s", prompt, output)
     order = np.argsort(times, kind="stable")
     column = tuple(adapters[i] for i in order.tolist()) if cols[3] >= 0 else None
-    return RequestTrace(times[order], prompt[order], output[order], column)
+    return RequestTrace(times[order], prompt[order], output[order], column,
+                        groups[order] if groups is not None else None,
+                        ptokens[order] if ptokens is not None else None)
 
 
 def detect_trace_format(path: Path | str) -> str:

@@ -23,7 +23,7 @@ def test_released_hashed_blocks_stay_cached_and_count_as_free():
     m.register(1, ["a", "b"])
     assert m.kv_used_blocks == 3
     m.release(1)
-    assert m.kv_used_blocks == 0 and list(m.cached) == ["a", "b"] and m.free_blocks == 10
+    assert m.kv_used_blocks == 0 and list(m.cached) == ["b", "a"] and m.free_blocks == 10  # tail first
     assert m.cached_prefix_blocks(["a", "b", "c"]) == (2, 2)
     m.claim_prefix(2, ["a", "b"])
     assert m.kv_used_blocks == 2 and not m.cached
@@ -40,10 +40,12 @@ def test_allocation_reclaims_the_oldest_cached_blocks():
     m.allocate(1, 2)
     m.register(1, ["x", "y"])
     m.release(1)
-    m.allocate(2, 3)  # 2 free + 2 cached: the oldest cached block goes
-    assert list(m.cached) == ["y"] and m.kv_used_blocks == 3
+    m.allocate(2, 3)  # 2 free + 2 cached: the oldest cached block goes, the chain's tail
+    assert list(m.cached) == ["x"] and m.kv_used_blocks == 3
     m.check()
-    assert m.cached_prefix_blocks(["x", "y"]) == (0, 0)  # a chain broken at its head is a miss
+    assert m.cached_prefix_blocks(["x", "y"]) == (1, 1)  # the head survives
+    m.allocate(3, 1)
+    assert m.cached_prefix_blocks(["x", "y"]) == (0, 0)
 
 
 def test_a_duplicate_block_stays_private():

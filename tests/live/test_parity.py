@@ -4,7 +4,11 @@ exactly the simulator's batch decisions (replica, step, mode, merged adapter, re
 On the virtual clock the live threads run one at a time in SimPy's event order, so the whole
 decision log matches for any policy mix. On the wall clock (an executor that really sleeps),
 arrivals come in bursts separated by idle gaps much longer than a burst takes, so thread
-jitter cannot move an arrival across an iteration boundary; each replica's log matches."""
+jitter cannot move an arrival across an iteration boundary; each replica's log matches.
+
+Both sides cache prefixes as `cluster.prefix_caching` says (on by default): the simulator hashes
+a request's shared blocks by prefix group, the live side by token ids, and the live driver gives
+the requests of a prefix group the same first `prefix_tokens` ids, so both find the same hits."""
 
 from __future__ import annotations
 
@@ -28,6 +32,13 @@ CASES = {
     "migration-recompute": (MIGRATION % "recompute", "policies.dispatch=round_robin",
                             "policies.batching=credit", "workload.arrival.kind=gamma",
                             "workload.arrival.cv=3"),
+    "shared-prefixes": ("workload.prefix={kind: per_adapter, tokens: 48}", "policies.batching=credit"),
+    "shared-prefixes-preemption": (
+        "workload.prefix={kind: groups, tokens: 40, groups: 2}", "cluster.replicas=1",
+        "model.profile=../profiles/cpu-tiny-synthetic.yaml", "model.allow_extrapolation=true",
+        "cluster.memory_fraction=0.0025", "workload.lengths.max_total_tokens=512",
+        "workload.lengths.max_prompt_tokens=256", "workload.arrival.rate_per_s=4",
+        "cluster.preemption=recompute"),
     "preemption": ("cluster.replicas=1", "model.profile=../profiles/cpu-tiny-synthetic.yaml",
                    "model.allow_extrapolation=true", "cluster.memory_fraction=0.0025",
                    "workload.lengths.max_total_tokens=512", "workload.lengths.max_prompt_tokens=256",
@@ -47,7 +58,7 @@ def test_virtual_clock_live_makes_the_simulators_decisions(sets):
     def make(i):
         return ScriptedExecutor(0.02, switch_s=0.005)
 
-    sim = simulate(sc, executor_factory=make, record_batches=True, prefix_caching=False)  # live shares no KV
+    sim = simulate(sc, executor_factory=make, record_batches=True)
     live = run(sc, executor_factory=make, clock=VirtualClock(), record_batches=True)
     assert sim.batch_log and live.batch_log == sim.batch_log
     assert [outcome(r) for r in live.requests] == [outcome(r) for r in sim.requests]
@@ -58,6 +69,10 @@ def test_virtual_clock_live_makes_the_simulators_decisions(sets):
         assert live.live["deferred_migrations"] > 0  # ... of requests in a step in flight
     if "cluster.preemption=recompute" in sets:
         assert sum(r.num_preemptions for r in sim.requests) > 0
+    hits = [sum(rep.stats.prefix_hit_tokens for rep in x.cluster.replicas) for x in (sim, live)]
+    assert hits[0] == hits[1]
+    if "workload.prefix" in sets[0] or "cluster.preemption=recompute" in sets:
+        assert hits[0] > 0  # shared system prompts, or a recomputed prompt found again
 
 
 def bursts(starts=(0.05, 0.45, 0.85), per_burst=6) -> list[Request]:
@@ -72,7 +87,7 @@ def bursts(starts=(0.05, 0.45, 0.85), per_burst=6) -> list[Request]:
 @pytest.mark.parametrize("policy", ["credit", "unmerged_only"])
 def test_wall_clock_live_makes_the_simulators_decisions_per_replica(policy):
     sc = scenario("cluster.replicas=2", "adapters.count=4", f"policies.batching={policy}")
-    sim = simulate(sc, bursts(), prefix_caching=False, executor_factory=lambda i: ScriptedExecutor(0.004, 0.002),
+    sim = simulate(sc, bursts(), executor_factory=lambda i: ScriptedExecutor(0.004, 0.002),
                    record_batches=True)
     live = run(sc, bursts(), executor_factory=lambda i: SleepingExecutor(0.004, 0.002),
                record_batches=True)

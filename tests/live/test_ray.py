@@ -133,3 +133,17 @@ def test_killed_replica_actor_loses_no_request_and_comes_back(ray_server):
         assert list(pool.map(one, range(4))) == [(12, "length")] * 4
     assert engine.live.cluster.replicas[0].stats.finished > 0
 
+
+
+def test_sampling_fields_and_logprobs_cross_the_actor_boundary(ray_server):
+    """Penalties, logit_bias and n reach the actors' executors in `Request.sampling`, and the
+    log-probabilities come back in `StepResult.logprobs`."""
+    body = {"model": "dlora-demo", "prompt": "The quick brown fox", "max_tokens": 4, "temperature": 0,
+            "ignore_eos": True, "logprobs": 2, "n": 2, "logit_bias": {"77": 100}}
+    r = httpx.post(ray_server.url + "/v1/completions", timeout=120, json=body)
+    assert r.status_code == 200, r.text
+    token = ray_server.engine.codec.decode([77], skip_special_tokens=False)
+    for choice in r.json()["choices"]:
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [token] * 4 and len(lp["token_logprobs"]) == 4
+        assert all(len(top) >= 2 for top in lp["top_logprobs"])

@@ -26,10 +26,14 @@ DEMO = "dlora-demo"
 ADAPTERS = ["alpha-r4", "beta-r8", "gamma-r8", "delta-r16"]
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
 
 @pytest.fixture(scope="module")
 def server():
     engine = ServingEngine(ServeConfig(replicas=2, max_loras=2, max_cpu_loras=8, allow_runtime_lora=True))
+    engine.codec.chat_template = CHAT_TEMPLATE  # the demo model has none
     with BackgroundServer(engine) as srv:
         yield srv
 
@@ -108,7 +112,11 @@ def test_raw_sse_ends_with_done(server):
     ({"model": "no-such-adapter", "prompt": "x"}, 404, "model"),
     ({"model": DEMO, "prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"model": DEMO, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
-    ({"model": DEMO, "prompt": "x", "n": 2}, 400, "n"),
+    ({"model": DEMO, "prompt": "x", "n": 0}, 400, "n"),
+    ({"model": DEMO, "prompt": "x", "no_such_field": 1}, 400, "no_such_field"),
+    ({"model": DEMO, "prompt": "x", "response_format": {"type": "json_object"}}, 400, "response_format"),
+    ({"model": DEMO, "prompt": "x", "logit_bias": {"512": 5}}, 400, "logit_bias"),
+    ({"model": DEMO, "prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
     ({"model": DEMO, "prompt": list(range(3, 1103))}, 400, "max_tokens"),  # longer than the context
     ({"model": DEMO}, 400, "prompt"),  # missing field
 ])

@@ -23,6 +23,9 @@ from dlora.live.server.text import Detokenizer, TextCodec
 
 KEY = "sekrit-key"
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
 
 @pytest.fixture(scope="module")
 def roots(tmp_path_factory):
@@ -36,6 +39,7 @@ def roots(tmp_path_factory):
 def server(roots):
     engine = ServingEngine(ServeConfig(replicas=1, api_key=KEY, allow_runtime_lora=True,
                                        allowed_adapter_roots=(str(roots),)))
+    engine.codec.chat_template = CHAT_TEMPLATE  # the demo model has none
     with BackgroundServer(engine) as srv:
         yield srv
 

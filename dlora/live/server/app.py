@@ -9,25 +9,32 @@ its `parent`), POST /v1/load_lora_adapter {lora_name, lora_path}, POST
 With an API key every /v1 route needs it (auth.py). A request that fails alone (a fault of the
 request found in its step, e.g. non-finite logits) is a 500 with the reason, or, streamed, a
 `data: {"error": ...}` event before `data: [DONE]` (as vLLM streams errors).
+
+A request: its fields checked (protocol.py: a 400 naming the first one the server cannot
+honour), the prompt rendered (chat: the chat template, text.py) and tokenized, `n` requests
+submitted with the sampling parameters (exec/sampling.py applies them), the answer built from
+their token streams (streams.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from .auth import ApiKeyMiddleware
+from .chat_template import ChatTemplateError
 from .engine import Generation, GenerationParams, ServeError, ServingEngine
+from .logprobs import LogprobsFormat
 from .metrics import CONTENT_TYPE
 from .protocol import (
     ChatCompletionRequest,
@@ -40,12 +47,11 @@ from .protocol import (
     error_body,
     new_id,
 )
+from .streams import collect_all, finish_reason, logprobs_of, sse, usage
 from .text import Detokenizer
 
 log = logging.getLogger(__name__)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
-DISCONNECT_POLL_S = 0.25
-Chunk = Callable[[str, str | None], dict[str, Any]]
 
 
 def _error(exc: ServeError) -> JSONResponse:
@@ -110,49 +116,71 @@ def create_app(engine: ServingEngine) -> FastAPI:
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, raw: HttpRequest) -> Response:
-        ids = _prompt_ids(engine, body.prompt)
-        max_tokens = body.max_tokens or DEFAULT_COMPLETION_TOKENS
-        gen = engine.submit(body.model, ids, _params(body, max_tokens))
+        _check(body)
+        ids = _prompt_ids(engine, body.prompt, body.add_special_tokens)
+        ids = _truncate(ids, body.truncate_prompt_tokens, engine)
+        echo = _echo_text(engine, body, ids) if body.echo else ""
+        gens = _submit(engine, body, ids, body.max_tokens or DEFAULT_COMPLETION_TOKENS)
         rid, created = new_id("cmpl"), int(time.time())
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        def chunk(index: int, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
             return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
 
-        detok = Detokenizer(engine.codec, body.stop_strings())
+        detoks = [_detokenizer(engine, body) for _ in gens]
+        formats = [_logprobs_format(engine, body, chat=False, text_offset=len(echo)) for _ in gens]
         if body.stream:
-            return _sse(gen, detok, chunk, body, None, raw)
-        text = await _collect(gen, detok, raw)
-        out = chunk(text, _finish_reason(gen, detok, stream=False))
-        out["usage"] = _usage(gen)
-        return JSONResponse(out)
+            return sse(gens, detoks, formats, chunk, body,
+                        lambda i: [chunk(i, echo, None)] if echo else [], raw)
+        texts = await collect_all(gens, detoks, raw)
+        return JSONResponse({
+            "id": rid, "object": "text_completion", "created": created, "model": body.model,
+            "choices": [{"index": i, "text": echo + text, "logprobs": logprobs_of(g, f, count),
+                         "finish_reason": finish_reason(g, d, stream=False)}
+                        for i, (g, d, f, (text, count)) in enumerate(zip(gens, detoks, formats, texts, strict=True))],
+            "usage": usage(gens)})
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, raw: HttpRequest) -> Response:
         _check(body)
-        prompt = engine.codec.render_chat([{"role": m.role, "content": m.text()} for m in body.messages])
-        ids = _encode(engine, prompt, "messages")
+        try:
+            prompt = engine.codec.render_chat(
+                [m.template_dict() for m in body.messages],
+                add_generation_prompt=body.add_generation_prompt,
+                continue_final_message=body.continue_final_message,
+                variables=body.chat_template_kwargs, documents=body.documents)
+        except ChatTemplateError as exc:
+            raise ServeError(400, str(exc), "BadRequestError", "messages") from None
+        ids = _encode(engine, prompt, "messages", body.add_special_tokens)
+        ids = _truncate(ids, body.truncate_prompt_tokens, engine)
         max_tokens = next((v for v in (body.max_completion_tokens, body.max_tokens) if v is not None),
                           max(1, engine.max_context_tokens - len(ids)))
-        gen = engine.submit(body.model, ids, _params(body, max_tokens))
+        last = body.messages[-1]
+        echo = last.template_dict().get("content") or "" if body.echo and last.role == "assistant" else ""
+        gens = _submit(engine, body, ids, max_tokens)
         rid, created = new_id("chatcmpl"), int(time.time())
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        def chunk(index: int, text: str, finish: str | None, logprobs: Any = None) -> dict[str, Any]:
             delta = {"content": text} if text or finish is None else {}
             return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+                    "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
 
-        detok = Detokenizer(engine.codec, body.stop_strings())
-        if body.stream:
-            first = chunk("", None)
+        def firsts(index: int) -> list[dict[str, Any]]:
+            first = chunk(index, "", None)
             first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-            return _sse(gen, detok, chunk, body, first, raw)
-        text = await _collect(gen, detok, raw)
+            return [first, chunk(index, echo, None)] if echo else [first]
+
+        detoks = [_detokenizer(engine, body) for _ in gens]
+        formats = [_logprobs_format(engine, body, chat=True) for _ in gens]
+        if body.stream:
+            return sse(gens, detoks, formats, chunk, body, firsts, raw)
+        texts = await collect_all(gens, detoks, raw)
         return JSONResponse({
             "id": rid, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": _finish_reason(gen, detok, stream=False)}],
-            "usage": _usage(gen)})
+            "choices": [{"index": i, "message": {"role": "assistant", "content": echo + text},
+                         "logprobs": logprobs_of(g, f, count), "finish_reason": finish_reason(g, d, stream=False)}
+                        for i, (g, d, f, (text, count)) in enumerate(zip(gens, detoks, formats, texts, strict=True))],
+            "usage": usage(gens)})
 
     return app
 
@@ -163,16 +191,52 @@ def _check(body: _Sampling) -> None:
         raise ServeError(400, bad[1], "BadRequestError", bad[0])
 
 
-def _params(body: _Sampling, max_tokens: int) -> GenerationParams:
-    _check(body)
+def _params(engine: ServingEngine, body: _Sampling, max_tokens: int) -> GenerationParams:
     if max_tokens < 1:
         name = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) is not None else "max_tokens"
         raise ServeError(400, f"{name} must be at least 1, got {max_tokens}", "BadRequestError", name)
-    return GenerationParams(max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
-                            tuple(body.stop_token_ids or ()))
+    bias = body.clamped_logit_bias()
+    vocab = engine.model_config.vocab_size
+    outside = sorted({t for t, _ in bias if not 0 <= t < vocab})
+    if outside:
+        raise ServeError(400, f"token id(s) {outside} in logit_bias are outside the model's "
+                              f"vocabulary [0, {vocab})", "BadRequestError", "logit_bias")
+    return GenerationParams(
+        max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
+        tuple(body.stop_token_ids or ()), top_k=max(0, body.top_k or 0), min_p=body.min_p or 0.0,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
+        logit_bias=bias, logprobs=body.num_logprobs())
 
 
-def _encode(engine: ServingEngine, text: str, param: str) -> list[int]:
+def _submit(engine: ServingEngine, body: _Sampling, ids: list[int], max_tokens: int) -> list[Generation]:
+    """`n` requests of the same prompt (vLLM's parallel sampling: with a seed, choice i draws
+    with seed + i); all of them are closed if one cannot be submitted."""
+    params = _params(engine, body, max_tokens)
+    gens: list[Generation] = []
+    try:
+        for i in range(body.n):
+            seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + i)
+            gens.append(engine.submit(body.model, ids, seeded))
+    except BaseException:
+        for g in gens:
+            g.close()
+        raise
+    return gens
+
+
+def _logprobs_format(engine: ServingEngine, body: _Sampling, *, chat: bool,
+                     text_offset: int = 0) -> LogprobsFormat | None:
+    n = body.num_logprobs()
+    return None if n is None else LogprobsFormat(engine.codec, chat=chat, num_top=n, text_offset=text_offset)
+
+
+def _detokenizer(engine: ServingEngine, body: _Sampling) -> Detokenizer:
+    return Detokenizer(engine.codec, body.stop_strings(), include_stop=body.include_stop_str_in_output,
+                       skip_special_tokens=body.skip_special_tokens)
+
+
+def _encode(engine: ServingEngine, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
     """Token ids of `text`; 400 if it is not valid Unicode (a lone UTF-16 surrogate, which
     JSON's \\ud800 escapes allow, has no UTF-8 form)."""
     try:
@@ -181,119 +245,31 @@ def _encode(engine: ServingEngine, text: str, param: str) -> list[int]:
         raise ServeError(400, f"{param}: the text holds a lone surrogate ({text[exc.start]!r} at "
                               f"character {exc.start}), which is not valid Unicode; send UTF-8 text",
                          "BadRequestError", param) from None
-    return engine.codec.encode(text)
+    return engine.codec.encode(text, add_special_tokens)
 
 
-def _prompt_ids(engine: ServingEngine, prompt: Any) -> list[int]:
+def _prompt_ids(engine: ServingEngine, prompt: Any, add_special_tokens: bool = True) -> list[int]:
     if isinstance(prompt, str):
-        return _encode(engine, prompt, "prompt")
+        return _encode(engine, prompt, "prompt", add_special_tokens)
     if prompt and all(isinstance(t, int) for t in prompt):
         return list(prompt)
     if isinstance(prompt, list) and len(prompt) == 1:
-        return _prompt_ids(engine, prompt[0])
+        return _prompt_ids(engine, prompt[0], add_special_tokens)
     raise ServeError(400, "give one prompt (a string or a list of token ids); batched prompts are "
                           "not supported, send one request each", "BadRequestError", "prompt")
 
 
-def _usage(gen: Generation) -> dict[str, int]:
-    r = gen.request
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.generated_tokens,
-            "total_tokens": r.prompt_tokens + r.generated_tokens}
+def _truncate(ids: list[int], keep: int | None, engine: ServingEngine) -> list[int]:
+    """vLLM's truncate_prompt_tokens: the last `keep` prompt tokens (-1: the context length)."""
+    if keep is None:
+        return ids
+    keep = engine.max_context_tokens if keep == -1 else keep
+    return ids[-keep:] if keep < len(ids) else ids
 
 
-def _finish_reason(gen: Generation, detok: Detokenizer, stream: bool) -> str:
-    if detok.stopped:
-        return "stop"
-    r = gen.request
-    reason = r.finish_reason or "abort"
-    if reason == "stop" and r.generated_tokens >= r.output_tokens and r.output_token_ids:
-        # the executor flags the last allowed token as an end; say "length" unless it is an EOS
-        stops = set(r.sampling.stop_token_ids) if r.sampling else set()
-        if r.sampling is not None and not r.sampling.ignore_eos:
-            stops |= set(gen.engine.model_config.eos_token_ids)
-        if r.output_token_ids[-1] not in stops:
-            reason = "length"
-    if reason == "error" and not stream:
-        raise ServeError(500, gen.engine.failure(r), "InternalServerError")
-    if reason.startswith("rejected"):
-        if not stream:
-            raise ServeError(503, f"the request could not complete: {reason}", "ServiceUnavailableError")
-        return "abort"
-    return reason
-
-
-class ClientGone(Exception):
-    pass
-
-
-async def _tokens(gen: Generation, raw: HttpRequest) -> AsyncIterator[int]:
-    """The request's token ids; checks for a vanished client while waiting (a stream only
-    notices one when it writes, and a queued request writes nothing)."""
-    while True:
-        try:
-            token = await gen.next(DISCONNECT_POLL_S)
-        except TimeoutError:
-            if await raw.is_disconnected():
-                log.info("client gone: aborting request %d", gen.request.id)
-                gen.close()
-                raise ClientGone from None
-            continue
-        if token is None:
-            return
-        yield token
-
-
-async def _collect(gen: Generation, detok: Detokenizer, raw: HttpRequest) -> str:
-    """All the text of a non-streamed request; aborts it if the client disconnects."""
-    parts: list[str] = []
-    try:
-        async for token in _tokens(gen, raw):
-            parts.append(detok.add(token))
-            if detok.stopped:
-                return "".join(parts)
-        parts.append(detok.flush())
-        return "".join(parts)
-    except ClientGone:
-        raise ServeError(499, "client disconnected") from None
-    finally:
-        gen.close()
-
-
-def _sse(gen: Generation, detok: Detokenizer, chunk: Chunk, body: _Sampling,
-         first: dict[str, Any] | None, raw: HttpRequest) -> StreamingResponse:
-    include_usage = body.stream_options is not None and body.stream_options.include_usage
-
-    def data(obj: dict[str, Any]) -> str:
-        return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-    async def events() -> AsyncIterator[str]:
-        try:
-            if first is not None:
-                yield data(first)
-            async for token in _tokens(gen, raw):
-                text = detok.add(token)
-                if text:
-                    yield data(chunk(text, None))
-                if detok.stopped:
-                    gen.close()
-                    break
-            if gen.request.finish_reason == "error" and not detok.stopped:
-                yield data(error_body(gen.engine.failure(gen.request), "InternalServerError", 500))
-                yield "data: [DONE]\n\n"
-                return
-            rest = detok.flush()
-            if rest:
-                yield data(chunk(rest, None))
-            yield data(chunk("", _finish_reason(gen, detok, stream=True)))
-            if include_usage:
-                last = chunk("", None)
-                last["choices"], last["usage"] = [], _usage(gen)
-                yield data(last)
-            yield "data: [DONE]\n\n"
-        except ClientGone:
-            return
-        finally:
-            gen.close()  # the client went away mid-stream: abort (frees KV blocks and slots)
-
-    return StreamingResponse(events(), media_type="text/event-stream")
-
+def _echo_text(engine: ServingEngine, body: CompletionRequest, ids: list[int]) -> str:
+    """The prompt as echoed: its text as sent, or its token ids decoded."""
+    prompt = body.prompt[0] if isinstance(body.prompt, list) and len(body.prompt) == 1 else body.prompt
+    if isinstance(prompt, str) and body.truncate_prompt_tokens is None:
+        return prompt
+    return engine.codec.decode(ids, body.skip_special_tokens)

@@ -25,9 +25,9 @@ class ServeConfig:
     model: str | None = None  # Hugging Face Llama folder; None: the embedded demo
     served_model_name: str | None = None  # the base model's name in the API (default: folder name)
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, PEFT folder); demo adapters if unset
-    max_loras: int | None = 4  # adapter slots on the device, per replica
-    max_lora_rank: int = 64  # a larger adapter is refused at load
-    max_cpu_loras: int | None = None  # adapters registered (host memory); None: no bound
+    max_loras: int | None = 4  # adapter slots on the device, per replica (vLLM's default: 1)
+    max_lora_rank: int = 64  # a larger adapter is refused at load (vLLM's default: 16)
+    max_cpu_loras: int | None = None  # host copies per replica, an LRU cache (vLLM: = max_loras); None: all
     replicas: int = 1
     policy: str = "credit"  # batching policy (registry name)
     dispatch: str = "least_loaded"
@@ -52,6 +52,12 @@ class ServeConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: must be at least 1")
         if self.max_loras is not None and self.max_loras < 1:
             raise ConfigError("--max-loras: must be at least 1")
+        if self.max_cpu_loras is not None:
+            if self.max_cpu_loras < 1:
+                raise ConfigError("--max-cpu-loras: must be at least 1")
+            if self.max_loras is not None and self.max_cpu_loras < self.max_loras:
+                raise ConfigError(f"--max-cpu-loras ({self.max_cpu_loras}) must be at least "
+                                  f"--max-loras ({self.max_loras}), as in vLLM")
         names = [n for n, _ in self.lora_modules]
         if len(set(names)) != len(names):
             raise ConfigError("--lora-modules: adapter names must be unique")

@@ -78,6 +78,13 @@ class GenerationParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None
 
 
 class Generation:
@@ -120,7 +127,9 @@ class Generation:
 
 
 class ServingEngine:
-    def __init__(self, cfg: ServeConfig) -> None:
+    def __init__(self, cfg: ServeConfig, *, enable_prefix_caching: bool = True) -> None:
+        """`enable_prefix_caching`: vLLM's automatic prefix caching (on by default, as in vLLM
+        v1): prompt KV blocks are shared between requests of the same adapter and kept for reuse."""
         from ...exec.adapters import load_adapter
         from ...exec.demo import demo_adapter_paths, ensure_demo
         from ...exec.loader import parse_config
@@ -146,7 +155,8 @@ class ServingEngine:
             table[entry.id] = adapter
         scenario = serve_scenario(cfg)
         latency = load_latency(scenario)
-        cluster, migrator = make_cluster(scenario, latency, table)
+        self.prefix_caching = enable_prefix_caching
+        cluster, migrator = make_cluster(scenario, latency, table, prefix_caching=enable_prefix_caching)
         sources = {e.id: e.path for e in self.adapters.values()}
         if cfg.ray_address is not None:
             from .ray_backend import ray_serving_executors
@@ -158,7 +168,7 @@ class ServingEngine:
             device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
             self.executors = torch_serving_executors(
                 self.folder, sources, cluster, device=device, block_size=cfg.block_size,
-                max_loras=cfg.max_loras, seed=cfg.seed)
+                max_loras=cfg.max_loras, seed=cfg.seed, max_cpu_loras=cfg.max_cpu_loras)
         self.live = LiveCluster(
             cluster, migrator, self.executors, on_token=self._on_token, on_finish=self._on_finish,
             max_step_failures=1 if cfg.ray_address is not None else cfg.max_step_failures,
@@ -242,10 +252,6 @@ class ServingEngine:
         with self._lock:
             if name in self.adapters:
                 raise ServeError(400, f"the adapter {name!r} is already loaded; unload it first")
-            limit = self.cfg.max_cpu_loras
-            if limit is not None and len(self.adapters) >= limit:
-                raise ServeError(400, f"{len(self.adapters)} adapters are loaded, the bound "
-                                      f"(--max-cpu-loras) is {limit}; unload one first")
             try:
                 entry, adapter = self._validate(name, path)
             except AdapterError as exc:
@@ -322,7 +328,9 @@ class ServingEngine:
                                   f"(--max-queue {self.max_queue}); retry later",
                              "RateLimitError", retry_after_s=1)
         sp = SamplingParams(params.temperature, params.top_p, params.seed, params.ignore_eos,
-                            params.stop_token_ids)
+                            params.stop_token_ids, params.top_k, params.min_p,
+                            params.presence_penalty, params.frequency_penalty,
+                            params.repetition_penalty, params.logit_bias, params.logprobs)
         request = Request(self.live.next_request_id(), adapter_id, 0.0, n, params.max_tokens,
                           prompt_token_ids=tuple(int(t) for t in prompt_ids), sampling=sp)
         gen = Generation(self, request)

@@ -1,11 +1,20 @@
 """`/metrics` in the Prometheus text format.
 
 vLLM's names where the concept is the same (so dashboards and Kubernetes inference gateways
-that read `vllm:lora_requests_info` work unchanged): vllm:num_requests_running / _waiting /
-_swapped, vllm:gpu_cache_usage_perc (a fraction, as in vLLM), vllm:time_to_first_token_seconds,
-vllm:time_per_output_token_seconds, vllm:e2e_request_latency_seconds,
-vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total and
-vllm:lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}. dlora's own:
+work unchanged). Current vLLM (v1) names, labelled `model_name` and `engine` (one engine per
+replica: `engine="0"` is replica 0, as vLLM labels the engines of a data-parallel server):
+vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc (a fraction),
+vllm:prefix_cache_queries_total / vllm:prefix_cache_hits_total (prompt tokens looked up in and
+found in the prefix cache; 0 while the replica's executor shares no KV blocks),
+vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds,
+vllm:request_time_per_output_token_seconds, vllm:e2e_request_latency_seconds,
+vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total, and
+vllm:lora_requests_info{running_lora_adapters, waiting_lora_adapters, max_lora}. Inter-token
+latency is recorded when a request ends: its decode time split evenly over its token gaps (the
+sum and count are exact; each gap is its request's mean). Older names kept as aliases for the
+routers and dashboards that still read them, labelled `model_name` only and summed over the
+replicas: vllm:gpu_cache_usage_perc, vllm:num_requests_swapped and
+vllm:time_per_output_token_seconds (the same observations as inter_token_latency). dlora's own:
 dlora_adapter_residency{adapter, replica, state=host|device|merged}, dlora_mode_switches_total,
 dlora_credit_forced_batches_total, dlora_migrations_total, dlora_queue_length{replica},
 dlora_kv_usage{replica}, dlora_replica_alive{replica}, dlora_requests_aborted_total,
@@ -46,18 +55,25 @@ class ServerMetrics:
         self.engine = engine
         self.registry = CollectorRegistry()
         labels = ["model_name"]
+        per_engine = ["model_name", "engine"]
         r = self.registry
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token in seconds.",
-                              labels, buckets=TTFT_BUCKETS, registry=r)
-        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token in seconds.",
+                              per_engine, buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Inter-token latency in seconds.",
+                             per_engine, buckets=TPOT_BUCKETS, registry=r)
+        self.request_tpot = Histogram("vllm:request_time_per_output_token_seconds",
+                                      "Mean time per output token of each request in seconds.",
+                                      per_engine, buckets=TPOT_BUCKETS, registry=r)
+        self.tpot = Histogram("vllm:time_per_output_token_seconds", "Time per output token in seconds "
+                              "(older name of vllm:inter_token_latency_seconds).",
                               labels, buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds.",
-                             labels, buckets=E2E_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels, registry=r)
+                             per_engine, buckets=E2E_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", per_engine, registry=r)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.",
-                                         labels, registry=r)
+                                         per_engine, registry=r)
         self.success = Counter("vllm:request_success", "Requests that finished.",
-                               [*labels, "finished_reason"], registry=r)
+                               [*per_engine, "finished_reason"], registry=r)
         self.aborted = Counter("dlora_requests_aborted", "Requests aborted (client gone) or rejected.",
                                labels, registry=r)
         self.failed = Counter("dlora_requests_failed", "Requests that failed alone (a fault of the "
@@ -66,15 +82,23 @@ class ServerMetrics:
 
     def observe_finished(self, request: Request) -> None:
         name = self.engine.model_name
-        self.prompt_tokens.labels(name).inc(request.prompt_tokens)
-        self.generation_tokens.labels(name).inc(request.generated_tokens)
+        eng = str(request.replica or 0)
+        self.prompt_tokens.labels(name, eng).inc(request.prompt_tokens)
+        self.generation_tokens.labels(name, eng).inc(request.generated_tokens)
         if request.status != RequestStatus.FINISHED:
             (self.failed if request.finish_reason == "error" else self.aborted).labels(name).inc()
             return
-        self.success.labels(name, request.finish_reason or "length").inc()
-        for hist, value in ((self.ttft, request.ttft_s), (self.tpot, request.tpot_s), (self.e2e, request.latency_s)):
+        self.success.labels(name, eng, request.finish_reason or "length").inc()
+        for hist, value in ((self.ttft, request.ttft_s), (self.e2e, request.latency_s),
+                            (self.request_tpot, request.tpot_s)):
             if value is not None:
-                hist.labels(name).observe(value)
+                hist.labels(name, eng).observe(value)
+        gap = request.tpot_s
+        if gap is not None:
+            itl, old = self.itl.labels(name, eng), self.tpot.labels(name)
+            for _ in range(max(0, request.generated_tokens - 1)):  # one per token gap
+                itl.observe(gap)
+                old.observe(gap)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -94,10 +118,13 @@ class _SchedulerCollector(Collector):
             registered = {a.id: a.name for a in e.adapters.values()}
         model = e.model_name
         g = {k: GaugeMetricFamily(k, doc, labels=labels) for k, doc, labels in (
-            ("vllm:num_requests_running", "Requests on the device.", ["model_name"]),
-            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", ["model_name"]),
-            ("vllm:num_requests_swapped", "Requests swapped to host memory.", ["model_name"]),
-            ("vllm:gpu_cache_usage_perc", "KV-cache usage (1 means 100 percent).", ["model_name"]),
+            ("vllm:num_requests_running", "Requests on the device.", ["model_name", "engine"]),
+            ("vllm:num_requests_waiting", "Requests waiting to be scheduled.", ["model_name", "engine"]),
+            ("vllm:kv_cache_usage_perc", "KV-cache usage (1 means 100 percent).", ["model_name", "engine"]),
+            ("vllm:num_requests_swapped", "Requests swapped to host memory (older vLLM name).",
+             ["model_name"]),
+            ("vllm:gpu_cache_usage_perc", "KV-cache usage, all replicas (older name of "
+             "vllm:kv_cache_usage_perc).", ["model_name"]),
             ("vllm:lora_requests_info", "Running stats on LoRA requests.",
              ["running_lora_adapters", "waiting_lora_adapters", "max_lora"]),
             ("dlora_adapter_residency", "1 where an adapter is held: host (registered), device "
@@ -110,6 +137,10 @@ class _SchedulerCollector(Collector):
             ("dlora_mode_switches", "Merged/unmerged switches.", ["replica"]),
             ("dlora_credit_forced_batches", "Batches forced by dLoRA's credits.", ["replica"]),
             ("dlora_migrations", "Requests migrated between replicas.", []),
+            ("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             ["model_name", "engine"]),
+            ("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+             ["model_name", "engine"]),
         )}
         running = waiting = swapped = used = total = 0
         run_adapters: set[str] = set()
@@ -120,6 +151,14 @@ class _SchedulerCollector(Collector):
                 v = rep.view(live.now())
                 running, waiting, swapped = running + v.num_running, waiting + v.num_waiting, swapped + v.num_swapped
                 used, total = used + v.kv_blocks_used, total + v.kv_blocks_total
+                g["vllm:num_requests_running"].add_metric([model, rid], float(v.num_running))
+                g["vllm:num_requests_waiting"].add_metric([model, rid], float(v.num_waiting))
+                g["vllm:kv_cache_usage_perc"].add_metric(
+                    [model, rid], v.kv_blocks_used / v.kv_blocks_total if v.kv_blocks_total else 0.0)
+                c["vllm:prefix_cache_queries"].add_metric(
+                    [model, rid], float(getattr(rep.stats, "prefix_query_tokens", 0)))
+                c["vllm:prefix_cache_hits"].add_metric(
+                    [model, rid], float(getattr(rep.stats, "prefix_hit_tokens", 0)))
                 for r in rep.unfinished:
                     if r.adapter_id is not None:
                         target = run_adapters if r.status == RequestStatus.RUNNING else wait_adapters
@@ -136,8 +175,6 @@ class _SchedulerCollector(Collector):
                 c["dlora_mode_switches"].add_metric([rid], float(rep.stats.switches))
                 c["dlora_credit_forced_batches"].add_metric([rid], float(rep.stats.credit_forced_batches))
             c["dlora_migrations"].add_metric([], float(live.cluster.num_migrations))
-        g["vllm:num_requests_running"].add_metric([model], float(running))
-        g["vllm:num_requests_waiting"].add_metric([model], float(waiting))
         g["vllm:num_requests_swapped"].add_metric([model], float(swapped))
         g["vllm:gpu_cache_usage_perc"].add_metric([model], used / total if total else 0.0)
         g["vllm:lora_requests_info"].add_metric(

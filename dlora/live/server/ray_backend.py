@@ -62,7 +62,8 @@ class _ReplicaActor:
     """Body of the Ray actor: one TorchExecutor."""
 
     def __init__(self, folder: str, sources: dict[int, str], device: str, block_size: int,
-                 num_kv_blocks: int, max_loras: int | None, seed: int, threads: int) -> None:
+                 num_kv_blocks: int, max_loras: int | None, seed: int, threads: int,
+                 max_cpu_loras: int | None = None) -> None:
         import torch
 
         from ...exec import TorchExecutor
@@ -70,7 +71,8 @@ class _ReplicaActor:
         if device == "cpu":
             torch.set_num_threads(threads)
         self.ex = TorchExecutor(folder, sources, device=device, block_size=block_size,
-                                num_kv_blocks=num_kv_blocks, max_device_adapters=max_loras, seed=seed)
+                                num_kv_blocks=num_kv_blocks, max_device_adapters=max_loras, seed=seed,
+                                max_host_adapters=max_cpu_loras)
 
     def ready(self) -> int:
         return os.getpid()
@@ -186,7 +188,8 @@ def ray_serving_executors(cfg: ServeConfig, folder: Path, sources: dict[int, str
     for rep in cluster.replicas:
         def spawn(srcs: dict[int, str], blocks: int = rep.memory.total_blocks) -> Any:
             return remote.options(max_restarts=0).remote(
-                str(folder), srcs, device, cfg.block_size, blocks, cfg.max_loras, cfg.seed, threads)
+                str(folder), srcs, device, cfg.block_size, blocks, cfg.max_loras, cfg.seed, threads,
+                cfg.max_cpu_loras)
         proxy = RayReplica(rep.id, spawn, sources)
         proxy.auto_restart = False  # the live cluster's restart hook restarts it (engine.py)
         out.append(ServingExecutor(proxy, sources))

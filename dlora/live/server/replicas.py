@@ -125,8 +125,9 @@ def drop_from_devices(cluster: Cluster, adapter_id: int) -> None:
 
 def torch_serving_executors(folder: Path, sources: dict[int, Any], cluster: Cluster, *,
                             device: str, block_size: int, max_loras: int | None,
-                            seed: int) -> list[ServingExecutor]:
-    """One in-process TorchExecutor per replica, KV pools sized as the schedulers count."""
+                            seed: int, max_cpu_loras: int | None = None) -> list[ServingExecutor]:
+    """One in-process TorchExecutor per replica, KV pools sized as the schedulers count;
+    `max_cpu_loras` bounds each one's host adapter cache (LRU, as vLLM's --max-cpu-loras)."""
     import os
 
     import torch
@@ -140,6 +141,7 @@ def torch_serving_executors(folder: Path, sources: dict[int, Any], cluster: Clus
     for rep in cluster.replicas:
         def build(srcs: dict[int, Any], blocks: int = rep.memory.total_blocks) -> Any:
             return TorchExecutor(folder, srcs, device=device, block_size=block_size,
-                                 num_kv_blocks=blocks, max_device_adapters=max_loras, seed=seed)
+                                 num_kv_blocks=blocks, max_device_adapters=max_loras, seed=seed,
+                                 max_host_adapters=max_cpu_loras)
         out.append(ServingExecutor(build(sources), sources, build))
     return out
