@@ -29,14 +29,15 @@ from dlora.sim.report import build_report
 ROOT = Path(__file__).resolve().parents[1]
 RATE_PER_REPLICA = 56 / 32
 
-COMPONENTS = {  # label -> function names whose cumulative time makes it up (first match wins)
-    "MILP solve (HiGHS)": ("milp",),
-    "migration plan (rest)": ("plan",),
-    "replica.schedule": ("schedule",),
-    "batching policy plan": ("_decide",),
-    "replica.complete": ("complete",),
-    "fast path": ("_jump",),
-    "arrivals + dispatch": ("arrivals",),
+COMPONENTS = {  # label -> (file suffix, function) whose cumulative time makes it up
+    "MILP solve (HiGHS)": ("_milp.py", "milp"),
+    "co-migration check and plan": ("migration_dlora.py", "plan"),
+    "replica.schedule (plan + admission)": ("replica.py", "schedule"),
+    "batching policy decisions": ("credit.py", "_decide"),
+    "replica.complete": ("replica.py", "complete"),
+    "fast path (plan + jumps)": ("driver.py", "_jump"),
+    "arrivals + dispatch": ("driver.py", "arrivals"),
+    "placement re-planning": ("driver.py", "placement"),
 }
 
 
@@ -83,10 +84,10 @@ def components(replicas: int, duration_s: float, policy: str, migration: bool) -
     stats = pstats.Stats(prof)
     total = max(v[3] for v in stats.stats.values())  # type: ignore[attr-defined]
     out = []
-    for label, names in COMPONENTS.items():
+    for label, (suffix, name) in COMPONENTS.items():
         best = 0.0
-        for (_, _, fn), v in stats.stats.items():  # type: ignore[attr-defined]
-            if fn in names:
+        for (path, _, fn), v in stats.stats.items():  # type: ignore[attr-defined]
+            if fn == name and path.endswith(suffix):
                 best = max(best, v[3])
         out.append((label, best / total))
     return out
