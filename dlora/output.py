@@ -58,20 +58,43 @@ def summary_table(report: Report) -> Table:
     return t
 
 
+REPLICA_ROWS = (  # (report key, label, as percent)
+    ("completed", "requests completed", False), ("utilisation", "busy (% of run)", True),
+    ("queueing_share", "queueing (% of latency)", True), ("iterations", "iterations", False),
+    ("merged_iterations", "merged iterations", False), ("unmerged_iterations", "unmerged iterations", False),
+    ("switches", "merge switches", False), ("credit_forced_batches", "credit-forced batches", False),
+    ("adapter_loads", "adapter loads", False), ("recomputes", "preempted: recompute", False),
+    ("swaps", "preempted: swap", False), ("prefix_hit_tokens", "prefix-cache hit tokens", False),
+    ("migrated_in", "migrated in", False), ("migrated_out", "migrated out", False),
+)
+TRANSPOSE_MAX = 6  # replicas shown one column each; more: min / mean / max over replicas
+
+
 def replica_table(report: Report) -> Table:
+    """Per-replica decisions as rows of metrics, fitting 80 columns: one column per replica
+    up to TRANSPOSE_MAX replicas, else the spread (min, mean, max and which replica has the
+    max); the full table is in report.json."""
+    rows = report.replicas
     t = Table(title="per replica", header_style="bold")
-    cols = {"replica": "rep", "completed": "done", "utilisation": "util", "queueing_share": "queue",
-            "iterations": "iters", "merged_iterations": "merged", "unmerged_iterations": "unmerged",
-            "switches": "switch", "credit_forced_batches": "credit", "adapter_loads": "loads",
-            "recomputes": "recomp", "swaps": "swaps", "migrated_in": "mig in"}
-    for label in cols.values():
-        t.add_column(label, justify="right")
-    for row in report.replicas:
-        cells = []
-        for c in cols:
-            v = row.get(c, 0)
-            cells.append(f"{v * 100:.1f}%" if c in ("utilisation", "queueing_share") else str(v))
-        t.add_row(*cells)
+    t.add_column("metric")
+
+    def cell(v: Any, pct: bool) -> str:
+        return f"{v * 100:.1f}%" if pct else (f"{v:,.0f}" if isinstance(v, float) else f"{v:,}")
+
+    if len(rows) <= TRANSPOSE_MAX:
+        for row in rows:
+            t.add_column(f"r{row.get('replica', '?')}", justify="right")
+        for key, label, pct in REPLICA_ROWS:
+            t.add_row(label, *[cell(row.get(key, 0), pct) for row in rows])
+        return t
+    for name in ("min", "mean", "max", "max at"):
+        t.add_column(name, justify="right")
+    for key, label, pct in REPLICA_ROWS:
+        values = [row.get(key, 0) for row in rows]
+        top = max(range(len(values)), key=lambda i: values[i])
+        mean = sum(values) / len(values)
+        t.add_row(label, cell(min(values), pct), cell(mean if pct else round(mean), pct),
+                  cell(values[top], pct), f"r{rows[top].get('replica', top)}")
     return t
 
 
