@@ -265,6 +265,9 @@ class ReplicaScheduler(RoomMaker):
                     break
                 if r.id in scheduled or r.is_done or r.replica != self.id:
                     continue
+                waiting = r.status != RequestStatus.RUNNING
+                if waiting and (preempted or waiting_blocked):
+                    continue  # a preempting iteration admits nothing new; FCFS stops at a KV shortage
                 computed = r.computed_tokens
                 hits: tuple[Hashable, ...] = ()
                 idle_hits = 0
@@ -280,7 +283,7 @@ class ReplicaScheduler(RoomMaker):
                 keep_now = keep | ({adapter} if adapter is not None else set())
                 blocks = -(-(computed + new) // block_tokens) - mem.held(r.id) - len(hits)
                 need = (blocks + idle_hits) * block_bytes + adapter_bytes
-                if r.status == RequestStatus.RUNNING:
+                if not waiting:
                     ok = self._evict_until(need, adapter_bytes, keep_now, evicts)
                     if not ok and adapter_bytes:
                         continue  # its adapter was dropped (a failed step) and no slot is free: wait
@@ -295,8 +298,6 @@ class ReplicaScheduler(RoomMaker):
                     if not ok:
                         continue
                 else:
-                    if preempted or waiting_blocked:
-                        continue
                     if reserved is not None and not self._reservation_fits(r, reserved, adapter_bytes):
                         waiting_blocked = True
                         continue
