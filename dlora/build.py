@@ -42,16 +42,16 @@ def make_adapters(scenario: Scenario, latency: LatencyModel) -> dict[int, Adapte
     out = {}
     for i, name in enumerate(names):
         rank = sec.ranks[i % len(sec.ranks)]
-        size = latency.model.adapter_bytes(rank, sec.target_modules) // latency.model.tensor_parallel
+        size = latency.model.adapter_bytes(rank, sec.target_modules)  # whole: memory is per replica
         path = str(resolve(scenario, sec.paths[i])) if sec.paths else None
         out[i] = Adapter(i, name, rank, size, sec.target_modules, path)
     return out
 
 
 def memory_config(scenario: Scenario, latency: LatencyModel, prefix_caching: bool = False) -> MemoryConfig:
-    """The replicas' memory pool. `prefix_caching` is the driver's to turn on: the simulator
-    follows `cluster.prefix_caching`; the live executor does not share KV blocks yet, so live
-    runs keep it off."""
+    """The replicas' memory pool. `prefix_caching` is the driver's to turn on: `simulate` and
+    `run` follow `cluster.prefix_caching`, `serve` its --enable-prefix-caching flag (the live
+    executor shares KV blocks as this pool counts them: `dlora.exec.kv_cache`)."""
     c = scenario.cluster
     tp = latency.model.tensor_parallel
     block_bytes = c.block_size * latency.kv_bytes_per_token

@@ -2,7 +2,8 @@
 
 - `vllm`: vLLM of 2023, no multi-LoRA. Every adapter is its own full model with the adapter
   merged in; at most `max_models` (4 for 7B, 2 for larger models in the paper) full models are
-  resident per GPU and the others are swapped in whole from host memory, least recently used out,
+  resident per replica (a tensor-parallel replica holds each whole model across its GPUs; memory
+  is counted per replica, as in the profile) and the others are swapped in whole from host memory, least recently used out,
   at the profile's host-to-device bandwidth. One model per iteration: the oldest request's model
   and its queued requests. Modelled as merged batches whose "adapter" is a full model: its
   resident size is the model's weight bytes (taken from the KV pool, one copy of which the pool
@@ -40,7 +41,7 @@ from .memory import MemoryConfig
 
 @dataclass(frozen=True, slots=True)
 class VllmParams:
-    max_models: int = spec(4, ge=1, doc="full models resident per GPU (paper: 4 for 7B, 2 larger)")
+    max_models: int = spec(4, ge=1, doc="full models resident per replica (paper: 4 for 7B, 2 for 13B/70B)")
 
 
 @BATCH_POLICIES.register("vllm", VllmParams)
@@ -53,8 +54,9 @@ class Vllm(OldestAdapter):
 
     def __init__(self, params: VllmParams, ctx: PolicyContext) -> None:
         super().__init__(params, ctx)
-        model = ctx.latency.model
-        self.model_bytes = model.weight_bytes // model.tensor_parallel
+        # a profile's memory is per replica (all its tensor-parallel GPUs together), so a
+        # resident model costs its whole weights: a TP-4 replica holds each model across 4 GPUs
+        self.model_bytes = ctx.latency.model.weight_bytes
 
     def memory_config(self, config: MemoryConfig) -> MemoryConfig:
         """Models take the adapters' place: `max_models` slots, no static adapter budget; the

@@ -32,11 +32,37 @@ replica's memory and token caps, `r` goes without running at most
 
     W = ceil((credit_fire - min(credit_floor, credit_release)) / s) + B
 
-consecutive iterations while in `B_fcfs`; with the defaults (fire 128, release 0, floor -256,
-s 1) and `B = 16`, W = 400 iterations (about 7 s of 7B decode on the A800 profile; typically a
-skipped request waits about `credit_fire / s` iterations), where the artifact's scale waited
-for minutes. A smaller `credit_fire` tightens the bound at the price of more switch round trips
-(each about 37 ms on that profile). `starvation_bound()` returns W.
+consecutive iterations while in `B_fcfs`. `starvation_bound()` returns W. By default the
+credit thresholds are dormant (fire 1e9, floor -1e9): the wait trigger below is the guard.
+
+The wait trigger (`max_skip_s`, default 15 s of simulated time) bounds the same wait in
+seconds: a request of `B_fcfs` that the policy's plans leave out keeps a skip clock (started at
+the first plan that skipped it, cleared by any plan that includes it); once it reads
+`max_skip_s`, its adapter is served first, unmerged, for that one iteration (no hysteresis: the
+request runs, its clock restarts). So a request at the head of the queue (in `B_fcfs`) goes
+without being planned for at most
+
+    max_skip_s + one iteration (the one in flight when the clock passes max_skip_s)
+
+seconds, up to the replica's memory and token caps; `starvation_bound_s(iteration_s)` returns
+it (`stats()["max_skip_wait_s"]` is the longest skip seen).
+
+Defaults, chosen by measurement on the Fig. 10 scenario (`dlora simulate`, 400 requests, mean
+latency per token against a fully dormant guard: fire 1e12, floor -1e12, no wait trigger):
+- the old credit defaults (fire 128, floor -256) cost +27% / +26% / +25% at alpha 0 / 1 / 3
+  (forced service every ~9 merged iterations, then as long an unmerged stretch); fire 1024 with
+  floor -256 +9-17% (the floor benches the hot adapter and forces switches). So the credit
+  thresholds are dormant by default (fire 1e9, floor -1e9; set them to use credits).
+- the wait trigger with credit-style hysteresis (served until the credit is paid back) cost
+  +11-16% at 15 s and +1-8% even at 60 s: the long forced stretch is the price.
+- the wait trigger serving one iteration, 15 s: over seeds 0-3, mean +0.8% / +1.2% / +0.4% /
+  +2.9% / +4.0% / +1.1% at alpha 0 / 0.5 / 1 / 1.5 / 2 / 3 (median at alpha 2 +2.2%; seed 0
+  at alpha 2 +12%, the worst of 24 cells, the same under the artifact profile; likely: after the
+  service iteration the replica is unmerged, so the next plan merges the adapter with most
+  requests instead of staying on the one merged before; keeping AIMD out of it changed
+  nothing); 30 s was no cheaper. The fully dormant guard let a head-of-queue request go unplanned for 61 / 105 /
+  113 / 126 / 138 / 145 s at those skews (seed 0): the default caps it at 15 s.
+The artifact's scale (start 1e4 (N-1), fire 1e4 N) waited for minutes.
 
 Adaptive thresholds (AIMD): at every episode boundary (a change of mode or merged adapter) the
 ended episode is judged by counterfactual throughput: each iteration counts the batch a merged
@@ -53,6 +79,7 @@ credits and counters), so calling it twice for the same queue changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -71,10 +98,14 @@ TRAJECTORY_LIMIT = 256
 @dataclass(frozen=True, slots=True)
 class CreditParams:
     credit_start: float = spec(0.0, doc="every adapter's credit at start (credits are zero-sum)")
-    credit_fire: float = spec(128.0, doc="credit at which an adapter is served first")
+    credit_fire: float = spec(1e9, doc="credit at which an adapter is served first (dormant by "
+                              "default: fire 128 cost 25-27% latency on Fig. 10; module docstring)")
     credit_release: float = spec(0.0, doc="served adapters stay served down to this credit")
-    credit_floor: float = spec(-256.0, doc="adapters below this credit are not merge candidates")
+    credit_floor: float = spec(-1e9, doc="adapters below this credit are not merge candidates "
+                               "(dormant by default: -256 cost 9-17% on Fig. 10)")
     credit_per_skip: float = spec(1.0, gt=0.0, doc="credit moved per skipped request")
+    max_skip_s: float | None = spec(15.0, gt=0.0, doc="serve an adapter once a request of it in B_fcfs "
+                                    "has been skipped this many seconds in a row (None: credits only)")
     aimd: bool = spec(True, doc="tune the thresholds at episode boundaries")
     aimd_add: float = spec(0.05, gt=0.0, lt=1.0)
     aimd_factor: float = spec(1.1, gt=1.0)
@@ -149,6 +180,10 @@ class CreditPolicy:
         self.episode: _Episode | None = None
         self.counts = Counter[str]()
         self._memo: _Decision | None = None
+        self._skipped_since: dict[int, float] = {}  # request id -> first skip of its current run
+        self._skips_next: dict[int, float] = {}  # what the last plan would commit
+        self._skips_now = 0.0
+        self.max_skip_wait_s = 0.0
 
     # ---- profile timings ----
     def _time(self, n: int, adapters: int, rank_tokens: int) -> float:
@@ -172,6 +207,12 @@ class CreditPolicy:
     def credit(self, adapter: Key) -> float:
         return self.credits.get(adapter, self.p.credit_start)
 
+    def starvation_bound_s(self, iteration_s: float) -> float:
+        """Seconds a B_fcfs request can go unplanned given the longest iteration (module
+        docstring); inf without the wait trigger (the credit bound is in iterations)."""
+        limit = self.p.max_skip_s
+        return math.inf if limit is None else limit + iteration_s
+
     def starvation_bound(self) -> int:
         """Iterations a request in B_fcfs can wait (module docstring)."""
         p = self.p
@@ -182,9 +223,49 @@ class CreditPolicy:
     def plan(self, queue: QueueView, now: float) -> Plan:
         """Service for starved adapters; else stay merged / merge the top adapter / FCFS
         unmerged by the two thresholds (module docstring)."""
-        plan, decision = self._decide(queue)
+        plan, decision = self._decide_with(queue, self._overdue(queue, now))
         self._memo = decision
+        self._skips_next, self._skips_now = self._skip_clocks(queue, plan, now), now
         return plan
+
+    # ---- the wait trigger (max_skip_s): small helpers around _decide ----
+    def _overdue(self, queue: QueueView, now: float) -> frozenset[Key]:
+        """Adapters with a request in B_fcfs skipped for `max_skip_s` seconds in a row."""
+        limit = self.p.max_skip_s
+        if limit is None or not self._skipped_since:
+            return frozenset()
+        since = self._skipped_since
+        return frozenset(r.adapter_id for r in queue.requests[: queue.max_batch_size]
+                         if r.id in since and now - since[r.id] >= limit)
+
+    def _decide_with(self, queue: QueueView, overdue: frozenset[Key]) -> tuple[Plan, _Decision]:
+        """`_decide` with the overdue adapters served for this one iteration (the plan includes
+        their overdue requests, which resets their clocks); unlike a credit that fired, no
+        hysteresis keeps them served afterwards (a long forced stretch is what costs). Pure."""
+        if not overdue:
+            return self._decide(queue)
+        saved = self.serving
+        self.serving = saved | overdue
+        try:
+            plan, d = self._decide(queue)
+        finally:
+            self.serving = saved
+        return plan, dataclasses.replace(d, serving=d.serving - (overdue - saved))
+
+    def _skip_clocks(self, queue: QueueView, plan: Plan, now: float) -> dict[int, float]:
+        """Skip clocks after `plan`: B_fcfs requests the plan leaves out keep (or start) theirs."""
+        if self.p.max_skip_s is None:
+            return {}
+        planned = {r.id for r in plan.requests}
+        since = self._skipped_since
+        return {r.id: since.get(r.id, now) for r in queue.requests[: queue.max_batch_size]
+                if r.id not in planned}
+
+    def _commit_skips(self) -> None:
+        """`observe`: the plan ran, its skip clocks hold (and the longest skip so far is noted)."""
+        self._skipped_since = self._skips_next
+        if self._skips_next:
+            self.max_skip_wait_s = max(self.max_skip_wait_s, self._skips_now - min(self._skips_next.values()))
 
     def _decide(self, queue: QueueView) -> tuple[Plan, _Decision]:
         reqs = queue.requests
@@ -264,6 +345,7 @@ class CreditPolicy:
         d = self._memo
         if d is None or d.step != batch.step or result.error is not None:
             return
+        self._commit_skips()
         self._boundary(batch)
         if (batch.mode, batch.merged_adapter) != (d.mode, d.adapter):
             return  # the replica ran its fallback (nothing of the plan fitted): no credit moves
@@ -359,6 +441,7 @@ class CreditPolicy:
             "credit_min": min(credits) if credits else 0.0,
             "credit_max": max(credits) if credits else 0.0,
             "starvation_bound_iterations": self.starvation_bound(),
+            "max_skip_wait_s": self.max_skip_wait_s,
             **dict(sorted(self.counts.items())),
         }
 

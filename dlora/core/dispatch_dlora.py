@@ -1,13 +1,19 @@
 """dLoRA's proactive dispatch and the placement-aware baselines (PAPER.md sections 4 and 6).
 
-- `dlora` / `proactive`: placement from popularity (`placement_policy.Placer`, re-run
-  periodically) and, per request, the cheapest candidate in seconds from the profile. Candidates
-  are the replicas holding the adapter (by placement or resident) plus the cheapest replica that
-  could load it; a replica's cost is the queued work ahead of the request (the wait for a batch
-  slot, with full single-adapter batches discounted because they can run merged) plus the
-  adapter's load time when it is not resident; ties go to the smaller backlog.
-  `proactive` is the same dispatcher; the paper's Proactive ablation pairs it with migration
-  `none`, dLoRA with migration `dlora`.
+- `dlora` / `proactive`: placement from popularity (`placement_policy.Placer`, re-run as
+  arrivals accumulate) and, per request, the cheapest candidate in seconds from the profile.
+  A replica's cost is the queued work ahead of the request (the wait for a batch slot, with full
+  single-adapter batches discounted because they can run merged) plus the adapter's load time
+  when it is not resident; ties go to the smaller backlog. The two differ in their candidates
+  (the paper's three load balancers, Fig. 11a, are three pairings of dispatch and migration):
+  - `dlora`: the replicas holding the adapter (by placement or resident) only; imbalance is
+    the co-migration's to fix (pair with migration `dlora`). dLoRA in Fig. 11a.
+  - `proactive`: holders plus the cheapest replica that could load the adapter (dispatch-time
+    adapter substitution: a non-holder loads it, evicting an idle adapter). The paper's
+    Proactive pairs it with migration `none`; with migration `dlora` it is the combination.
+  - RR (the paper's round-robin): `dlora` with `placement: round_robin` (adapter k on replica
+    k % n, cheapest holder) and migration `none`.
+  Only `load_candidates` differs (`dlora` false, `proactive` true); either may be set.
 - `consolidate`: Punica-style packing: the busiest replica that still has batch room.
 - `affinity`: a replica that holds the adapter (Ray Serve model multiplexing, Kubernetes
   inference gateways), the least loaded of those; the least loaded overall when none does.
@@ -84,20 +90,29 @@ def can_load(r: ReplicaView) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class DloraDispatchParams(PlacementParams):
-    load_candidates: bool = spec(True, doc="also consider the cheapest replica that could load it")
+    load_candidates: bool = spec(False, doc="also consider the cheapest replica that could load it "
+                                 "(adapter substitution; `proactive` sets it)")
+    merged_discount: bool = spec(True, doc="count full single-adapter batches at merged speed")
+
+
+@dataclass(frozen=True, slots=True)
+class ProactiveDispatchParams(PlacementParams):
+    load_candidates: bool = spec(True, doc="also consider the cheapest replica that could load it "
+                                 "(adapter substitution)")
     merged_discount: bool = spec(True, doc="count full single-adapter batches at merged speed")
 
 
 @DISPATCHERS.register("dlora", DloraDispatchParams)
-@DISPATCHERS.register("proactive", DloraDispatchParams)
+@DISPATCHERS.register("proactive", ProactiveDispatchParams)
 class DloraDispatcher:
     """Cheapest candidate by estimated seconds (module docstring), with proactive placement."""
 
-    def __init__(self, params: DloraDispatchParams, ctx: Any) -> None:
+    def __init__(self, params: DloraDispatchParams | ProactiveDispatchParams, ctx: Any) -> None:
         self.params = params
         self.placer = make_placer(params, ctx)
         self.costs = DispatchCost(ctx, params.merged_discount)
         self.num_loads_chosen = 0
+        self.num_substitutions = 0  # dispatched to a replica neither placed nor holding the adapter
 
     def choose(self, request: Request, view: ClusterView, now: float) -> int:
         """Algorithm: record the arrival; candidates = holders of the adapter (placement or
@@ -119,11 +134,13 @@ class DloraDispatcher:
         best = min(cands, key=lambda r: self.costs.key(a, r))
         if a not in best.resident_adapters:
             self.num_loads_chosen += 1
+            if best.id not in placed:
+                self.num_substitutions += 1
         return best.id
 
     def stats(self) -> dict[str, Any]:
         return {"placement": self.placer.stats(), "dispatched_to_load": self.num_loads_chosen,
-                "merged_ratio": self.costs.merged_ratio}
+                "substitutions": self.num_substitutions, "merged_ratio": self.costs.merged_ratio}
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,7 +4,10 @@
 `Placer` owns the arrival history (`DecayedRates`), the current target `Placement` and its
 re-computation: `initial(view)` places adapters before any history (uniform shares, or the
 static round-robin layout), `replan(view, now)` re-runs `place_adapters` on the decayed
-popularity every `interval_s` (proactive: placement follows popularity). Both return
+popularity (proactive: placement follows popularity). Re-placement is driven by arrivals: the
+driver calls `replan` every `placement_interval_s` (a cheap check) and it re-places once
+`replan_window_requests` requests arrived since the last placement, so a 30-100 s probe at a few
+req/s re-places several times (a fixed 60 s period never fired inside such probes). Both return
 `DropAdapter` / `LoadAdapter` actions that the cluster applies; a replica pays a load in its next
 batch (`ReplicaScheduler.prefetch_adapter`). Drops of adapters still in use are refused by the
 replica, so residency may lag the target; dispatchers read both (`holders` and the view).
@@ -42,7 +45,9 @@ class PlacementParams:
 
     placement: str = spec("proactive", choices=PLACEMENT_KINDS,
                           doc="none: load on demand; round_robin: static; proactive: dLoRA greedy")
-    placement_interval_s: float = spec(60.0, gt=0, doc="seconds between re-placements (proactive)")
+    placement_interval_s: float = spec(5.0, gt=0, doc="seconds between re-placement checks (proactive)")
+    replan_window_requests: int = spec(100, ge=0, doc="re-place after this many arrivals since the last "
+                                       "placement (0: at every check)")
     half_life_s: float = spec(120.0, gt=0, doc="half-life of the per-adapter arrival history")
     prior_rate: float = spec(0.01, ge=0, doc="req/s added to every adapter's rate (unseen ones)")
     target_fraction: float = spec(0.9, gt=0, le=1.0, doc="stop replicating at this share of ideal")
@@ -67,6 +72,7 @@ class Placer:
         self.placement = Placement(frozenset())
         self._holders: dict[int, tuple[int, ...]] = {}
         self.num_replans = 0
+        self.arrivals_since_plan = 0
         self.num_loads = 0
         self.num_drops = 0
 
@@ -74,6 +80,7 @@ class Placer:
     def record(self, adapter_id: int | None, now: float) -> None:
         if adapter_id is not None:
             self.rates.record(adapter_id, now)
+            self.arrivals_since_plan += 1
 
     def holders(self, adapter_id: int) -> tuple[int, ...]:
         """Replicas the target placement puts `adapter_id` on (possibly not yet resident)."""
@@ -96,8 +103,9 @@ class Placer:
 
     def replan(self, view: ClusterView, now: float) -> list[Action]:
         """Re-run the greedy on the decayed popularity; actions for what changed."""
-        if self.kind != "proactive" or not self.adapters:
+        if self.kind != "proactive" or not self.adapters or not self.window_full():
             return []
+        self.arrivals_since_plan = 0
         shares = self.rates.shares(now, sorted(self.adapters), prior=self.params.prior_rate)
         self.num_replans += 1
         try:
@@ -106,6 +114,11 @@ class Placer:
             log.warning("placement kept: %s", exc)
             return []
         return self._switch(target)
+
+    def window_full(self) -> bool:
+        """Enough arrivals since the last placement to re-place (`replan_window_requests`)."""
+        window = int(getattr(self.params, "replan_window_requests", 0))
+        return window <= 0 or self.arrivals_since_plan >= window
 
     def _solve(self, view: ClusterView, shares: dict[int, float]) -> Placement:
         alive = [r for r in view.replicas if r.is_alive] or list(view.replicas)

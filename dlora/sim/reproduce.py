@@ -4,10 +4,17 @@ tables, PNG plots, the paper's claim beside ours for every figure, and every dev
 Each figure is a function that takes the settings (quick or full), runs library functions that
 exist for users too (sweeps, the SLO-throughput search) on the committed scenarios in
 `scenarios/paper/`, and returns a `Figure`. Quick mode shrinks clusters, request counts and
-sweep points so the whole set runs in minutes on a laptop CPU; it says so in the report."""
+sweep points so the whole set runs in minutes on a laptop CPU; it says so in the report.
+
+Every 7B figure runs twice: on the modern derived profile (`a800-llama-2-7b.yaml`) and under
+the costs the paper's artifact measured (`a800-llama-2-7b-artifact.yaml`: 15 ms merged vs
+27 ms unmerged at batch 16, 20 ms switches), so the report shows the paper, this project on
+modern kernels and this project under the paper's costs. Each figure's `checks` test the
+paper's stated trend with a margin; a failed check prints "no" with its reason."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -16,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import to_plain
 from ..errors import ConfigError
-from ..scenario import Scenario, load_scenario
+from ..scenario import Scenario, load_scenario, scenario_from_dict
 from .capacity import capacity_by_variant
 from .run import run_sweep
 
@@ -27,11 +35,16 @@ PAPER = ROOT / "scenarios" / "paper"
 AZURE_TRACE = ROOT.parent / "shared" / "data" / "azure_llm_inference_2023" / "AzureLLMInferenceTrace_conv.csv"
 
 
+ARTIFACT_PROFILE = "../../profiles/a800-llama-2-7b-artifact.yaml"
+PROFILES = {"modern": None, "artifact": ARTIFACT_PROFILE}  # tag -> 7B profile override
+
+
 @dataclass
 class Settings:
     quick: bool
     out_dir: Path
     progress: Callable[[str], None] = lambda msg: None
+    profile: str | None = None  # overrides the 7B scenarios' profile (the artifact's costs)
 
     @property
     def requests_per_rate(self) -> float:
@@ -47,6 +60,13 @@ class Settings:
         self.progress(f"  {variant or 'probe'} {p.rate:.3g} req/s: {lat} s/token {'ok' if p.ok else 'over'}")
 
 
+@dataclass(frozen=True)
+class Check:
+    name: str  # the paper's trend, with its margin
+    ok: bool
+    detail: str  # our numbers behind the verdict
+
+
 @dataclass
 class Figure:
     key: str
@@ -57,12 +77,38 @@ class Figure:
     rows: list[dict[str, Any]] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
     deviations: list[str] = field(default_factory=list)
-    shape_matches: bool | None = None
+    checks: list[Check] = field(default_factory=list)
     seconds: float = 0.0
+    profile: str = "modern"
+    artifact: Figure | None = None  # the same figure under the artifact's costs
+
+    def check(self, name: str, ok: bool, detail: str) -> bool:
+        self.checks.append(Check(name, bool(ok), detail))
+        return bool(ok)
+
+    @property
+    def shape_matches(self) -> bool | None:
+        return all(c.ok for c in self.checks) if self.checks else None
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
 
 
-def _load(name: str, sets: list[str]) -> Scenario:
+def _load(name: str, sets: list[str], s: Settings | None = None) -> Scenario:
+    """A paper scenario with `sets`; under `s.profile`, 7B scenarios take that profile."""
+    if s is not None and s.profile is not None and not any(x.startswith("model.profile=") for x in sets):
+        sets = [f"model.profile={s.profile}", *sets]
     return load_scenario(PAPER / name, sets)
+
+
+def _variants(sc: Scenario, **changes: dict[str, Any]) -> str:
+    """A `sweep.variants=...` override: the scenario's variants with `changes` merged in."""
+    assert sc.sweep is not None and sc.sweep.variants is not None
+    out = {k: dict(v) for k, v in sc.sweep.variants.items()}
+    for name, extra in changes.items():
+        out.setdefault(name, {}).update(extra)
+    return "sweep.variants=" + json.dumps(out)
 
 
 def fmt_cell(v: Any) -> str:
@@ -86,6 +132,7 @@ def sweep_table(rows: list[dict[str, Any]], parameter: str, metric: str) -> dict
 
 # ---------------------------------------------------------------- Fig. 2b
 def fig2b(s: Settings) -> Figure:
+    from ..plots import plot_bars
     from .driver import simulate
     from .report import build_report
 
@@ -93,18 +140,17 @@ def fig2b(s: Settings) -> Figure:
                "Even round-robin dispatch of a uniform workload leaves replicas imbalanced: output "
                "lengths are unknown and vary, so some replicas queue far more than others.")
     sets = ["workload.num_requests=800"] if s.quick else []
-    report = build_report(simulate(_load("fig2b-imbalance.yaml", sets)))
+    report = build_report(simulate(_load("fig2b-imbalance.yaml", sets, s)))
     shares = [r["queueing_share"] for r in report.replicas]
     f.columns = ["replica", "completed", "queueing share of latency", "mean queueing (s)", "utilisation"]
     f.rows = [{"replica": r["replica"], "completed": r["completed"],
                "queueing share of latency": r["queueing_share"], "mean queueing (s)": r["mean_queueing_s"],
                "utilisation": r["utilisation"]} for r in report.replicas]
     lo, hi = min(shares), max(shares)
+    ratio = hi / lo if lo > 0 else math.inf
     f.ours = (f"Queueing share of request latency ranges from {lo:.1%} to {hi:.1%} across the "
-              f"{len(shares)} replicas (max / min = {hi / lo if lo > 0 else math.inf:.2g}x).")
-    f.shape_matches = hi > 1.5 * lo if lo > 0 else hi > 0
-    from ..plots import plot_bars
-
+              f"{len(shares)} replicas (max / min = {ratio:.2g}x).")
+    f.check("max / min queueing share across replicas >= 1.5", ratio >= 1.5, f"{ratio:.3g}x")
     f.plots.append(plot_bars(s.out_dir / "fig2b.png", [f"r{r['replica']}" for r in report.replicas],
                              {"queueing share": shares}, "replica", "queueing share of latency"))
     return f
@@ -116,97 +162,223 @@ PANELS = {  # panel -> overrides of fig9-*.yaml (written for 7B)
     "13B": ["model.profile=../../profiles/a800-llama-2-13b.yaml"],
     "70B": ["model.profile=../../profiles/a800-llama-2-70b-tp4.yaml", "cluster.replicas=8", "adapters.count=32"],
 }
+MAX_MODELS = {"7B": 4, "13B": 2, "70B": 2}  # the paper's vLLM: full models resident per replica
+PAPER_VLLM_7B_MAF1 = 7.6  # req/s, the paper's vLLM on the 7B MAF1 panel (about 8x below dLoRA)
+SYSTEMS = ("dlora", "vllm", "peft", "slora")
+
+
+def _fig9_caps(s: Settings, sc: Scenario, panel: str) -> dict[str, float]:
+    vllm = {"policies.batching": {"name": "vllm", "params": {"max_models": MAX_MODELS[panel]}}}
+    raw = to_plain(sc)
+    raw.pop("base_dir", None)
+    raw["sweep"]["variants"]["vllm"].update(vllm)
+    sc = scenario_from_dict(raw, Path(sc.base_dir))
+    caps = capacity_by_variant(sc, low=0.1, high=2.0 * sc.cluster.replicas, tol=0.1,
+                               requests_per_rate=s.requests_per_rate, on_probe=s.on_probe, rel_tol=s.rel_tol)
+    return {k: v.rate for k, v in caps.items()}
+
+
+def _ratios(row: dict[str, Any], rate: dict[str, float]) -> None:
+    row.update(rate)
+    for other in ("vllm", "peft", "slora"):
+        row[f"dlora/{other}"] = rate["dlora"] / rate[other] if rate[other] > 0 else math.inf
 
 
 def fig9(s: Settings) -> Figure:
+    from ..plots import plot_bars, plot_sweep
+
     f = Figure("fig9", "Fig. 9: end-to-end throughput under the SLO (0.5 s/token)",
                "dLoRA reaches up to 57.9x the throughput of vLLM and 26.0x of PEFT; for the 7B "
                "panel on MAF1 about 8x vLLM and 11x PEFT; S-LoRA up to 1.8x higher latency.")
-    f.columns = ["panel", "workload", "dlora", "vllm", "peft", "slora", "dlora/vllm", "dlora/peft", "dlora/slora"]
+    f.columns = ["panel", "workload", *SYSTEMS, "dlora/vllm", "dlora/peft", "dlora/slora"]
     workloads = ["gamma"] + (["azure"] if AZURE_TRACE.is_file() else [])
     if not AZURE_TRACE.is_file():
         f.deviations.append(f"Azure LLM 2023 trace not found at {AZURE_TRACE}: the trace panels were skipped.")
-    panels = ["7B", "13B", "70B"]
+    panels = ["7B"] if s.profile is not None else ["7B", "13B", "70B"]  # the artifact profile is 7B
+    n_small = {"7B": (4, 16), "13B": (4, 16), "70B": (2, 8)}
     for panel in panels:
         for wl in workloads:
-            if s.quick and panel != "7B" and wl == "azure":
+            if (s.quick or s.profile is not None) and panel != "7B" and wl == "azure":
                 continue
             sets = list(PANELS[panel])
             if s.quick:  # an eighth-size cluster with proportionally fewer adapters
-                n = 4 if panel != "70B" else 2
-                sets += [f"cluster.replicas={n}", f"adapters.count={16 if panel != '70B' else 8}"]
-            sc = _load(f"fig9-{wl}.yaml", sets)
+                n, k = n_small[panel]
+                sets += [f"cluster.replicas={n}", f"adapters.count={k}"]
+            sc = _load(f"fig9-{wl}.yaml", sets, s if panel == "7B" else None)
             s.progress(f"fig9 {panel} {wl}: capacity search over 4 systems")
-            caps = capacity_by_variant(sc, low=0.1, high=2.0 * sc.cluster.replicas, tol=0.1,
-                                       requests_per_rate=s.requests_per_rate, on_probe=s.on_probe,
-                                       rel_tol=s.rel_tol)
-            rate = {k: v.rate for k, v in caps.items()}
             row: dict[str, Any] = {"panel": f"{panel} ({sc.cluster.replicas} replicas, {sc.adapters.count} adapters)",
-                                   "workload": {"gamma": "Gamma streams (for MAF)", "azure": "Azure LLM conv"}[wl]}
-            row.update(rate)
-            for other in ("vllm", "peft", "slora"):
-                row[f"dlora/{other}"] = rate["dlora"] / rate[other] if rate[other] > 0 else math.inf
+                                   "workload": {"gamma": "Zipf-1 Gamma streams", "azure": "Azure LLM conv"}[wl]}
+            _ratios(row, _fig9_caps(s, sc, panel))
             f.rows.append(row)
+    # the skew sweep: the MAF1 stand-in (ATC'20 statistics) over dLoRA's stride, 7B
+    from .maf_standin import maf1_standin_shares
+
+    strides = [1, 8, 64] if s.quick else [1, 4, 16, 64]
+    n, k = (4, 16) if s.quick else (32, 128)
+    sweep_rows = []
+    for stride in strides:
+        shares = maf1_standin_shares(k, stride)
+        sets = [f"cluster.replicas={n}", f"adapters.count={k}",
+                "workload.popularity={kind: gamma_streams, weights: " + json.dumps(shares) + "}"]
+        sc = _load("fig9-gamma.yaml", sets, s)
+        s.progress(f"fig9 MAF1 stand-in stride {stride}: capacity search over 4 systems")
+        row = {"panel": f"7B ({n} replicas, {k} adapters)",
+               "workload": f"MAF1 stand-in, stride {stride} (top adapter {max(shares):.0%})"}
+        _ratios(row, _fig9_caps(s, sc, "7B"))
+        row["stride"] = stride
+        sweep_rows.append(row)
+    scale = 32 / n  # the paper's 32 replicas
+    likely = min(sweep_rows, key=lambda r: abs(math.log(max(r["vllm"] * scale, 1e-9) / PAPER_VLLM_7B_MAF1)))
+    likely["workload"] += " <- paper's likely point"
+    f.rows += sweep_rows
     best_v = max(r["dlora/vllm"] for r in f.rows)
     best_p = max(r["dlora/peft"] for r in f.rows)
+    sweep_txt = ", ".join(f"stride {r['stride']}: {fmt_cell(r['dlora/vllm'])}x vllm / {fmt_cell(r['dlora/peft'])}x peft"
+                          for r in sweep_rows)
     f.ours = (f"dlora's throughput under the SLO is up to {fmt_cell(best_v)}x vllm's and {fmt_cell(best_p)}x "
-              f"peft's across panels (table).")
-    f.shape_matches = all(r["dlora/vllm"] > 1 and r["dlora/peft"] > 1 and r["dlora/slora"] >= 0.95 for r in f.rows)
+              f"peft's (table). Over the MAF1 stand-in's skew: {sweep_txt}. The likely paper point (stride "
+              f"{likely['stride']}) is the one whose vllm throughput, scaled to 32 replicas "
+              f"({fmt_cell(likely['vllm'] * scale)} req/s), is nearest the paper's about {PAPER_VLLM_7B_MAF1} req/s "
+              "(a guess at the paper's skew from its vLLM number, not a fit of dlora's).")
+    for r in f.rows:
+        where = f"{r['panel']}, {r['workload']}"
+        f.check(f"dlora >= 2x vllm ({where})", r["dlora/vllm"] >= 2.0, f"{fmt_cell(r['dlora/vllm'])}x")
+        f.check(f"dlora >= 2x peft ({where})", r["dlora/peft"] >= 2.0, f"{fmt_cell(r['dlora/peft'])}x")
+        f.check(f"dlora >= 0.95x slora ({where})", r["dlora/slora"] >= 0.95, f"{fmt_cell(r['dlora/slora'])}x")
+    short = {"Zipf-1 Gamma streams": "zipf1", "Azure LLM conv": "azure"}
+    labels = [f"{r['panel'].split(' ')[0]}\n" + (f"MAF s{r['stride']}" if "stride" in r else short[r["workload"]])
+              for r in f.rows]
+    f.plots.append(plot_bars(s.out_dir / "fig9.png", labels, {k: [r[k] for r in f.rows] for k in SYSTEMS},
+                             "panel / workload", "max rate within SLO (req/s)"))
+    f.plots.append(plot_sweep(s.out_dir / "fig9_skew.png", "MAF1 stand-in stride (more skew ->)", [str(x) for x in strides],
+                              {k: [r[k] for r in sweep_rows] for k in ("dlora/vllm", "dlora/peft", "dlora/slora")},
+                              "dlora's throughput / system's"))
     f.deviations += [
-        "Per-adapter Gamma streams with power-law shares stand in for the Azure Functions traces (MAF1/MAF2).",
+        "Zipf-1 Gamma streams and a MAF1 stand-in built from the Azure Functions 2019 trace's published "
+        "statistics (ATC'20: 18.6% of functions take 99.6% of invocations; log-normal invocations per "
+        "function, sigma 3.55; dlora/sim/maf_standin.py) stand in for the MAF traces, which are not available.",
+        "vllm keeps 4 full models resident per replica for 7B and 2 for 13B and 70B (the paper's setting), "
+        "counted whole per replica (a TP-4 replica holds each model across its 4 GPUs).",
         "Profiles are derived from Vidur's A100 operator measurements plus analytic terms, not measured on A800s.",
-        "Baselines are modelled as policies on the same simulator (PAPER.md section 6), not the original systems.",
+        "Capacities are coarse near the SLO cliff: bisection stops at 10% (quick) or 5%, and a probe passes only "
+        "if its requests finish by about twice the last arrival, so two close settings can land on either side "
+        "(quick mode: vllm at stride 1 reaches 11 req/s on the modern profile and 19 under the artifact's, whose "
+        "merged cost differs by 2%; probes at 12-19 req/s all stay near 0.11 s/token, the drain test decides).",
+        "Baselines are modelled as policies on the same simulator (PAPER.md section 6), not the original systems; "
+        "peft runs at this project's kernel speed (the original ran Hugging Face eager mode), so its ratio is a "
+        "lower bound.",
     ]
     if s.quick:
         f.deviations.append("Quick mode: clusters of 4 replicas (70B: 2) with proportionally fewer adapters, "
-                            "30 x rate requests per probe, bisection to 10%; the Azure trace panel only for 7B.")
+                            "30 x rate requests per probe, bisection to 10%; the Azure trace panel only for 7B; "
+                            "strides 1, 8 and 64.")
     return f
 
 
 # ---------------------------------------------------------------- Fig. 10
+FIG10_FACTORS = {"unmerged_only": 1.9, "merged_only": 1.6}  # the paper's lowest factors
+MARGIN = 0.9  # checks accept 90% of a stated factor
+GUARD_COST = 1.03  # the starvation guard may cost at most 3% against a dormant guard
+
+
+def fig10_checks(f: Figure, by_alpha: dict[Any, dict[str, float]]) -> None:
+    """The paper's Fig. 10 trends, with margins, on {alpha: {variant: mean latency per token}}."""
+    alphas = sorted(by_alpha)
+    lo, hi = by_alpha[alphas[0]], by_alpha[alphas[-1]]
+    f.check("unmerged_only worsens with skew (>= 5% from lowest to highest alpha)",
+            hi["unmerged_only"] >= 1.05 * lo["unmerged_only"],
+            f"{fmt_cell(lo['unmerged_only'])} -> {fmt_cell(hi['unmerged_only'])} s/token")
+    f.check("merged_only improves with skew (>= 5% from lowest to highest alpha)",
+            hi["merged_only"] <= 0.95 * lo["merged_only"],
+            f"{fmt_cell(lo['merged_only'])} -> {fmt_cell(hi['merged_only'])} s/token")
+    for base, factor in FIG10_FACTORS.items():
+        got = [by_alpha[a][base] / by_alpha[a]["credit"] for a in alphas]
+        f.check(f"credit >= {MARGIN * factor:.3g}x better than {base} at every skew (paper >= {factor}x)",
+                min(got) >= MARGIN * factor, ", ".join(f"{fmt_cell(g)}x" for g in got))
+    if all("credit_dormant" in by_alpha[a] for a in alphas):
+        cost = [by_alpha[a]["credit"] / by_alpha[a]["credit_dormant"] for a in alphas]
+        f.check(f"the starvation guard costs <= {GUARD_COST - 1:.0%} against a dormant guard at every skew",
+                max(cost) <= GUARD_COST, ", ".join(f"{c - 1:+.1%}" for c in cost))
+
+
 def fig10(s: Settings) -> Figure:
     f = Figure("fig10", "Fig. 10: dynamic batching on one replica as skew grows",
                "Unmerged-only gets worse and merged-only better as skew grows; dLoRA is best at every "
                "skew, with 1.9-2.4x lower average latency than unmerged-only and 1.6-3.9x lower than merged-only.")
     sets = ["workload.num_requests=200", "sweep.values=[0.0, 1.0, 3.0]"] if s.quick else []
-    sc = _load("fig10-dynamic-batching.yaml", sets)
+    sc = _load("fig10-dynamic-batching.yaml", sets, s)
+    dormant = {"policies.batching": {"name": "credit", "params": {
+        "credit_fire": 1e12, "credit_floor": -1e12, "max_skip_s": None}}}
+    sc = _load("fig10-dynamic-batching.yaml", [*sets, _variants(sc, credit_dormant=dormant)], s)
     outcome = run_sweep(sc, s.out_dir / "fig10")
     f.plots += [p for p in outcome.paths if p.suffix == ".png"]
     by_alpha = sweep_table(outcome.sweep_rows, "workload.popularity.alpha", "latency_per_token_s.mean")
-    f.columns = ["alpha", "unmerged_only", "merged_only", "credit", "worse baseline / credit"]
-    ok = True
+    f.columns = ["alpha", "unmerged_only", "merged_only", "credit", "credit_dormant", "worse baseline / credit",
+                 "guard cost"]
     for alpha, v in by_alpha.items():
         worse = max(v["unmerged_only"], v["merged_only"])
-        f.rows.append({"alpha": alpha, **v, "worse baseline / credit": worse / v["credit"]})
-        ok &= v["credit"] <= 1.01 * min(v["unmerged_only"], v["merged_only"])  # ties within 1%
-    f.shape_matches = ok
+        f.rows.append({"alpha": alpha, **v, "worse baseline / credit": worse / v["credit"],
+                       "guard cost": f"{v['credit'] / v['credit_dormant'] - 1:+.1%}"})
+    fig10_checks(f, by_alpha)
     ratios = [r["worse baseline / credit"] for r in f.rows]
-    f.ours = (f"credit is best at {'every' if ok else 'not every'} skew; the worse baseline's mean latency "
-              f"per token is {fmt_cell(min(ratios))}-{fmt_cell(max(ratios))}x credit's. The derived profile's "
-              "unmerged iteration costs only about 1.2x a merged one (segment-grouped kernels), against "
-              "1.8x in the paper's artifact, so merging has less to gain (see the issue notes).")
-    f.deviations.append("Mean latency per token (s) in the table; the sweep's P90 is in fig10/sweep.json.")
+    alphas = sorted(by_alpha)
+    m_lo, m_hi = by_alpha[alphas[0]]["merged_only"], by_alpha[alphas[-1]]["merged_only"]
+    f.ours = (f"the worse baseline's mean latency per token is {fmt_cell(min(ratios))}-{fmt_cell(max(ratios))}x "
+              f"credit's; merged_only goes {fmt_cell(m_lo)} -> {fmt_cell(m_hi)} s/token from alpha "
+              f"{alphas[0]} to {alphas[-1]}" + (" (it improves with skew, as in the paper)." if m_hi < m_lo else
+              " (worse with skew, unlike the paper: see the note on the inversion below)."))
+    f.deviations += [
+        "Mean latency per token (s) in the table; the sweep's P90 is in fig10/sweep.json. credit_dormant is "
+        "the credit policy with its starvation guard off (fire 1e12, no wait trigger): 'guard cost' is the "
+        "default guard's price.",
+        "merged_only's inversion (issue 12: 0.208 -> 0.303 -> 0.282 s/token at alpha 0 / 1 / 3 before the "
+        "admission contract) does not recur on this scenario: 400 requests, merged_only 0.402 / 0.340 / 0.176. "
+        "Measured one difference at a time (dlora simulate, merged_only): the switch cost is not it (about 10 "
+        "switches per run; 1% of the switch cost changes < 0.1%); skew as the paper's stride over sorted "
+        "functions is not it (MAF1 stand-in over 8 adapters, stride 1 / 8 / 64: 0.413 / 0.229 / 0.193, also "
+        "monotone); request lengths are: at a quarter of the lengths (a short queue) it turns non-monotone, "
+        "0.153 / 0.176 / 0.061, because the oldest request's adapter (the artifact's rule, kept) then often has "
+        "only a few queued requests, so its merged batches are small while the other adapters wait.",
+    ]
     if s.quick:
         f.deviations.append("Quick mode: 200 requests per point, skew alpha in {0, 1, 3}.")
     return f
 
 
 # ---------------------------------------------------------------- Fig. 11a
+LB_SYSTEMS = ("round_robin", "proactive", "dlora", "combined")
+
+
+def fig11a_checks(f: Figure, rate: dict[str, float]) -> None:
+    f.check("dlora > 1.05x proactive (paper 1.4x)", rate["dlora"] > 1.05 * rate["proactive"],
+            f"{fmt_cell(rate['dlora'] / rate['proactive'] if rate['proactive'] else math.inf)}x")
+    f.check("proactive > 1.05x round_robin (paper: dlora 3.6x RR)", rate["proactive"] > 1.05 * rate["round_robin"],
+            f"{fmt_cell(rate['proactive'] / rate['round_robin'] if rate['round_robin'] else math.inf)}x")
+
+
 def fig11a(s: Settings) -> Figure:
+    from ..plots import plot_bars
+
     f = Figure("fig11a", "Fig. 11a: load balancing across 8 replicas (throughput under the SLO)",
                "dLoRA's throughput under the SLO is 3.6x round-robin's and 1.4x Proactive's.")
     sets = ["cluster.replicas=4", "adapters.count=16"] if s.quick else []
-    sc = _load("fig11a-load-balancing.yaml", sets)
-    s.progress("fig11a: capacity search over round_robin, proactive, dlora")
+    sc = _load("fig11a-load-balancing.yaml", sets, s)
+    s.progress("fig11a: capacity search over round_robin, proactive, dlora, combined")
     caps = capacity_by_variant(sc, low=1.0, high=4.0 * sc.cluster.replicas, tol=0.25,
                                requests_per_rate=s.requests_per_rate, on_probe=s.on_probe, rel_tol=s.rel_tol)
     rate = {k: v.rate for k, v in caps.items()}
     f.columns = ["system", "max rate within SLO (req/s)", "dlora / system"]
-    f.rows = [{"system": k, "max rate within SLO (req/s)": v,
-               "dlora / system": rate["dlora"] / v if v > 0 else math.inf} for k, v in rate.items()]
+    f.rows = [{"system": k, "max rate within SLO (req/s)": rate[k],
+               "dlora / system": rate["dlora"] / rate[k] if rate[k] > 0 else math.inf} for k in LB_SYSTEMS]
     f.ours = (f"dlora {fmt_cell(rate['dlora'])} req/s: {fmt_cell(rate['dlora'] / rate['round_robin'])}x round_robin, "
-              f"{fmt_cell(rate['dlora'] / rate['proactive'])}x proactive.")
-    f.shape_matches = rate["dlora"] >= rate["proactive"] >= rate["round_robin"]
+              f"{fmt_cell(rate['dlora'] / rate['proactive'])}x proactive; combined (substitution + migration) "
+              f"{fmt_cell(rate['combined'])} req/s.")
+    fig11a_checks(f, rate)
+    f.plots.append(plot_bars(s.out_dir / "fig11a.png", list(LB_SYSTEMS), {"req/s": [rate[k] for k in LB_SYSTEMS]},
+                             "load balancer", "max rate within SLO (req/s)"))
+    f.deviations.append("RR = round-robin placement + cheapest holder; proactive = greedy placement + adapter "
+                        "substitution at dispatch; dlora = greedy placement + cheapest holder + co-migration; "
+                        "5 adapter slots per replica (the artifact's 4-5); placement re-planned every 100 arrivals.")
     if s.quick:
         f.deviations.append("Quick mode: 4 replicas and 16 adapters, 30 x rate requests per probe, bisection to 10%.")
     return f
@@ -217,7 +389,7 @@ def fig11b(s: Settings) -> Figure:
     f = Figure("fig11b", "Fig. 11b: request lengths scaled 1-8x",
                "As lengths grow, dLoRA's latency stays nearly flat while round-robin's grows several-fold.")
     sets = ["workload.num_requests=300", "sweep.values=[1, 4, 8]"] if s.quick else []
-    outcome = run_sweep(_load("fig11b-length-scaling.yaml", sets), s.out_dir / "fig11b")
+    outcome = run_sweep(_load("fig11b-length-scaling.yaml", sets, s), s.out_dir / "fig11b")
     f.plots += [p for p in outcome.paths if p.suffix == ".png"]
     table = sweep_table(outcome.sweep_rows, "workload.lengths.scale", "latency_per_token_s.mean")
     f.columns = ["length scale", "round_robin", "dlora"]
@@ -226,7 +398,9 @@ def fig11b(s: Settings) -> Figure:
     growth = {v: table[scales[-1]][v] / table[scales[0]][v] for v in ("round_robin", "dlora")}
     f.ours = (f"From {scales[0]}x to {scales[-1]}x lengths, mean latency per token grows "
               f"{fmt_cell(growth['dlora'])}x for dlora and {fmt_cell(growth['round_robin'])}x for round_robin.")
-    f.shape_matches = growth["dlora"] <= growth["round_robin"]
+    f.check("dlora's latency grows at most 0.9x as much as round_robin's", growth["dlora"] <= 0.9 * growth["round_robin"],
+            f"dlora x{fmt_cell(growth['dlora'])}, round_robin x{fmt_cell(growth['round_robin'])}")
+    f.check("dlora nearly flat (grows <= 1.5x)", growth["dlora"] <= 1.5, f"x{fmt_cell(growth['dlora'])}")
     if s.quick:
         f.deviations.append("Quick mode: 300 requests per point, scales 1, 4 and 8.")
     return f
@@ -240,7 +414,7 @@ def fig12(s: Settings) -> Figure:
     sc = _load("fig12-adapters.yaml", sets + [
         "sweep.variants={dlora: {policies.batching: {name: credit}}, "
         "vllm: {policies.batching: {name: vllm}, policies.dispatch: {name: round_robin, params: {placement: round_robin}}, policies.migration: {name: none}}, "
-        "peft: {policies.batching: {name: peft}, policies.dispatch: {name: round_robin, params: {placement: round_robin}}, policies.migration: {name: none}}}"])
+        "peft: {policies.batching: {name: peft}, policies.dispatch: {name: round_robin, params: {placement: round_robin}}, policies.migration: {name: none}}}"], s)
     outcome = run_sweep(sc, s.out_dir / "fig12")
     f.plots += [p for p in outcome.paths if p.suffix == ".png"]
     table = sweep_table(outcome.sweep_rows, "adapters.count", "throughput_rps")
@@ -250,7 +424,9 @@ def fig12(s: Settings) -> Figure:
     change = {v: table[counts[-1]][v] / table[counts[0]][v] for v in ("dlora", "vllm", "peft")}
     f.ours = (f"Throughput at {counts[-1]} vs {counts[0]} adapters: dlora x{fmt_cell(change['dlora'])}, "
               f"vllm x{fmt_cell(change['vllm'])}, peft x{fmt_cell(change['peft'])}.")
-    f.shape_matches = change["dlora"] >= 0.9 and change["dlora"] >= max(change["vllm"], change["peft"])
+    f.check("dlora flat within 10%", 0.9 <= change["dlora"] <= 1.1, f"x{fmt_cell(change['dlora'])}")
+    for other in ("vllm", "peft"):
+        f.check(f"{other} falls (by >= 10%)", change[other] <= 0.9, f"x{fmt_cell(change[other])}")
     f.deviations.append("Throughput is completed requests per second at the offered rate (not the SLO search).")
     if s.quick:
         f.deviations.append("Quick mode: 600 requests per point, 16, 64 and 128 adapters.")
@@ -266,7 +442,7 @@ def fig13(s: Settings) -> Figure:
                "Solver time is 0.2-2.3% of run time and mode switching 0.8-1.8%.")
     sets = ["policies.batching=credit", "workload.num_requests=2400",
             "workload.arrival.rate_per_s=20"]
-    sc = _load("fig11a-load-balancing.yaml", sets)
+    sc = _load("fig11a-load-balancing.yaml", sets, s)
     t0 = time.perf_counter()
     res = simulate(sc, measure_scheduler=True)
     rep = build_report(res)
@@ -286,7 +462,8 @@ def fig13(s: Settings) -> Figure:
     ]
     f.ours = (f"scheduler {sched:.2%}, solver {solver:.2%}, switching {switch:.2%} of run time "
               f"(simulation itself took {time.perf_counter() - t0:.1f} s).")
-    f.shape_matches = solver <= 0.05 and switch <= 0.05
+    f.check("solver <= 5% of run time (paper 0.2-2.3%)", solver <= 0.05, f"{solver:.2%}")
+    f.check("mode switching <= 5% of busy time (paper 0.8-1.8%)", switch <= 0.05, f"{switch:.2%}")
     f.deviations.append("Scheduler and solver times are this machine's Python wall times set against the "
                         "simulated GPU time; the paper measured them in its live system.")
     return f
@@ -295,16 +472,19 @@ def fig13(s: Settings) -> Figure:
 FIGURES: dict[str, Callable[[Settings], Figure]] = {
     "fig2b": fig2b, "fig9": fig9, "fig10": fig10, "fig11a": fig11a, "fig11b": fig11b, "fig12": fig12, "fig13": fig13,
 }
+ARTIFACT_FIGURES = ("fig9", "fig10", "fig11a", "fig11b", "fig12")  # 7B figures that depend on the costs
 
 
 def reproduce(out_dir: Path, quick: bool, only: list[str] | None = None,
-              progress: Callable[[str], None] = lambda msg: None) -> tuple[list[Figure], Path]:
+              progress: Callable[[str], None] = lambda msg: None,
+              artifact: bool = True) -> tuple[list[Figure], Path]:
     keys = only or list(FIGURES)
     unknown = [k for k in keys if k not in FIGURES]
     if unknown:
         raise ConfigError(f"--only: unknown figure {unknown[0]!r} (known: {', '.join(FIGURES)})")
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings(quick, out_dir, progress)
+    art = Settings(quick, out_dir / "artifact", progress, profile=ARTIFACT_PROFILE)
     figures = []
     t0 = time.perf_counter()
     for key in keys:
@@ -313,6 +493,14 @@ def reproduce(out_dir: Path, quick: bool, only: list[str] | None = None,
         fig = FIGURES[key](settings)
         fig.seconds = time.perf_counter() - t
         progress(f"{key}: done in {fig.seconds:.0f} s")
+        if artifact and key in ARTIFACT_FIGURES:
+            progress(f"{key} (artifact profile): running")
+            art.out_dir.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            fig.artifact = FIGURES[key](art)
+            fig.artifact.profile = "artifact"
+            fig.artifact.seconds = time.perf_counter() - t
+            progress(f"{key} (artifact profile): done in {fig.artifact.seconds:.0f} s")
         figures.append(fig)
     from .report_md import write_report_md
 

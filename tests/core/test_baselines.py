@@ -100,3 +100,34 @@ def test_vllm_evicts_least_recently_used_model() -> None:
     rep.add(make_request(9, 2, 1.0, 4, 2), 1.0)
     b = rep.schedule(1.0)
     assert b.evict_adapters == (0,) and b.load_adapters == (2,)
+
+
+def test_vllm_under_tensor_parallelism_holds_whole_models_per_replica() -> None:
+    """A profile's memory is per replica (all its GPUs): a TP-4 70B replica holds each resident
+    model whole across its 4 GPUs, so 2 fit (the paper's max_models for 70B) and 4 do not."""
+    from pathlib import Path
+
+    from dlora.build import make_adapters as build_adapters
+    from dlora.build import memory_config
+    from dlora.scenario import load_scenario
+
+    root = Path(__file__).resolve().parents[2]
+    sc = load_scenario(root / "scenarios" / "paper" / "fig9-gamma.yaml",
+                       ["model.profile=../../profiles/a800-llama-2-70b-tp4.yaml", "cluster.replicas=1",
+                        "adapters.count=4", "sweep=null"])
+    from dlora.build import load_latency
+
+    lat = load_latency(sc)
+    assert lat.model.tensor_parallel == 4
+    adapters = build_adapters(sc, lat)
+    whole = lat.model.adapter_bytes(16)
+    assert all(a.size_bytes == whole for a in adapters.values())  # not whole // 4
+    cfg = memory_config(sc, lat)
+    ctx = PolicyContext(lat, {a: 16 for a in adapters}, 16)
+    pol = BATCH_POLICIES.create("vllm", {"max_models": 2}, "p", ctx)
+    rep = ReplicaScheduler(0, ReplicaConfig(16, 4096), MemoryPool(cfg), pol, lat, adapters)
+    model_bytes = lat.model.weight_bytes
+    assert all(a.size_bytes == model_bytes for a in rep.adapters.values())
+    pool = rep.memory.capacity_bytes
+    assert 2 * model_bytes < pool < 4 * model_bytes  # 2 whole 70B models fit, 4 (552 GB) do not
+    assert rep.memory.config.max_adapter_slots == 2

@@ -121,7 +121,42 @@ def test_starvation_bound_on_adversarial_queue() -> None:
 def test_default_bound_is_documented() -> None:
     rep = make_replica("credit", {}, num_adapters=8, max_batch_size=16)
     assert isinstance(rep.policy, CreditPolicy)
-    assert rep.policy.starvation_bound() == 400
+    assert rep.policy.starvation_bound() == 2_000_000_016  # credits dormant by default
+    assert rep.policy.p.max_skip_s == 15.0
+    assert rep.policy.starvation_bound_s(0.05) == 15.05
+
+
+def test_wait_trigger_bounds_a_starved_request_in_seconds() -> None:
+    """A scripted starvation case: adapter 0 floods the queue and stays merged while two
+    adapter-1 requests sit at its head (about 30 s of hot work at 4 per batch). With the credit
+    guard dormant (fire 1e12, floor -1e12: no benching) and fixed thresholds, the wait trigger
+    alone serves them within max_skip_s + one iteration of simulated time; without it they wait
+    far longer."""
+    step_s = 0.01  # drive()'s scripted iteration time
+    waits = {}
+    for limit in (2.0, None):
+        params = {"credit_fire": 1e12, "credit_floor": -1e12, "max_skip_s": limit, "aimd": False}
+        rep = make_replica("credit", params, num_adapters=2, max_batch_size=4, capacity_blocks=1 << 16)
+        pol = rep.policy
+        assert isinstance(pol, CreditPolicy)
+        streak: dict[int, int] = {}
+        worst = [0]
+
+        def check(rep, batch, fcfs, streak=streak, worst=worst):  # type: ignore[no-untyped-def]
+            for rid in fcfs:
+                streak[rid] = 0 if rid in batch.request_ids else streak.get(rid, 0) + 1
+                worst[0] = max(worst[0], streak[rid])
+
+        rare = [make_request(i, 1, 0.0, 8, 300) for i in range(2)]
+        hot = [make_request(10 + i, 0, 0.001, 8, 300) for i in range(40)]
+        drive(rep, rare + hot, check)
+        waits[limit] = worst[0] * step_s
+        if limit is not None:
+            assert pol.starvation_bound_s(step_s) == limit + step_s
+            assert pol.counts["credit_forced_batches"] > 0
+            assert 0.9 * limit <= pol.stats()["max_skip_wait_s"] <= limit + step_s
+    assert waits[2.0] <= 2.0 + step_s + 1e-9
+    assert waits[None] > 3 * 2.0  # the trigger is what bounded it
 
 
 def queue(reqs: list[Request], merged: int | None, b: int = 4, step: int = 0) -> QueueView:

@@ -52,7 +52,7 @@ def test_dlora_picks_the_cheapest_holder():
 
 
 def test_dlora_loads_on_a_cheaper_replica_only_when_load_time_pays():
-    d = make("dlora", placement="none")
+    d = make("proactive", placement="none")
     cost = DispatchCost(ctx())
     load = LATENCY.load_s(SIZE)
     holder = rv(0, 1.0, {1}, ((1, 8), (3, 8)))  # full: a new request waits for one to finish
@@ -151,3 +151,33 @@ def test_placer_falls_back_to_round_robin_when_slots_cannot_cover():
     actions = placer.initial(view)  # 6 adapters, 4 slots: the greedy cannot cover them
     assert sorted((a.replica, a.adapter_id) for a in actions) == sorted((k % 2, k) for k in range(6))
     assert placer.replan(view, 1.0) == []  # still impossible: the layout is kept
+
+
+def test_dlora_never_substitutes_proactive_does():
+    """The paper's load balancers differ in their candidates: `dlora` keeps a request on its
+    adapter's holders (imbalance is the co-migration's); `proactive` loads it at a cheaper
+    non-holder (adapter substitution); RR (round-robin placement) sends it to its one holder."""
+    busy = rv(0, 8.0, {1}, ((1, 24),))  # the only holder, full: a new request waits
+    idle = rv(1, 0.0, {2}, ((2, 1),))  # free slots, adapter 1 not there
+    view = ClusterView(0.0, (busy, idle))
+    dl, pro = make("dlora", placement="none"), make("proactive", placement="none")
+    assert dl.choose(req(1), view, 0.0) == 0 and dl.stats()["substitutions"] == 0
+    assert pro.choose(req(1), view, 0.0) == 1 and pro.stats()["substitutions"] == 1
+    rr = make("dlora", ctx(num_adapters=4, replicas=2), placement="round_robin")
+    rr.placer.initial(view)
+    assert rr.choose(req(1), view, 0.0) == 1  # adapter 1 is placed on replica 1 (1 % 2)
+    assert rr.choose(req(0), view, 0.0) == 0 and rr.stats()["substitutions"] == 0  # busy holder kept
+    assert rr.placer.replan(view, 0.0) == []  # static: never re-placed
+
+
+def test_placement_replans_after_a_window_of_arrivals():
+    c = ctx(num_adapters=4, replicas=2, slots=3)
+    d = make("dlora", c, replan_window_requests=10)
+    view = ClusterView(0.0, (rv(0), rv(1)))
+    d.placer.initial(view)
+    for i in range(9):
+        d.choose(req(0, i), view, float(i))
+    assert d.placer.replan(view, 9.0) == [] and d.placer.num_replans == 0  # 9 < 10 arrivals
+    d.choose(req(0, 9), view, 9.5)
+    d.placer.replan(view, 10.0)
+    assert d.placer.num_replans == 1 and d.placer.arrivals_since_plan == 0

@@ -25,7 +25,8 @@ def test_reduced_quick_reproduce_writes_a_filled_report(tmp_path):
     assert "## Deviations that apply to every figure" in text and "Quick mode" in text
     for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (tmp_path / img).read_bytes()[:4] == b"\x89PNG"
-    assert "| alpha | unmerged_only | merged_only | credit |" in text
+    assert "| alpha | unmerged_only | merged_only | credit | credit_dormant |" in text
+    assert all(f.checks for f in figures) and "Checks (modern profile)" in text
 
 
 def test_unknown_figure_is_refused(tmp_path):
@@ -35,3 +36,35 @@ def test_unknown_figure_is_refused(tmp_path):
                         "--out", str(tmp_path)], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[2])
     assert p.returncode == 2 and "unknown figure" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_a_broken_policy_fails_its_figure(tmp_path):
+    """Fig. 10's checks on a real sweep whose 'credit' is a policy that never merges: the
+    stated factors over unmerged_only cannot hold, so the figure reports 'no' with the reason."""
+    from dlora.scenario import load_scenario
+    from dlora.sim.reproduce import PAPER, Figure, fig10_checks, fig11a_checks, sweep_table
+    from dlora.sim.run import run_sweep
+
+    sc = load_scenario(PAPER / "fig10-dynamic-batching.yaml", [
+        "workload.num_requests=120", "sweep.values=[0.0, 3.0]",
+        "sweep.variants={unmerged_only: {policies.batching.name: unmerged_only}, "
+        "merged_only: {policies.batching.name: merged_only}, credit: {policies.batching.name: unmerged_only}}"])
+    rows = run_sweep(sc, tmp_path / "fig10").sweep_rows
+    f = Figure("fig10", "t", "c")
+    fig10_checks(f, sweep_table(rows, "workload.popularity.alpha", "latency_per_token_s.mean"))
+    assert f.shape_matches is False
+    assert any("unmerged_only at every skew" in c.name and "1x" in c.detail for c in f.failed)
+    g = Figure("fig11a", "t", "c")  # a dlora that balances no better than proactive fails too
+    fig11a_checks(g, {"round_robin": 10.0, "proactive": 20.0, "dlora": 20.0, "combined": 20.0})
+    assert [c.name.split(" (")[0] for c in g.failed] == ["dlora > 1.05x proactive"]
+
+
+def test_report_prints_no_with_the_reason(tmp_path):
+    from dlora.sim.report_md import write_report_md
+    from dlora.sim.reproduce import Figure
+
+    f = Figure("fig12", "Fig. 12", "flat")
+    f.check("dlora flat within 10%", False, "x0.5")
+    f.columns, f.rows = ["a"], [{"a": 1}]
+    text = write_report_md(tmp_path / "REPORT.md", [f], True, 1.0).read_text()
+    assert "| no: dlora flat within 10% (x0.5) |" in text and "- no: dlora flat within 10% (x0.5)" in text
