@@ -250,7 +250,6 @@ def profile_cmd(
         import torch
 
         from .exec.profiler import QUICK, Sweep, profile
-        from .profile import load_profile
 
         if device not in ("cpu", "cuda"):
             raise DloraError(f"--device {device!r}: use cpu or cuda")
@@ -274,13 +273,7 @@ def profile_cmd(
         result = profile(model_dir=model, model_config=model_config, dummy_weights=dummy_weights, device=device,
                          sweep=sweep, concurrency=concurrency, device_memory_bytes=mem, command=command,
                          notes=notes, progress=progress)
-        text = result.profile.dump()
-        if out_path is not None:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-            tmp.write_text(text)
-            load_profile(tmp)  # validate before it replaces anything
-            tmp.replace(out_path)
+        text = write_profile(result.profile, out_path)
     except DloraError as exc:
         fail(str(exc))
         return
@@ -291,6 +284,20 @@ def profile_cmd(
         out.print(text, highlight=False, soft_wrap=True)
     else:
         err.print(f"wrote {out_path}", highlight=False)
+
+
+def write_profile(profile: Any, out_path: Path | None) -> str:
+    """The profile's YAML; written to `out_path` (when given) only once it loads back."""
+    from .profile import load_profile
+
+    text = str(profile.dump())
+    if out_path is not None:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(out_path.suffix + ".tmp")
+        tmp.write_text(text)
+        load_profile(tmp)  # validate before it replaces anything
+        tmp.replace(out_path)
+    return text
 
 
 @profile_import_app.command("llmservingsim")
@@ -306,7 +313,6 @@ def profile_import_llmservingsim(
     """Import LLMServingSim's layer-wise vLLM profile (MIT) as a dlora profile."""
     import shlex
 
-    from .profile import load_profile
     from .profiling.llmservingsim import import_llmservingsim
 
     try:
@@ -314,13 +320,7 @@ def profile_import_llmservingsim(
             "profile", "import", "llmservingsim"] else "dlora profile import llmservingsim"
         profile, found = import_llmservingsim(folder, tp=tp, config=config, device_memory_gib=device_memory_gib,
                                               command=command, link_gbps=link_gbps, link_latency_us=link_latency_us)
-        text = profile.dump()
-        if out_path is not None:
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out_path.with_suffix(out_path.suffix + ".tmp")
-            tmp.write_text(text)
-            load_profile(tmp)  # validate before it replaces anything
-            tmp.replace(out_path)
+        text = write_profile(profile, out_path)
     except DloraError as exc:
         fail(str(exc))
         return
