@@ -202,8 +202,9 @@ def _params(engine: ServingEngine, body: _Sampling, max_tokens: int) -> Generati
         raise ServeError(400, f"token id(s) {outside} in logit_bias are outside the model's "
                               f"vocabulary [0, {vocab})", "BadRequestError", "logit_bias")
     return GenerationParams(
-        max_tokens, body.temperature, body.top_p, body.seed, body.ignore_eos,
-        tuple(body.stop_token_ids or ()), top_k=max(0, body.top_k or 0), min_p=body.min_p or 0.0,
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
+        ignore_eos=body.ignore_eos, stop_token_ids=tuple(body.stop_token_ids or ()),
+        top_k=max(0, body.top_k or 0), min_p=body.min_p or 0.0,
         presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
         repetition_penalty=body.repetition_penalty if body.repetition_penalty is not None else 1.0,
         logit_bias=bias, logprobs=body.num_logprobs())

@@ -30,7 +30,7 @@ import logging
 import threading
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -70,21 +70,17 @@ class AdapterEntry:
     draining: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class GenerationParams:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GenerationParams(SamplingParams):
+    """A served request's sampling: `SamplingParams` with the API's defaults (temperature 1,
+    stop at EOS) and its token limit."""
+
     max_tokens: int
     temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
     ignore_eos: bool = False
-    stop_token_ids: tuple[int, ...] = ()
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    logprobs: int | None = None
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)})
 
 
 class Generation:
@@ -327,10 +323,7 @@ class ServingEngine:
             raise ServeError(429, f"the server holds {self.live.unfinished} unfinished requests "
                                   f"(--max-queue {self.max_queue}); retry later",
                              "RateLimitError", retry_after_s=1)
-        sp = SamplingParams(params.temperature, params.top_p, params.seed, params.ignore_eos,
-                            params.stop_token_ids, params.top_k, params.min_p,
-                            params.presence_penalty, params.frequency_penalty,
-                            params.repetition_penalty, params.logit_bias, params.logprobs)
+        sp = params.sampling()
         request = Request(self.live.next_request_id(), adapter_id, 0.0, n, params.max_tokens,
                           prompt_token_ids=tuple(int(t) for t in prompt_ids), sampling=sp)
         gen = Generation(self, request)
