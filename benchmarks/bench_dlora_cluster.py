@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.table import Table
 
 from dlora.config import to_plain
+from dlora.report import build_report
 from dlora.scenario import load_scenario, scenario_from_dict, sweep_points
-from dlora.sim.capacity import capacity_by_variant
 from dlora.sim.driver import simulate
-from dlora.sim.report import build_report
+from dlora.studies.capacity import capacity_by_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = ROOT / "scenarios" / "paper"

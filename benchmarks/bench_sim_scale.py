@@ -22,9 +22,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from dlora.report import build_report
 from dlora.scenario import scenario_from_dict
 from dlora.sim.driver import simulate
-from dlora.sim.report import build_report
 
 ROOT = Path(__file__).resolve().parents[1]
 RATE_PER_REPLICA = 56 / 32

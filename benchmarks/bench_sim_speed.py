@@ -48,9 +48,9 @@ def main() -> int:
     if not args.trace.is_file():
         print(f"trace not found: {args.trace} (see ../shared/data/README.md)", file=sys.stderr)
         return 2
+    from dlora.report import build_report
     from dlora.scenario import scenario_from_dict
     from dlora.sim.driver import simulate
-    from dlora.sim.report import build_report
 
     table = Table(
         title=f"simulator speed: Azure LLM conv trace, 4 x 7B, 32 adapters, {args.policy}"

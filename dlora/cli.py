@@ -92,7 +92,7 @@ def simulate(
     """Simulate a scenario on virtual time with its latency profile."""
     from .build import check_scenario
     from .scenario import load_scenario
-    from .sim.run import run_scenario
+    from .studies.run import run_scenario
 
     try:
         sc = load_scenario(scenario, overrides or [])
@@ -350,8 +350,8 @@ def validate_cmd(
     (or, with --against RUN_DIR --profile FILE, replay a real serving run in the simulator)."""
     from rich.table import Table
 
-    from .live.validate import validate
     from .scenario import load_scenario
+    from .studies.validate import validate
 
     if against is not None or profile is not None:
         _validate_against(scenario, against, profile, out_dir, overrides or [])

@@ -29,7 +29,7 @@ def capacity(
 
     from .build import check_scenario
     from .scenario import load_scenario
-    from .sim.capacity import capacity_by_variant
+    from .studies.capacity import capacity_by_variant
 
     try:
         sc = load_scenario(scenario, overrides or [])
@@ -72,7 +72,7 @@ def plan(
 
     from .build import check_scenario
     from .scenario import load_scenario
-    from .sim.plan import plan_replicas
+    from .studies.plan import plan_replicas
 
     try:
         sc = load_scenario(scenario, overrides or [])
@@ -119,7 +119,7 @@ def reproduce(
     """Run the paper's scenarios and write REPORT.md: the paper's claim beside ours, per figure."""
     import time
 
-    from .sim.reproduce import reproduce as run_all
+    from .studies.reproduce import reproduce as run_all
 
     t0 = time.perf_counter()
 

@@ -5,6 +5,7 @@ Used by every command that produces a report (simulate, run, validate, sweeps)."
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,21 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+@dataclass
+class Outcome:
+    """What a command prints: a report and/or a sweep table, notes for stderr, files written."""
+
+    report: Report | None = None
+    sweep_rows: list[dict[str, Any]] = field(default_factory=list)
+    sweep_columns: list[str] = field(default_factory=list)
+    title: str = ""
+    notes: list[str] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+
+    def print(self, console: Console) -> None:
+        if self.report is not None:
+            print_report(self.report, console)
+        if self.sweep_rows:
+            console.print(comparison_table(self.title, self.sweep_rows, self.sweep_columns))

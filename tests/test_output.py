@@ -8,9 +8,9 @@ import pytest
 from rich.console import Console
 
 from dlora.output import print_report
+from dlora.report import build_report
 from dlora.scenario import load_scenario
 from dlora.sim.driver import simulate
-from dlora.sim.report import build_report
 
 QUICKSTART = Path(__file__).resolve().parents[1] / "scenarios" / "quickstart.yaml"
 

@@ -19,10 +19,9 @@ import numpy as np
 from ..build import load_latency, make_adapters, make_cluster
 from ..errors import ConfigError
 from ..metrics import Report
-from ..output import write_outputs
+from ..output import Outcome, write_outputs
+from ..report import RunResult, build_report
 from ..scenario import Scenario
-from ..sim.report import RunResult, build_report
-from ..sim.run import Outcome
 from ..types import Adapter, Executor, Request
 from ..workload import build_requests
 from .callbacks import FinishCallback, TokenCallback

@@ -20,12 +20,12 @@ import simpy
 from ..build import load_latency, make_adapters, make_cluster
 from ..core.replica import ReplicaScheduler
 from ..profile import LatencyModel
+from ..report import RunResult
 from ..scenario import Scenario
 from ..types import Executor, Request
 from ..workload import build_requests
 from .executor import ProfiledExecutor
 from .fastpath import FastPath, Jump, at
-from .report import RunResult
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Studies: what runs the drivers (the simulator, and later the live system) to answer a
-question, above both drivers in the layering. `against`: the simulator against a real serving
-run. Sweeps, capacity, plan, reproduce and live validation will move here from `sim/` and
-`live/`."""
+"""Studies: what runs the drivers (the simulator, the live system) to answer a question, above
+both drivers in the layering: a scenario or its sweep (`run`), throughput under the SLO
+(`capacity`), the fewest replicas for a rate (`plan`), the paper's figures (`reproduce`,
+`report_md`), live against simulated (`validate`), the simulator against a real serving run
+(`against`)."""

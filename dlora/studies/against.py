@@ -47,9 +47,9 @@ from ..config import apply_override
 from ..errors import ConfigError
 from ..metrics import Report
 from ..profile import LatencyModel
+from ..report import build_report
 from ..scenario import Scenario, scenario_from_dict
 from ..sim.driver import SimResult, simulate
-from ..sim.report import build_report
 from ..types import Request, RequestStatus
 from .vllm_run import RealRun, load_run
 

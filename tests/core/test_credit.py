@@ -266,9 +266,9 @@ def test_observe_repeated_equals_repeated_observe() -> None:
 
 
 def test_fig10_fast_path_reports_identical(tmp_path: Path) -> None:
+    from dlora.report import build_report
     from dlora.scenario import load_scenario
     from dlora.sim.driver import simulate
-    from dlora.sim.report import build_report
 
     path = ROOT / "scenarios/paper/fig10-dynamic-batching.yaml"
     for policy, alpha in (("credit", 3.0), ("credit", 0.5), ("merged_only", 1.0), ("unmerged_only", 2.0)):

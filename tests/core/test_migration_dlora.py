@@ -138,8 +138,8 @@ def _migration_report(params, monkeypatch=None, clock_step_s=None):
     import itertools
 
     from dlora.core import migration_solver
+    from dlora.report import build_report
     from dlora.sim.driver import simulate
-    from dlora.sim.report import build_report
 
     if clock_step_s is not None:  # a machine where every solve seems to take ages
         ticks = itertools.count()

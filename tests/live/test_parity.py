@@ -16,8 +16,8 @@ import pytest
 from live_helpers import SleepingExecutor, scenario
 
 from dlora.live import VirtualClock, build_live_report, run
+from dlora.report import build_report
 from dlora.sim.driver import simulate
-from dlora.sim.report import build_report
 from dlora.testing import ScriptedExecutor
 from dlora.types import Request
 

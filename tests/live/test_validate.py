@@ -8,7 +8,7 @@ from live_helpers import LIVE_DEMO
 from typer.testing import CliRunner
 
 from dlora.cli import app
-from dlora.live.validate import METRICS, compare, fresh_copy
+from dlora.studies.validate import METRICS, compare, fresh_copy
 from dlora.types import Request, RequestStatus
 
 TINY = ["--set", "workload.num_requests=4", "--set", "workload.arrival.rate_per_s=50",

@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dlora.report import build_report
 from dlora.scenario import scenario_from_dict
 from dlora.sim.driver import simulate
-from dlora.sim.report import build_report
 from dlora.types import RequestStatus
 
 ROOT = Path(__file__).resolve().parents[2]

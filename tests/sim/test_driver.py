@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from dlora.report import build_report
 from dlora.scenario import load_scenario
 from dlora.sim.driver import simulate
-from dlora.sim.report import build_report
 from dlora.types import RequestStatus
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,9 +12,9 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dlora.report import build_report
 from dlora.scenario import load_scenario
 from dlora.sim.driver import simulate
-from dlora.sim.report import build_report
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.yaml"
 CASES = int(os.environ.get("DLORA_FASTPATH_CASES", "30"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dlora.report import build_report
 from dlora.scenario import load_scenario
 from dlora.sim.driver import simulate
-from dlora.sim.report import build_report
 
 QUICKSTART = Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.yaml"
 BASE = ["workload.num_requests=300", "workload.arrival.rate_per_s=8", "cluster.replicas=2",

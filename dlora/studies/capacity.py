@@ -22,10 +22,10 @@ from typing import Any
 from ..build import load_latency
 from ..config import set_path, to_plain
 from ..errors import ConfigError
+from ..report import build_report
 from ..scenario import Scenario, scenario_from_dict, sweep_points
+from ..sim.driver import simulate
 from ..types import BatchMode, Request
-from .driver import simulate
-from .report import build_report
 
 log = logging.getLogger(__name__)
 RATE_KEY = "workload.arrival.rate_per_s"

@@ -9,7 +9,7 @@ import pytest
 
 from dlora.errors import ConfigError
 from dlora.scenario import scenario_from_dict
-from dlora.sim.capacity import Probe, capacity_by_variant, max_rate_under_slo, scenario_at_rate
+from dlora.studies.capacity import Probe, capacity_by_variant, max_rate_under_slo, scenario_at_rate
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from dlora.errors import ConfigError
-from dlora.sim.reproduce import reproduce
+from dlora.studies.reproduce import reproduce
 
 
 def test_reduced_quick_reproduce_writes_a_filled_report(tmp_path):
@@ -42,8 +42,8 @@ def test_a_broken_policy_fails_its_figure(tmp_path):
     """Fig. 10's checks on a real sweep whose 'credit' is a policy that never merges: the
     stated factors over unmerged_only cannot hold, so the figure reports 'no' with the reason."""
     from dlora.scenario import load_scenario
-    from dlora.sim.reproduce import PAPER, Figure, fig10_checks, fig11a_checks, sweep_table
-    from dlora.sim.run import run_sweep
+    from dlora.studies.reproduce import PAPER, Figure, fig10_checks, fig11a_checks, sweep_table
+    from dlora.studies.run import run_sweep
 
     sc = load_scenario(PAPER / "fig10-dynamic-batching.yaml", [
         "workload.num_requests=120", "sweep.values=[0.0, 3.0]",
@@ -60,8 +60,8 @@ def test_a_broken_policy_fails_its_figure(tmp_path):
 
 
 def test_report_prints_no_with_the_reason(tmp_path):
-    from dlora.sim.report_md import write_report_md
-    from dlora.sim.reproduce import Figure
+    from dlora.studies.report_md import write_report_md
+    from dlora.studies.reproduce import Figure
 
     f = Figure("fig12", "Fig. 12", "flat")
     f.check("dlora flat within 10%", False, "x0.5")

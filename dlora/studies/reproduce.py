@@ -133,8 +133,8 @@ def sweep_table(rows: list[dict[str, Any]], parameter: str, metric: str) -> dict
 # ---------------------------------------------------------------- Fig. 2b
 def fig2b(s: Settings) -> Figure:
     from ..plots import plot_bars
-    from .driver import simulate
-    from .report import build_report
+    from ..report import build_report
+    from ..sim.driver import simulate
 
     f = Figure("fig2b", "Fig. 2b: queueing imbalance across replicas under uniform dispatch",
                "Even round-robin dispatch of a uniform workload leaves replicas imbalanced: output "
@@ -435,8 +435,8 @@ def fig12(s: Settings) -> Figure:
 
 # ---------------------------------------------------------------- Fig. 13
 def fig13(s: Settings) -> Figure:
-    from .driver import simulate
-    from .report import build_report
+    from ..report import build_report
+    from ..sim.driver import simulate
 
     f = Figure("fig13", "Fig. 13: overheads of dLoRA's decisions",
                "Solver time is 0.2-2.3% of run time and mode switching 0.8-1.8%.")

@@ -20,7 +20,7 @@ import yaml
 
 from dlora.errors import ConfigError
 from dlora.scenario import scenario_from_dict
-from dlora.sim.plan import plan_replicas
+from dlora.studies.plan import plan_replicas
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"

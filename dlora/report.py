@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..core.cluster import Cluster
-from ..core.migration import Migrator
-from ..metrics import Report, replica_rows, summarize
-from ..scenario import Scenario
-from ..types import Adapter, Request
+from .core.cluster import Cluster
+from .core.migration import Migrator
+from .metrics import Report, replica_rows, summarize
+from .scenario import Scenario
+from .types import Adapter, Request
 
 
 @dataclass

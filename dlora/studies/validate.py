@@ -15,13 +15,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..live.driver import build_live_report, run, workload_requests
 from ..metrics import Report
 from ..output import write_outputs
+from ..report import build_report
 from ..scenario import Scenario, resolve
 from ..sim.driver import simulate
-from ..sim.report import build_report
 from ..types import Request
-from .driver import build_live_report, run, workload_requests
 
 log = logging.getLogger(__name__)
 

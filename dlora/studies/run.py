@@ -4,35 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
-from ..metrics import Report
-from ..output import comparison_table, print_report, write_outputs
+from ..output import Outcome, write_outputs
+from ..report import build_report
 from ..scenario import Scenario, scenario_from_dict, sweep_points
-from .driver import simulate
-from .report import build_report
+from ..sim.driver import simulate
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Outcome:
-    report: Report | None = None
-    sweep_rows: list[dict[str, Any]] = field(default_factory=list)
-    sweep_columns: list[str] = field(default_factory=list)
-    title: str = ""
-    notes: list[str] = field(default_factory=list)
-    paths: list[Path] = field(default_factory=list)
-
-    def print(self, console: Console) -> None:
-        if self.report is not None:
-            print_report(self.report, console)
-        if self.sweep_rows:
-            console.print(comparison_table(self.title, self.sweep_rows, self.sweep_columns))
 
 
 def metric(summary: dict[str, Any], path: str) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from dlora.sim.maf_standin import maf1_standin_shares, top_fraction_share
+from dlora.studies.maf_standin import maf1_standin_shares, top_fraction_share
 
 
 def test_standin_matches_the_published_concentration() -> None:
