@@ -5,7 +5,7 @@ work unchanged). Current vLLM (v1) names, labelled `model_name` and `engine` (on
 replica: `engine="0"` is replica 0, as vLLM labels the engines of a data-parallel server):
 vllm:num_requests_running / _waiting, vllm:kv_cache_usage_perc (a fraction),
 vllm:prefix_cache_queries_total / vllm:prefix_cache_hits_total (prompt tokens looked up in and
-found in the prefix cache; 0 while the replica's executor shares no KV blocks),
+found in the prefix cache, from the replicas' scheduler counters),
 vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds,
 vllm:request_time_per_output_token_seconds, vllm:e2e_request_latency_seconds,
 vllm:prompt_tokens_total, vllm:generation_tokens_total, vllm:request_success_total, and
