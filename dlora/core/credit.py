@@ -180,6 +180,7 @@ class CreditPolicy:
         self.episode: _Episode | None = None
         self.counts = Counter[str]()
         self._memo: _Decision | None = None
+        self._memo_queue: QueueView | None = None  # the queue `_memo` was decided for
         self._skipped_since: dict[int, float] = {}  # request id -> first skip of its current run
         self._skips_next: dict[int, float] = {}  # what the last plan would commit
         self._skips_now = 0.0
@@ -225,6 +226,7 @@ class CreditPolicy:
         unmerged by the two thresholds (module docstring)."""
         plan, decision = self._decide_with(queue, self._overdue(queue, now))
         self._memo = decision
+        self._memo_queue = queue
         self._skips_next, self._skips_now = self._skip_clocks(queue, plan, now), now
         return plan
 
@@ -334,8 +336,9 @@ class CreditPolicy:
         return ((high, low, amount),)
 
     def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
-        """Repeating the plan changes no credit and crosses no episode boundary."""
-        _, d = self._decide(queue)
+        """Repeating the plan changes no credit and crosses no episode boundary. (A stationary
+        plan skips nobody in B_fcfs: a skip moves credit, so no skip clock starts.)"""
+        d = self._memo if queue is self._memo_queue and self._memo is not None else self._decide(queue)[1]
         ep = self.episode
         return (not d.forced and not d.transfers and ep is not None
                 and (ep.mode, ep.adapter) == (d.mode, d.adapter))
@@ -353,10 +356,14 @@ class CreditPolicy:
 
     def observe_repeated(self, batch: Batch, times: Sequence[float]) -> None:
         """`observe` for identical iterations: stationary plans move no credit, so only the
-        episode counters advance, one iteration at a time (the same float operations)."""
+        episode counters advance, one iteration at a time (the same float operations), and the
+        skip clocks are committed as `observe` commits them (a stationary plan skips nobody:
+        every clock stops)."""
         d = self._memo
         if d is None:
             return
+        if times:
+            self._commit_skips()
         for _ in times:
             self._count(d)
 

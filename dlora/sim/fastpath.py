@@ -60,14 +60,14 @@ class FastPath:
         self.jumps = 0
         self.jumped_iterations = 0
 
-    def next_decode_batch(self, rep: ReplicaScheduler) -> Batch | None:
+    def next_decode_batch(self, rep: ReplicaScheduler, now: float) -> Batch | None:
         """The batch the replica would run next if it is a pure decode of requests that already
         hold their KV, with no memory action or switch pending and a plan the policy declares
         stationary; else None."""
         if rep._pending_free or rep._pending_loads or rep._pending_evicts or rep._incoming_kv:
             return None
         queue = QueueView(rep.unfinished, rep.merged_adapter, rep.config.max_batch_size, rep.step)
-        plan = rep.policy.plan(queue, 0.0)
+        plan = rep.policy.plan(queue, now)  # the real time: time-based policy rules read it
         merged = plan.merged_adapter if plan.mode == BatchMode.MERGED else None
         if not plan.requests or merged != rep.merged_adapter:
             return None
@@ -90,7 +90,7 @@ class FastPath:
 
     def plan(self, rep: ReplicaScheduler, now: float, horizon: float | None) -> Jump | None:
         """The jump of identical decode iterations starting at `now`, or None."""
-        batch = self.next_decode_batch(rep)
+        batch = self.next_decode_batch(rep, now)
         if batch is None:
             return None
         reqs = batch.requests

@@ -32,7 +32,8 @@ case_st = st.fixed_dictionaries({
     "slots": st.sampled_from(["null", "1", "2"]),
     "adapter_memory": st.sampled_from(["unified", "static"]),
     "preemption": st.sampled_from(["recompute", "swap", "auto"]),
-    "batching": st.sampled_from(["unmerged_only", "merged_only", "credit", "vllm", "peft", "slora"]),
+    "batching": st.sampled_from(["unmerged_only", "merged_only", "credit", "credit_guard", "vllm", "peft",
+                                 "slora"]),
     "dispatch": st.sampled_from(["round_robin", "least_loaded", "dlora", "proactive"]),
     "migration": st.sampled_from(["none", "dlora"]),
     "prefix": st.sampled_from(["none", "per_adapter", "groups"]),
@@ -47,7 +48,7 @@ def _overrides(c: dict) -> list[str]:
         f"workload.arrival.rate_per_s={c['rate']}", f"cluster.max_batch_size={c['batch']}",
         f"cluster.max_batched_tokens={c['tokens']}", f"cluster.memory_fraction={c['memory']}",
         f"cluster.max_adapter_slots={c['slots']}", f"cluster.adapter_memory={c['adapter_memory']}",
-        f"cluster.preemption={c['preemption']}", f"policies.batching={c['batching']}",
+        f"cluster.preemption={c['preemption']}",
         f"policies.dispatch={c['dispatch']}",
         "workload.lengths={kind: uniform, prompt_range: [1, 128], output_range: [1, 48]}",
         "run.progress=false", f"cluster.prefix_caching={'true' if c['caching'] else 'false'}",
@@ -56,6 +57,10 @@ def _overrides(c: dict) -> list[str]:
         out.append("workload.prefix={kind: per_adapter, tokens: 48}")
     elif c["prefix"] == "groups":
         out.append("workload.prefix={kind: groups, tokens: 40, groups: 2}")
+    if c["batching"] == "credit_guard":  # the starvation guard firing often (seconds-based clocks)
+        out.append("policies.batching={name: credit, params: {max_skip_s: 0.05}}")
+    else:
+        out.append(f"policies.batching={c['batching']}")
     if c["adapter_memory"] == "static":
         out.append("cluster.adapter_memory_fraction=0.5")
     if c["migration"] == "dlora":
