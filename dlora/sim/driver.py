@@ -111,7 +111,8 @@ class _Sim:
                 self.cluster.on_finished(finished)
                 self._count_done(len(finished))
                 self._sample(rep)
-            if self.fast is not None and rep.unfinished:
+            if self.fast is not None and rep.unfinished and not cluster.deferred.get(rep.id):
+                # (a migration that waited for this iteration runs first, at the loop's top)
                 yield from self._jump(rep)
 
     def migration(self):
