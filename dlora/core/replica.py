@@ -36,7 +36,6 @@ import logging
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import Any
 
 from ..profile import LatencyModel
 from ..types import (
@@ -44,16 +43,14 @@ from ..types import (
     Batch,
     BatchItem,
     BatchMode,
-    ReplicaView,
     Request,
     RequestStatus,
     StepResult,
 )
 from .batching import BatchPolicy, Plan, QueueView
 from .memory import MemoryPool
-from .prefix import block_hashes
+from .replica_views import ReplicaViews, fcfs_key
 from .room import RoomMaker
-from .snapshot import ReplicaMemory, RequestSnapshot
 from .stats import ReplicaStats
 from .work import WorkEstimator
 
@@ -71,11 +68,7 @@ class AdmissionError(Exception):
     """A request can never fit this replica (raised at `add`)."""
 
 
-def _fcfs_key(r: Request) -> tuple[float, int]:
-    return (r.arrival_s, r.id)
-
-
-class ReplicaScheduler(RoomMaker):
+class ReplicaScheduler(RoomMaker, ReplicaViews):
     def __init__(
         self,
         replica_id: int,
@@ -120,15 +113,6 @@ class ReplicaScheduler(RoomMaker):
         self._incoming_kv: dict[int, int] = {}  # request id -> KV tokens arriving by transfer
 
     # ---- queue ----
-    @property
-    def unfinished(self) -> list[Request]:
-        """Every request here in priority order: running (admission order), then waiting."""
-        return self.running + self.waiting
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.running) + len(self.waiting)
-
     def check_fits(self, request: Request) -> None:
         """Raise AdmissionError if the request could never run here."""
         need_tokens = request.prompt_tokens + request.output_tokens
@@ -158,10 +142,10 @@ class ReplicaScheduler(RoomMaker):
             request.status = RequestStatus.WAITING
         if request.dispatch_s is None:
             request.dispatch_s = now
-        key = _fcfs_key(request)
+        key = fcfs_key(request)
         w = self.waiting
         j = len(w)
-        while j > 0 and _fcfs_key(w[j - 1]) > key:
+        while j > 0 and fcfs_key(w[j - 1]) > key:
             j -= 1
         w.insert(j, request)
         self.outstanding[request.adapter_id] += 1
@@ -364,59 +348,6 @@ class ReplicaScheduler(RoomMaker):
         self.step += 1
         return batch
 
-    # ---- prefix caching (memory.py, prefix.py) ----
-    def _hashes_of(self, r: Request, tokens: int) -> tuple[Hashable, ...]:
-        """Hashes of the full blocks of the request's first `tokens` context tokens."""
-        return block_hashes(r, self.memory.block_tokens, tokens)
-
-    def _prefix_hits(self, r: Request) -> tuple[tuple[Hashable, ...], int]:
-        """The cached leading blocks of a request's context (at least one token is left to
-        compute, as vLLM does) and how many of them are unheld (they take free room)."""
-        hashes = self._hashes_of(r, r.prompt_tokens + r.generated_tokens - 1)
-        n, _ = self.memory.cached_prefix_blocks(hashes)
-        if n <= 0:
-            return (), 0
-        hits = hashes[:n]
-        return hits, self.memory.cached_prefix_blocks(hits)[1]
-
-    def register_blocks(self, r: Request, computed_before: int, computed_after: int | None = None) -> None:
-        """After a step took the request's computed tokens from `computed_before` to
-        `computed_after` (default: its computed tokens now): share the blocks that became full.
-        `complete` calls it for every item; the simulator's fast path for each iteration it
-        applies, before the next one allocates (so both reclaim cached blocks alike)."""
-        bt = self.memory.block_tokens
-        full = (r.computed_tokens if computed_after is None else computed_after) // bt
-        if full > computed_before // bt:
-            self.memory.register(r.id, self._hashes_of(r, full * bt))
-
-    def _evictable_bytes(self, keep: set[int]) -> int:
-        return sum(self.memory.adapters[a] for a in self._eviction_order(keep))
-
-    # ---- S-LoRA admission (reserve_output) ----
-    def _reserved_tokens(self) -> list[tuple[int, int]]:
-        """(tokens now, output tokens still to come) of every running request."""
-        return [(r.prompt_tokens + r.generated_tokens, r.remaining_output_tokens) for r in self.running]
-
-    def _reservation_fits(self, r: Request, reserved: list[tuple[int, int]], adapter_bytes: int) -> bool:
-        """S-LoRA's check: with the running requests and `r` sorted by output still to come
-        (longest first), the KV they hold when the j-th of them finishes (the first j all
-        still alive, each grown by the j-th's remaining output) fits the pool at every j, with
-        a block of rounding per request. Idle adapters count as free (they can be evicted)."""
-        if not reserved:
-            return True  # the first request always fits (checked at add)
-        mem = self.memory
-        cand = sorted([*reserved, (r.prompt_tokens + r.generated_tokens, r.remaining_output_tokens)],
-                      key=lambda x: -x[1])
-        idle = sum(b for a, b in mem.adapters.items() if not self.running_adapters[a] and a != r.adapter_id)
-        kv_bytes = mem.capacity_bytes - (mem.adapter_bytes - idle) - adapter_bytes
-        capacity_tokens = (kv_bytes // mem.block_bytes - len(cand)) * mem.block_tokens
-        total = 0
-        for j, (now_tokens, left) in enumerate(cand):
-            total += now_tokens
-            if total + left * (j + 1) > capacity_tokens:
-                return False
-        return True
-
     def complete(self, batch: Batch, result: StepResult, now: float) -> list[Request]:
         """Apply a finished step: token counters, first tokens, finishes, policy feedback."""
         self.stats.record_step(batch, result)
@@ -494,58 +425,3 @@ class ReplicaScheduler(RoomMaker):
         self.merged_adapter = None
         for a in list(self.memory.adapters):
             self.memory.evict_adapter(a)
-
-    # ---- views ----
-    def view(self, now: float) -> ReplicaView:
-        # a request holds device KV blocks iff it is RUNNING, host blocks iff SWAPPED
-        running = len(self.running)
-        swapped = len(self.memory.swapped_blocks)
-        waiting = len(self.waiting) - swapped
-        slots = self.memory.config.max_adapter_slots
-        return ReplicaView(
-            id=self.id, is_alive=self.is_alive, num_waiting=waiting, num_running=running,
-            num_swapped=swapped, kv_blocks_used=self.memory.kv_used_blocks,
-            kv_blocks_total=self.memory.kv_capacity_blocks,
-            resident_adapters=frozenset(self.memory.adapters), merged_adapter=self.merged_adapter,
-            queued_work_s=self.work.seconds(self.num_unfinished),
-            requests_per_adapter=self._requests_per_adapter(),
-            backlog_s=self.backlog_s(),
-            adapter_slots_free=(slots - len(self.memory.adapters)) if slots is not None else 1 << 30,
-        )
-
-    def _requests_per_adapter(self) -> tuple[tuple[int | None, int], ...]:
-        """(adapter, unfinished requests) sorted by adapter (None last); cached until a request
-        is added or leaves."""
-        if self._rpa is None:
-            self._rpa = tuple(sorted(((a, n) for a, n in self.outstanding.items() if n > 0),
-                                     key=lambda x: (x[0] is None, x[0] or 0)))
-        return self._rpa
-
-    def summary(self) -> dict[str, Any]:
-        out: dict[str, Any] = dict(self.stats.as_dict())
-        out["policy"] = self.policy.stats()
-        return out
-
-    # ---- snapshots for migrators (issue 4) ----
-    def request_snapshots(self) -> tuple[RequestSnapshot, ...]:
-        """Immutable per-request state of every unfinished request here (arrival order)."""
-        out = []
-        for r in sorted(self.unfinished, key=_fcfs_key):
-            held = self.memory.held(r.id) or self.memory.swapped_blocks.get(r.id, 0)
-            out.append(RequestSnapshot(
-                r.id, r.adapter_id, self.id, r.status, r.arrival_s, r.prompt_tokens,
-                r.generated_tokens, r.computed_tokens, held, self.work.seconds_for(r)))
-        return tuple(out)
-
-    def backlog_s(self) -> float:
-        """Seconds to drain at full-batch throughput (`ReplicaView.backlog_s`)."""
-        w = self.work
-        if w.count <= 0:
-            return 0.0
-        remaining = max(w.count * w.lengths.mean_output_tokens - w.generated_tokens, w.count)
-        return w.prefill_tokens * w.prefill_s_per_token + remaining * w.decode_s_per_token(w.max_batch_size)
-
-    def memory_limits(self) -> ReplicaMemory:
-        c = self.memory.config
-        return ReplicaMemory(c.block_tokens, c.block_bytes, self.memory.total_blocks,
-                             c.max_adapter_slots, c.adapter_budget_bytes, c.capacity_bytes)

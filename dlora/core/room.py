@@ -10,16 +10,21 @@
   recompute (whichever the profile says is cheaper), and preempts itself when it is that one.
 - A waiting or preempted request never preempts anyone: it is admitted only into room that
   free memory and evictable adapters give.
+- Prefix caching: a new or recomputed request's cached leading blocks (`prefix.py`) are room it
+  claims instead of computing; blocks that became full are registered after each step.
+- S-LoRA's admission (`reserve_output`): room for the whole output of every admitted request.
 
 A mixin of `ReplicaScheduler`, kept apart for size."""
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from ..types import PreemptMode, Request, RequestStatus
 from .preemption import choose_preempt_mode
+from .prefix import block_hashes
 
 if TYPE_CHECKING:
     from ..profile import LatencyModel
@@ -140,3 +145,56 @@ class RoomMaker:
     def _leave_running(self, r: Request) -> None:
         self.running.remove(r)
         self.running_adapters[r.adapter_id] -= 1
+
+    # ---- prefix caching (memory.py, prefix.py) ----
+    def _hashes_of(self, r: Request, tokens: int) -> tuple[Hashable, ...]:
+        """Hashes of the full blocks of the request's first `tokens` context tokens."""
+        return block_hashes(r, self.memory.block_tokens, tokens)
+
+    def _prefix_hits(self, r: Request) -> tuple[tuple[Hashable, ...], int]:
+        """The cached leading blocks of a request's context (at least one token is left to
+        compute, as vLLM does) and how many of them are unheld (they take free room)."""
+        hashes = self._hashes_of(r, r.prompt_tokens + r.generated_tokens - 1)
+        n, _ = self.memory.cached_prefix_blocks(hashes)
+        if n <= 0:
+            return (), 0
+        hits = hashes[:n]
+        return hits, self.memory.cached_prefix_blocks(hits)[1]
+
+    def register_blocks(self, r: Request, computed_before: int, computed_after: int | None = None) -> None:
+        """After a step took the request's computed tokens from `computed_before` to
+        `computed_after` (default: its computed tokens now): share the blocks that became full.
+        `complete` calls it for every item; the simulator's fast path for each iteration it
+        applies, before the next one allocates (so both reclaim cached blocks alike)."""
+        bt = self.memory.block_tokens
+        full = (r.computed_tokens if computed_after is None else computed_after) // bt
+        if full > computed_before // bt:
+            self.memory.register(r.id, self._hashes_of(r, full * bt))
+
+    def _evictable_bytes(self, keep: set[int]) -> int:
+        return sum(self.memory.adapters[a] for a in self._eviction_order(keep))
+
+    # ---- S-LoRA admission (reserve_output) ----
+    def _reserved_tokens(self) -> list[tuple[int, int]]:
+        """(tokens now, output tokens still to come) of every running request."""
+        return [(r.prompt_tokens + r.generated_tokens, r.remaining_output_tokens) for r in self.running]
+
+    def _reservation_fits(self, r: Request, reserved: list[tuple[int, int]], adapter_bytes: int) -> bool:
+        """S-LoRA's check: with the running requests and `r` sorted by output still to come
+        (longest first), the KV they hold when the j-th of them finishes (the first j all
+        still alive, each grown by the j-th's remaining output) fits the pool at every j, with
+        a block of rounding per request. Idle adapters count as free (they can be evicted)."""
+        if not reserved:
+            return True  # the first request always fits (checked at add)
+        mem = self.memory
+        cand = sorted([*reserved, (r.prompt_tokens + r.generated_tokens, r.remaining_output_tokens)],
+                      key=lambda x: -x[1])
+        idle = sum(b for a, b in mem.adapters.items() if not self.running_adapters[a] and a != r.adapter_id)
+        kv_bytes = mem.capacity_bytes - (mem.adapter_bytes - idle) - adapter_bytes
+        capacity_tokens = (kv_bytes // mem.block_bytes - len(cand)) * mem.block_tokens
+        total = 0
+        for j, (now_tokens, left) in enumerate(cand):
+            total += now_tokens
+            if total + left * (j + 1) > capacity_tokens:
+                return False
+        return True

@@ -345,6 +345,6 @@ class LiveCluster:
 
     def _sample(self, rep: ReplicaScheduler, now: float) -> None:
         samples = self.queue_samples[rep.id]
-        n = len(rep.unfinished)
+        n = rep.num_unfinished
         if not samples or samples[-1][1] != n:
             samples.append((now, n))

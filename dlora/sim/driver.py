@@ -111,7 +111,7 @@ class _Sim:
                 self.cluster.on_finished(finished)
                 self._count_done(len(finished))
                 self._sample(rep)
-            if self.fast is not None and rep.unfinished and not cluster.deferred.get(rep.id):
+            if self.fast is not None and rep.has_work and not cluster.deferred.get(rep.id):
                 # (a migration that waited for this iteration runs first, at the loop's top)
                 yield from self._jump(rep)
 
@@ -182,7 +182,7 @@ class _Sim:
 
     def _sample(self, rep: ReplicaScheduler) -> None:
         samples = self.queue_samples[rep.id]
-        n = len(rep.unfinished)
+        n = rep.num_unfinished
         if not samples or samples[-1][1] != n:
             samples.append((self.env.now, n))
 

@@ -5,8 +5,9 @@ name several test folders share)."""
 from __future__ import annotations
 
 import shutil
-import time
 from pathlib import Path
+
+from live_helpers import wait_until  # noqa: F401  (re-exported for the fault tests)
 
 from dlora.exec.demo import demo_adapter_paths, ensure_demo
 from dlora.types import Request, SamplingParams
@@ -34,10 +35,3 @@ def raw_request(live, prompt: tuple[int, ...], max_tokens: int = 3, adapter_id: 
                    prompt_token_ids=prompt, sampling=SamplingParams(temperature=0.0, ignore_eos=True))
 
 
-def wait_until(cond, timeout_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()

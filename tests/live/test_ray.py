@@ -5,14 +5,15 @@ replica comes back. Skipped only where Ray is not installed or cannot start here
 
 from __future__ import annotations
 
+import functools
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
 from fault_helpers import huge_adapter, raw_request
+from live_helpers import wait_until as _wait_until
 
 from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
 
@@ -21,13 +22,7 @@ pytestmark = pytest.mark.slow
 MODELS = ["dlora-demo", "alpha-r4", "beta-r8", "gamma-r8", "delta-r16"]
 
 
-def wait_until(cond, timeout_s: float = 120.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
+wait_until = functools.partial(_wait_until, timeout_s=120.0, poll_s=0.05)
 
 
 @pytest.fixture(scope="module")

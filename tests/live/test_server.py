@@ -4,6 +4,7 @@ concurrency, metrics; and the `dlora serve` command itself in a subprocess."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -11,13 +12,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import httpx
 import openai
 import pytest
+from live_helpers import wait_until as _wait_until
 
 from dlora.exec.demo import ensure_demo
 from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
@@ -43,13 +44,7 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
 
 
-def wait_until(cond, timeout_s: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
+wait_until = functools.partial(_wait_until, timeout_s=20.0)
 
 
 def kv_blocks_used(engine: ServingEngine) -> int:

@@ -1,0 +1,98 @@
+"""What a replica shows the cluster: its `ReplicaView` (per arrival), per-request snapshots and
+memory limits (for migrators), its backlog estimate and the report's summary. A mixin of
+`ReplicaScheduler`, kept apart for size; it reads the scheduler's state and changes nothing."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+from ..types import ReplicaView, Request
+from .snapshot import ReplicaMemory, RequestSnapshot
+
+if TYPE_CHECKING:
+    from .batching import BatchPolicy
+    from .memory import MemoryPool
+    from .stats import ReplicaStats
+    from .work import WorkEstimator
+
+
+def fcfs_key(r: Request) -> tuple[float, int]:
+    return (r.arrival_s, r.id)
+
+
+class ReplicaViews:
+    id: int
+    is_alive: bool
+    running: list[Request]
+    waiting: list[Request]
+    memory: MemoryPool
+    merged_adapter: int | None
+    outstanding: Counter[int | None]
+    work: WorkEstimator
+    stats: ReplicaStats
+    policy: BatchPolicy
+    _rpa: tuple[tuple[int | None, int], ...] | None
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.running) + len(self.waiting)
+
+    @property
+    def unfinished(self) -> list[Request]:
+        """Every request here in priority order: running (admission order), then waiting."""
+        return self.running + self.waiting
+
+    def view(self, now: float) -> ReplicaView:
+        # a request holds device KV blocks iff it is RUNNING, host blocks iff SWAPPED
+        running = len(self.running)
+        swapped = len(self.memory.swapped_blocks)
+        waiting = len(self.waiting) - swapped
+        slots = self.memory.config.max_adapter_slots
+        return ReplicaView(
+            id=self.id, is_alive=self.is_alive, num_waiting=waiting, num_running=running,
+            num_swapped=swapped, kv_blocks_used=self.memory.kv_used_blocks,
+            kv_blocks_total=self.memory.kv_capacity_blocks,
+            resident_adapters=frozenset(self.memory.adapters), merged_adapter=self.merged_adapter,
+            queued_work_s=self.work.seconds(self.num_unfinished),
+            requests_per_adapter=self._requests_per_adapter(),
+            backlog_s=self.backlog_s(),
+            adapter_slots_free=(slots - len(self.memory.adapters)) if slots is not None else 1 << 30,
+        )
+
+    def _requests_per_adapter(self) -> tuple[tuple[int | None, int], ...]:
+        """(adapter, unfinished requests) sorted by adapter (None last); cached until a request
+        is added or leaves."""
+        if self._rpa is None:
+            self._rpa = tuple(sorted(((a, n) for a, n in self.outstanding.items() if n > 0),
+                                     key=lambda x: (x[0] is None, x[0] or 0)))
+        return self._rpa
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.stats.as_dict())
+        out["policy"] = self.policy.stats()
+        return out
+
+    # ---- snapshots for migrators (issue 4) ----
+    def request_snapshots(self) -> tuple[RequestSnapshot, ...]:
+        """Immutable per-request state of every unfinished request here (arrival order)."""
+        out = []
+        for r in sorted(self.unfinished, key=fcfs_key):
+            held = self.memory.held(r.id) or self.memory.swapped_blocks.get(r.id, 0)
+            out.append(RequestSnapshot(
+                r.id, r.adapter_id, self.id, r.status, r.arrival_s, r.prompt_tokens,
+                r.generated_tokens, r.computed_tokens, held, self.work.seconds_for(r)))
+        return tuple(out)
+
+    def backlog_s(self) -> float:
+        """Seconds to drain at full-batch throughput (`ReplicaView.backlog_s`)."""
+        w = self.work
+        if w.count <= 0:
+            return 0.0
+        remaining = max(w.count * w.lengths.mean_output_tokens - w.generated_tokens, w.count)
+        return w.prefill_tokens * w.prefill_s_per_token + remaining * w.decode_s_per_token(w.max_batch_size)
+
+    def memory_limits(self) -> ReplicaMemory:
+        c = self.memory.config
+        return ReplicaMemory(c.block_tokens, c.block_bytes, self.memory.total_blocks,
+                             c.max_adapter_slots, c.adapter_budget_bytes, c.capacity_bytes)
