@@ -264,11 +264,10 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
                 adapter_bytes = 0
                 if adapter is not None and adapter not in mem.adapters:
                     adapter_bytes = self.adapters[adapter].size_bytes
-                keep_now = keep | ({adapter} if adapter is not None else set())
                 blocks = -(-(computed + new) // block_tokens) - mem.held(r.id) - len(hits)
                 need = (blocks + idle_hits) * block_bytes + adapter_bytes
                 if not waiting:
-                    ok = self._evict_until(need, adapter_bytes, keep_now, evicts)
+                    ok = self._evict_until(need, adapter_bytes, keep, evicts, adapter)
                     if not ok and adapter_bytes:
                         continue  # its adapter was dropped (a failed step) and no slot is free: wait
                     while not ok:  # preempt from the lowest-priority end, itself last
@@ -278,15 +277,15 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
                         preempted = True
                         if victim is r:
                             break
-                        ok = self._evict_until(need, 0, keep_now, evicts)
+                        ok = self._evict_until(need, 0, keep, evicts, adapter)
                     if not ok:
                         continue
                 else:
                     if reserved is not None and not self._reservation_fits(r, reserved, adapter_bytes):
                         waiting_blocked = True
                         continue
-                    if not self._evict_until(need, adapter_bytes, keep_now, evicts):
-                        if mem.free_bytes + self._evictable_bytes(keep_now) < need:
+                    if not self._evict_until(need, adapter_bytes, keep, evicts, adapter):
+                        if mem.free_bytes + self._evictable_bytes(keep, adapter) < need:
                             waiting_blocked = True  # KV short: FCFS admits nobody behind it
                         continue  # only a slot (or the adapter budget) is short: it waits
                     if caching:

@@ -64,12 +64,14 @@ class RoomMaker:
                 return False
         return mem.free_bytes >= num_bytes
 
-    def _evict_until(self, num_bytes: int, adapter_bytes: int, keep: set[int], evicts: list[int]) -> bool:
-        """Evict adapters (contract order) until `num_bytes` fit; evicts nothing and returns
-        False when even evicting every evictable adapter would not make them fit."""
+    def _evict_until(self, num_bytes: int, adapter_bytes: int, keep: set[int], evicts: list[int],
+                     adapter: int | None = None) -> bool:
+        """Evict adapters (contract order, never those in `keep` nor `adapter`) until `num_bytes`
+        fit; evicts nothing and returns False when even evicting every evictable adapter would
+        not make them fit."""
         if self._room_fits(num_bytes, adapter_bytes):
             return True
-        order = self._eviction_order(keep)
+        order = self._eviction_order(keep if adapter is None else keep | {adapter})
         if not order or not self._fits_after(num_bytes, adapter_bytes, order):
             return False
         for a in order:
@@ -171,8 +173,9 @@ class RoomMaker:
         if full > computed_before // bt:
             self.memory.register(r.id, self._hashes_of(r, full * bt))
 
-    def _evictable_bytes(self, keep: set[int]) -> int:
-        return sum(self.memory.adapters[a] for a in self._eviction_order(keep))
+    def _evictable_bytes(self, keep: set[int], adapter: int | None = None) -> int:
+        order = self._eviction_order(keep if adapter is None else keep | {adapter})
+        return sum(self.memory.adapters[a] for a in order)
 
     # ---- S-LoRA admission (reserve_output) ----
     def _reserved_tokens(self) -> list[tuple[int, int]]:
