@@ -90,8 +90,8 @@ from ..config import spec
 from ..errors import ConfigError
 from ..types import Batch, BatchMode, Request, StepResult
 from .batching import BATCH_POLICIES, Plan, PolicyContext, QueueView
+from .credit_aimd import AimdThresholds, Key, _Episode
 
-Key = int | None  # adapter id; None is the base model (never merged)
 TRAJECTORY_LIMIT = 256
 
 
@@ -140,23 +140,12 @@ class _Decision:
     fcfs_rank_tokens: int  # sum of ranks over B_fcfs requests (one decode token each)
 
 
-@dataclass(slots=True)
-class _Episode:
-    mode: BatchMode
-    adapter: Key
-    merged_tokens: float = 0.0
-    merged_s: float = 0.0
-    fcfs_tokens: float = 0.0
-    fcfs_s: float = 0.0
-    iterations: int = 0
-
-
 def _key_order(k: Key) -> tuple[bool, int]:
     return (k is None, k or 0)
 
 
 @BATCH_POLICIES.register("credit", CreditParams)
-class CreditPolicy:
+class CreditPolicy(AimdThresholds):
     """dLoRA's dynamic batching (module docstring)."""
 
     def __init__(self, params: CreditParams, ctx: PolicyContext) -> None:
@@ -367,23 +356,6 @@ class CreditPolicy:
         for _ in times:
             self._count(d)
 
-    def _boundary(self, batch: Batch) -> None:
-        key = (batch.mode, batch.merged_adapter)
-        ep = self.episode
-        if ep is not None and (ep.mode, ep.adapter) == key:
-            return
-        if ep is not None:
-            self._aimd(ep, batch.step)
-        self.episode = _Episode(batch.mode, batch.merged_adapter)
-        self.counts["episodes"] += 1
-        # the switch entering this episode: paid by the side that runs, avoided by the other
-        if batch.is_switch:
-            cost = self._switch_s(batch.unmerge_adapter, batch.merge_adapter)
-            if batch.mode == BatchMode.MERGED:
-                self.episode.merged_s += cost
-            else:
-                self.episode.fcfs_s += cost
-
     def _apply(self, d: _Decision, batch: Batch) -> None:
         for payer, payee, amount in d.transfers:
             self.credits[payer] = self.credit(payer) - amount
@@ -398,43 +370,6 @@ class CreditPolicy:
             self.counts["credit_forced_batches"] += 1
         self.counts["credit_transfers"] += len(d.transfers)
         self._count(d)
-
-    def _count(self, d: _Decision) -> None:
-        ep = self.episode
-        if ep is None or d.forced:
-            return
-        ep.iterations += 1
-        ep.merged_tokens += d.merged_cf
-        ep.merged_s += self._time(d.merged_cf, 0, 0)
-        ep.fcfs_tokens += d.fcfs_n
-        ep.fcfs_s += self._time(d.fcfs_n, d.fcfs_adapters, d.fcfs_rank_tokens)
-
-    def _aimd(self, ep: _Episode, step: int) -> None:
-        if not self.p.aimd or ep.iterations == 0:
-            return
-        merged_tput = ep.merged_tokens / ep.merged_s if ep.merged_s > 0 else 0.0
-        fcfs_tput = ep.fcfs_tokens / ep.fcfs_s if ep.fcfs_s > 0 else 0.0
-        p = self.p
-        if ep.mode == BatchMode.MERGED:
-            won = merged_tput >= fcfs_tput
-            self.counts["merged_episodes_won" if won else "merged_episodes_lost"] += 1
-            new = max(self.merge_left, self.merge_right - p.aimd_add) if won else \
-                min(p.merge_right_max, self.merge_right * p.aimd_factor)
-            self._set(step, self.merge_left, max(new, self.merge_left), "merged won" if won else "merged lost")
-        else:
-            won = fcfs_tput >= merged_tput
-            self.counts["unmerged_episodes_won" if won else "unmerged_episodes_lost"] += 1
-            new = min(self.merge_right, self.merge_left + p.aimd_add) if won else \
-                max(p.merge_left_min, self.merge_left / p.aimd_factor)
-            self._set(step, min(new, self.merge_right), self.merge_right,
-                      "unmerged won" if won else "unmerged lost")
-
-    def _set(self, step: int, left: float, right: float, why: str) -> None:
-        if (left, right) == (self.merge_left, self.merge_right):
-            return
-        self.merge_left, self.merge_right = left, right
-        self.threshold_changes += 1
-        self.trajectory.append((step, left, right, why))
 
     def stats(self) -> dict[str, Any]:
         credits = list(self.credits.values())
