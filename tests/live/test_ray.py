@@ -5,7 +5,6 @@ replica comes back. Skipped only where Ray is not installed or cannot start here
 
 from __future__ import annotations
 
-import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +21,8 @@ pytestmark = pytest.mark.slow
 MODELS = ["dlora-demo", "alpha-r4", "beta-r8", "gamma-r8", "delta-r16"]
 
 
-wait_until = functools.partial(_wait_until, timeout_s=120.0, poll_s=0.05)
+def wait_until(cond, timeout_s: float = 120.0) -> bool:
+    return _wait_until(cond, timeout_s, poll_s=0.05)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ concurrency, metrics; and the `dlora serve` command itself in a subprocess."""
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -44,7 +43,8 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
 
 
-wait_until = functools.partial(_wait_until, timeout_s=20.0)
+def wait_until(cond, timeout_s: float = 20.0) -> bool:
+    return _wait_until(cond, timeout_s)
 
 
 def kv_blocks_used(engine: ServingEngine) -> int:
