@@ -6,6 +6,7 @@ comes back (DESIGN.md section 3). `Request` is the one mutable record.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Protocol
@@ -329,8 +330,27 @@ class ReplicaView:
 
 @dataclass(frozen=True, slots=True)
 class ClusterView:
+    """What dispatchers, placers and migrators see of the cluster. `replicas` may build each
+    view only when it is read (`core.cluster.LazyViews`), so a decision that reads two replicas
+    costs two views whatever the cluster's size; `alive_ids` and `resident_on` answer without
+    building any."""
+
     now_s: float
-    replicas: tuple[ReplicaView, ...]
+    replicas: Sequence[ReplicaView]
+    alive_ids: tuple[int, ...] | None = None  # None: read from the views
+    resident_index: Callable[[int], tuple[int, ...]] | None = None  # adapter -> replicas holding it
+
+    def alive(self) -> tuple[int, ...]:
+        """Ids of the live replicas, in id order."""
+        if self.alive_ids is not None:
+            return self.alive_ids
+        return tuple(r.id for r in self.replicas if r.is_alive)
+
+    def resident_on(self, adapter: int) -> tuple[int, ...]:
+        """Ids of the replicas (live or not) where the adapter is resident, in id order."""
+        if self.resident_index is not None:
+            return self.resident_index(adapter)
+        return tuple(r.id for r in self.replicas if adapter in r.resident_adapters)
 
 
 @dataclass(frozen=True, slots=True)

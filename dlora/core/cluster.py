@@ -6,7 +6,7 @@ time. A request that cannot fit any replica is rejected with a reason, never los
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from ..types import (
     Action,
@@ -15,6 +15,7 @@ from ..types import (
     LoadAdapter,
     MigrateMode,
     MigrateRequest,
+    ReplicaView,
     Request,
     RequestStatus,
 )
@@ -24,6 +25,34 @@ from .snapshot import MigrationView
 from .work import OutputLengthEstimate
 
 log = logging.getLogger(__name__)
+
+
+class LazyViews(Sequence[ReplicaView]):
+    """The replicas' views, each built (and brought up to date) on first access."""
+
+    __slots__ = ("_cluster", "_now", "_views")
+
+    def __init__(self, cluster: Cluster, now: float) -> None:
+        self._cluster = cluster
+        self._now = now
+        self._views: list[ReplicaView | None] = [None] * len(cluster.replicas)
+
+    def __len__(self) -> int:
+        return len(self._views)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        v = self._views[i]
+        if v is None:
+            c = self._cluster
+            c.observe(i, self._now)
+            v = self._views[i] = c.replicas[i].view(self._now)
+        return v
+
+    def __iter__(self) -> Iterator[ReplicaView]:
+        for i in range(len(self._views)):
+            yield self[i]
 
 
 class Cluster:
@@ -40,6 +69,8 @@ class Cluster:
         # waits for that iteration to end (`run_deferred`)
         self.in_flight: dict[int, tuple[int, ...]] = {}
         self.deferred: dict[int, list[MigrateRequest]] = {}
+        # set by a driver whose replicas can lag behind `now` (the simulator's fast path)
+        self.before_read: Callable[[int, float], None] | None = None
 
     def place(self, now: float, initial: bool = False) -> list[ReplicaScheduler]:
         """Run the dispatcher's placement (initial layout, or a periodic re-placement) and
@@ -61,7 +92,21 @@ class Cluster:
         )
 
     def view(self, now: float) -> ClusterView:
-        return ClusterView(now, tuple(r.view(now) for r in self.replicas))
+        """The cluster as decisions see it; each replica's view is built when first read (after
+        `before_read` brings that replica up to date), so a dispatcher that reads only its
+        adapter's holders costs as many views, whatever the number of replicas."""
+        return ClusterView(now, LazyViews(self, now), tuple(r.id for r in self.replicas if r.is_alive),
+                           self.resident_on)
+
+    def resident_on(self, adapter: int) -> tuple[int, ...]:
+        """Replicas where the adapter is resident (placement and jumps never hide one)."""
+        return tuple(r.id for r in self.replicas if adapter in r.memory.adapters)
+
+    def observe(self, replica: int, now: float) -> None:
+        """Bring one replica up to `now` before anything reads or changes it (the driver's
+        `before_read`: the simulator applies the decode iterations its fast path covered)."""
+        if self.before_read is not None:
+            self.before_read(replica, now)
 
     def submit(self, request: Request, now: float) -> ReplicaScheduler | None:
         """Dispatch an arriving request; returns its replica, or None if rejected."""
@@ -72,6 +117,7 @@ class Cluster:
             self.reject(request, now, str(exc))
             return None
         rid = self.dispatcher.choose(request, self.view(now), now)
+        self.observe(rid, now)
         replica = self.replicas[rid]
         replica.add(request, now)
         return replica
@@ -91,6 +137,8 @@ class Cluster:
         """Carry out migrations and placement changes; returns the replicas that changed."""
         touched: list[ReplicaScheduler] = []
         for act in actions:
+            for rid in ((act.source, act.destination) if isinstance(act, MigrateRequest) else (act.replica,)):
+                self.observe(rid, now)
             if isinstance(act, MigrateRequest):
                 self._migrate(act, now)
                 touched += [self.replicas[act.source], self.replicas[act.destination]]
@@ -109,6 +157,7 @@ class Cluster:
             return []
         self.in_flight[replica] = ()
         for act in acts:
+            self.observe(act.destination, now)
             self._migrate(act, now)
         return [self.replicas[a.destination] for a in acts]
 

@@ -22,7 +22,12 @@ DISPATCHERS: Registry[Dispatcher] = Registry("dispatcher")
 
 
 def alive(view: ClusterView) -> list[ReplicaView]:
-    out = [r for r in view.replicas if r.is_alive]
+    """The views of the live replicas (builds every one: use `alive_ids` where ids suffice)."""
+    return [view.replicas[i] for i in alive_ids(view)]
+
+
+def alive_ids(view: ClusterView) -> tuple[int, ...]:
+    out = view.alive()
     if not out:
         raise RuntimeError("no live replica to dispatch to")
     return out
@@ -51,19 +56,20 @@ class RoundRobin:
     def choose(self, request: Request, view: ClusterView, now: float) -> int:
         a = request.adapter_id
         if self.placer is not None and a is not None:
-            live = {r.id for r in view.replicas if r.is_alive}
+            live = set(view.alive())
             holders = [h for h in self.placer.holders(a) if h in live]
             if holders:
                 i = self._next_of.get(a, 0)
                 self._next_of[a] = i + 1
                 return holders[i % len(holders)]
         n = len(view.replicas)
+        live = set(alive_ids(view))
         for _ in range(n):
-            r = view.replicas[self._next % n]
+            i = self._next % n
             self._next += 1
-            if r.is_alive:
-                return r.id
-        return alive(view)[0].id
+            if i in live:
+                return i
+        return min(live)
 
 
 @DISPATCHERS.register("least_loaded")

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..config import spec
 from ..types import BatchMode, ClusterView, ReplicaView, Request
-from .dispatch import DISPATCHERS, alive
+from .dispatch import DISPATCHERS, alive, alive_ids
 from .placement_policy import PlacementParams, make_placer
 
 TYPICAL_CONTEXT_TOKENS = 512
@@ -120,14 +120,16 @@ class DloraDispatcher:
         candidate with the lowest wait + load seconds (ties: backlog, requests, id)."""
         a = request.adapter_id
         self.placer.record(a, now)
-        reps = alive(view)
+        live = alive_ids(view)
         if a is None:
-            return min(reps, key=lambda r: self.costs.key(None, r)).id
+            return min((view.replicas[i] for i in live), key=lambda r: self.costs.key(None, r)).id
         placed = set(self.placer.holders(a))
-        holders = [r for r in reps if r.id in placed or a in r.resident_adapters]
-        others = [r for r in reps if r.id not in placed and a not in r.resident_adapters]
+        held = placed | set(view.resident_on(a))
+        # only the views a decision reads are built (a cluster view may be lazy)
+        holders = [view.replicas[i] for i in live if i in held]
         cands = list(holders)
-        if (self.params.load_candidates or not holders) and others:
+        if self.params.load_candidates or not holders:
+            others = [view.replicas[i] for i in live if i not in held]
             loadable = [r for r in others if can_load(r)] or (others if not holders else [])
             if loadable:
                 cands.append(min(loadable, key=lambda r: self.costs.key(a, r)))
@@ -173,7 +175,8 @@ class Affinity:
         pass
 
     def choose(self, request: Request, view: ClusterView, now: float) -> int:
-        reps = alive(view)
         a = request.adapter_id
-        holders = [r for r in reps if a is not None and a in r.resident_adapters]
-        return min(holders or reps, key=lambda r: (r.backlog_s, r.num_requests, r.id)).id
+        live = alive_ids(view)
+        held = set(view.resident_on(a)) if a is not None else set()
+        ids = [i for i in live if i in held] or list(live)
+        return min((view.replicas[i] for i in ids), key=lambda r: (r.backlog_s, r.num_requests, r.id)).id

@@ -168,14 +168,20 @@ class MemoryPool:
         self.kv_blocks[request_id] = len(hashes)
         self.shared[request_id] = list(hashes)
 
-    def register(self, request_id: int, hashes: Sequence[Hashable]) -> None:
-        """The request's first `len(hashes)` blocks are full and computed: make them shareable.
-        Blocks already registered are skipped; a block whose hash another holder registered
-        first stays private (and so does every block after it)."""
+    def next_unshared(self, request_id: int) -> int:
+        """Index of the request's first block not yet registered as shareable."""
+        return len(self.shared.get(request_id, ()))
+
+    def register(self, request_id: int, hashes: Sequence[Hashable], start: int = 0) -> None:
+        """The request's blocks `start .. start + len(hashes) - 1` are full and computed (their
+        hashes, in order): make them shareable. `start` is at most `next_unshared` (blocks
+        already registered are skipped); a block whose hash another holder registered first
+        stays private (and so does every block after it)."""
         if not self.config.prefix_caching:
             return
         mine = self.shared.setdefault(request_id, [])
-        for i in range(len(mine), len(hashes)):
+        assert start <= len(mine), (start, len(mine))
+        for i in range(len(mine) - start, len(hashes)):
             h = hashes[i]
             if h in self.block_refs or h in self.cached:
                 break

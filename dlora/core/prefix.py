@@ -23,10 +23,11 @@ def prompt_block_hashes(r: Request, block_tokens: int) -> tuple[Hashable, ...]:
     return block_hashes(r, block_tokens, r.prompt_tokens)
 
 
-def block_hashes(r: Request, block_tokens: int, tokens: int) -> tuple[Hashable, ...]:
+def block_hashes(r: Request, block_tokens: int, tokens: int, start: int = 0) -> tuple[Hashable, ...]:
     """Hashes of the full blocks among the request's first `tokens` context tokens, in order
-    (with token ids: as far as the ids are known)."""
+    (with token ids: as far as the ids are known), from block `start` on."""
     salt = -1 if r.adapter_id is None else r.adapter_id
+    full = min(tokens, r.prompt_tokens + r.output_tokens) // block_tokens
     if r.prompt_token_ids is not None:
         ids = r.prompt_token_ids
         if tokens > len(ids) and r.output_token_ids:
@@ -34,14 +35,13 @@ def block_hashes(r: Request, block_tokens: int, tokens: int) -> tuple[Hashable, 
         out: list[Hashable] = []
         h: int = hash((-2, salt))
         known = min(tokens, len(ids)) // block_tokens
-        for i in range(known):
+        for i in range(known):  # a chain: every block's hash needs the ones before it
             h = hash((h, ids[i * block_tokens:(i + 1) * block_tokens]))
-            out.append(h)
+            if i >= start:
+                out.append(h)
         # output whose ids are not known (a scripted executor, or the simulator replaying a live
         # request): the request's own blocks, as for simulated requests
-        full = min(tokens, r.prompt_tokens + r.output_tokens) // block_tokens
-        out += [("r", r.id, i) for i in range(known, full)]
+        out += [("r", r.id, i) for i in range(max(known, start), full)]
         return tuple(out)
-    full = min(tokens, r.prompt_tokens + r.output_tokens) // block_tokens
     shared = r.prefix_tokens // block_tokens if r.prefix_group is not None else 0
-    return tuple(("g", salt, r.prefix_group, i) if i < shared else ("r", r.id, i) for i in range(full))
+    return tuple(("g", salt, r.prefix_group, i) if i < shared else ("r", r.id, i) for i in range(start, full))

@@ -171,7 +171,9 @@ class RoomMaker:
         bt = self.memory.block_tokens
         full = (r.computed_tokens if computed_after is None else computed_after) // bt
         if full > computed_before // bt:
-            self.memory.register(r.id, self._hashes_of(r, full * bt))
+            start = self.memory.next_unshared(r.id)
+            if start < full:
+                self.memory.register(r.id, block_hashes(r, bt, full * bt, start), start)
 
     def _evictable_bytes(self, keep: set[int], adapter: int | None = None) -> int:
         order = self._eviction_order(keep if adapter is None else keep | {adapter})

@@ -64,6 +64,8 @@ class _Sim:
         use_fast = scenario.run.fast_path and executor_factory is None
         self.fast = FastPath(latency, self.adapters) if use_fast else None
         self.jumps: dict[int, Jump] = {}
+        if self.fast is not None:
+            self.cluster.before_read = self.observe
 
     # ---- processes ----
     def arrivals(self):
@@ -73,7 +75,8 @@ class _Sim:
             if delay > 0:
                 yield env.timeout(delay)
             self.next_arrival_i = i + 1
-            self.observe_all(env.now)
+            # no observe_all: the dispatcher brings up to date only the replicas it reads
+            # (`Cluster.before_read`)
             replica = cluster.submit(r, env.now)
             if replica is None:
                 self._count_done(1)
@@ -168,6 +171,13 @@ class _Sim:
                 return
 
     # ---- helpers ----
+    def observe(self, replica: int, now: float) -> None:
+        """Bring one replica in a jump up to `now` (`Cluster.before_read`)."""
+        jump = self.jumps.get(replica)
+        if jump is not None:
+            assert self.fast is not None
+            self.fast.materialize(jump, now)
+
     def observe_all(self, now: float) -> None:
         """Bring replicas in a jump up to `now` before anything looks at them."""
         if self.fast is not None:

@@ -14,14 +14,16 @@ normal path, so reports are identical to stepping one by one (tests/sim/test_fas
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import reduce
+from operator import add
 
 import simpy
 
 from ..core.batching import QueueView
 from ..core.replica import ReplicaScheduler
 from ..profile import LatencyModel
-from ..types import Adapter, Batch, BatchItem, BatchMode, RequestStatus
+from ..types import Adapter, Batch, BatchItem, BatchMode, Request, RequestStatus
 
 MIN_JUMP = 2
 MAX_JUMP = 4096
@@ -44,6 +46,10 @@ class Jump:
     start_s: float
     times: list[float]
     ends: list[float]
+    # iteration index -> requests (ids) that need a new KV block / whose block fills in it
+    needs: dict[int, list[int]] = field(default_factory=dict)
+    fills: dict[int, list[Request]] = field(default_factory=dict)
+    start_tokens: dict[int, int] = field(default_factory=dict)  # request id -> computed at start
     applied: int = 0  # iterations fully applied
     allocated: int = 0  # iterations whose KV blocks are allocated
     cut: bool = False
@@ -135,7 +141,18 @@ class FastPath:
                 break
         if len(times) < MIN_JUMP:
             return None
-        return Jump(rep, batch, now, times, ends)
+        k = len(times)
+        needs: dict[int, list[int]] = {}
+        fills: dict[int, list[Request]] = {}
+        start_tokens = {}
+        for r in reqs:  # in batch order, as the iteration-by-iteration loop visits them
+            c = r.computed_tokens
+            start_tokens[r.id] = c
+            for i in range((-c) % block, k, block):  # its computed tokens fill whole blocks
+                needs.setdefault(i, []).append(r.id)
+            for i in range((-c - 1) % block, k, block):  # a block fills in iteration i
+                fills.setdefault(i, []).append(r)
+        return Jump(rep, batch, now, times, ends, needs, fills, start_tokens)
 
     def materialize(self, jump: Jump, now: float) -> None:
         """Apply every iteration that ended by `now`; allocate the blocks of the one in flight."""
@@ -146,43 +163,40 @@ class FastPath:
         rep = jump.rep
         mem = rep.memory
         reqs = jump.batch.requests
-        block = mem.block_tokens
         stats = rep.stats
-        adapters = [it.adapter_id for it in jump.batch.items if it.adapter_id is not None]
         caching = mem.config.prefix_caching
-        while jump.applied < k and (jump.applied == 0 or jump.ends[jump.applied - 1] <= now):
+        ends = jump.ends
+        allocated_before = jump.allocated
+        while jump.applied < k and (jump.applied == 0 or ends[jump.applied - 1] <= now):
             i = jump.applied
             if jump.allocated <= i:
                 # held == ceil(computed / block) for a decoding request, so a step needs a new
-                # block exactly when its computed tokens (i - first steps not yet added) fill
-                # whole blocks
-                offset = i - first
-                for r in reqs:
-                    if (r.computed_tokens + offset) % block == 0:
-                        mem.allocate(r.id, 1)
-                # and, as `_admit` does when it schedules an iteration, stamp its adapters and
-                # count the step (an observer sees the iteration in flight as scheduled)
-                for a in adapters:
-                    rep.adapter_last_used[a] = rep.step
-                rep.step += 1
+                # block exactly when its computed tokens fill whole blocks (`Jump.needs`)
+                for rid in jump.needs.get(i, ()):
+                    mem.allocate(rid, 1)
                 jump.allocated = i + 1
-            if jump.ends[i] > now:
+            if ends[i] > now:
                 break
-            t = jump.times[i]
-            stats.busy_s += t
-            for r in reqs:
-                r.executing_s += t
             jump.applied = i + 1
             if caching:  # as `complete` does, before the next iteration allocates
-                offset = i - first
-                for r in reqs:
-                    after = r.computed_tokens + offset + 1
-                    if after % block == 0:
-                        rep.register_blocks(r, after - 1, after)
+                for r in jump.fills.get(i, ()):
+                    after = jump.start_tokens[r.id] + i + 1
+                    rep.register_blocks(r, after - 1, after)
+        if jump.allocated > allocated_before:
+            # as `_admit` does when it schedules an iteration: count the steps and stamp the
+            # batch's adapters with the last one's (an observer sees the one in flight as scheduled)
+            rep.step += jump.allocated - allocated_before
+            for it in jump.batch.items:
+                if it.adapter_id is not None:
+                    rep.adapter_last_used[it.adapter_id] = rep.step - 1
         done = jump.applied - first
         if done:
             n = len(reqs)
+            times = jump.times[first:jump.applied]
+            # the same float additions, in the same order, as one `complete` per iteration
+            stats.busy_s = reduce(add, times, stats.busy_s)
             for r in reqs:
+                r.executing_s = reduce(add, times, r.executing_s)
                 r.computed_tokens += done
                 r.generated_tokens += done
             rep.work.generated_tokens += n * done
@@ -194,7 +208,7 @@ class FastPath:
                 stats.unmerged_iterations += done
             if jump.batch.forced_by_credit:
                 stats.credit_forced_batches += done
-            rep.policy.observe_repeated(jump.batch, jump.times[first:jump.applied])
+            rep.policy.observe_repeated(jump.batch, times)
             self.jumped_iterations += done
 
     def cut(self, jump: Jump) -> float:
