@@ -97,12 +97,14 @@ def validate_table(name: str, result: Validation) -> Table:
     the goal column says the bound on |error| and whether it is met."""
     repeated = any(r.live_min != r.live_max for r in result.rows)
     profile = result.profile.rsplit("/", 1)[-1]
-    t = Table(title=f"{name}: live vs simulated ({profile})", header_style="bold",
-              caption="error = (simulated - live) / live")
-    t.add_column("metric", no_wrap=True)
-    t.add_column("live mean" if repeated else "live", justify="right")
+    caption = "error = (simulated - live) / live"
     if repeated:
-        t.add_column("live range", justify="right")
+        caption += "; live: the mean over the runs, range: their min-max"
+    t = Table(title=f"{name}: live vs simulated ({profile})", header_style="bold", caption=caption)
+    t.add_column("metric", no_wrap=True)
+    t.add_column("live", justify="right")
+    if repeated:
+        t.add_column("range", justify="right", no_wrap=True)
     for col in ("simulated", "error", "goal"):
         t.add_column(col, justify="right")
     for r in result.rows:
