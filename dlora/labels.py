@@ -69,6 +69,8 @@ def percent(x: float | None, signed: bool = False) -> str:
     """A share (0.25) as a percentage (25.0%)."""
     if x is None:
         return NONE
+    if round(x * 100, 1) == 0:
+        return "+0.0%" if signed else "0.0%"  # never "-0.0%"
     return f"{x * 100:+.1f}%" if signed else f"{x * 100:.1f}%"
 
 
