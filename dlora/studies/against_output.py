@@ -11,6 +11,7 @@ from typing import Any
 
 from rich.table import Table
 
+from ..labels import number, percent
 from ..metrics import _clean
 from ..output import write_outputs
 from ..types import RequestStatus
@@ -20,14 +21,16 @@ LABELS = {"ttft_s": "TTFT", "tpot_s": "TPOT", "latency_s": "latency", "queueing_
 
 
 def _num(v: float | None, scale: float = 1.0) -> str:
+    """Four significant digits (162.5, 25.00, 2.105); a value that rounds to nothing at that
+    scale (a float residue of 1e-12 ms) is 0."""
     if v is None:
         return "-"
     x = v * scale
-    return f"{x:,.1f}" if abs(x) >= 100 else f"{x:.4g}"
+    return "0" if abs(x) < 5e-4 else number(x, 4)
 
 
 def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{v * 100:+.1f}%"
+    return percent(v, signed=True)
 
 
 def table(result: AgainstResult) -> Table:
@@ -46,12 +49,12 @@ def table(result: AgainstResult) -> Table:
             label = f"{LABELS[key]} {'mean' if stat == 'mean' else stat.upper()} (ms)"
             t.add_row(label, _num(p["real"], 1e3), _num(p["simulated"], 1e3), _pct(p["relative_error"]))
     p = m["throughput_rps"]
-    t.add_row("throughput (req/s)", f"{p['real']:.3f}", _num(p["simulated"]), _pct(p["relative_error"]))
+    t.add_row("throughput (req/s)", _num(p["real"]), _num(p["simulated"]), _pct(p["relative_error"]))
     pr = result.per_request
     for key in ("latency_s", "ttft_s"):
         e = pr[key]
         t.add_row(f"|Δ {LABELS[key]}| per req (ms)", "", _num(e["median_absolute_error"], 1e3),
-                  "-" if e["median_relative_error"] is None else f"{e['median_relative_error'] * 100:.1f}%")
+                  percent(e["median_relative_error"]))
     s = result.simulated
     t.add_row("completed", str(len(result.run.requests)), str(s["completed"]), "")
     t.add_row("preemptions", "-", str(s["preemptions"]), "")
@@ -101,7 +104,7 @@ def write_per_request(path: Path, result: AgainstResult) -> None:
 
 
 def plot(path: Path, result: AgainstResult) -> Path:
-    from ..plots import _save, plt
+    from ..plots import _save, plt, use_log_axis
 
     rows = [r for r in _rows(result) if r["sim_latency_s"] is not None]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
@@ -116,10 +119,14 @@ def plot(path: Path, result: AgainstResult) -> Path:
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
     for label, key in (("real", "real_ttft_s"), ("simulated", "sim_ttft_s")):
-        vals = sorted(r[key] for r in rows if r[key] is not None)
-        if vals:
-            right.plot(vals, [(i + 1) / len(vals) for i in range(len(vals))], label=label)
-    right.set_xlabel("TTFT (s)")
+        vals = sorted(r[key] * 1e3 for r in rows if r[key] is not None)
+        if vals:  # the empirical CDF: a step at each request
+            right.step([vals[0], *vals], [0.0, *((i + 1) / len(vals) for i in range(len(vals)))],
+                       where="post", label=f"{label} ({len(vals):,} requests)")
+    if use_log_axis([r[k] * 1e3 for r in rows for k in ("real_ttft_s", "sim_ttft_s") if r[k] is not None]):
+        right.set_xscale("log")
+    right.set_ylim(0, 1.02)
+    right.set_xlabel("TTFT (ms)")
     right.set_ylabel("fraction of requests (CDF)")
     right.set_title("time to first token")
     right.legend(fontsize=8)

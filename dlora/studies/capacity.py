@@ -22,6 +22,7 @@ from typing import Any
 from ..build import load_latency
 from ..config import set_path, to_plain
 from ..errors import ConfigError
+from ..labels import count, rate, seconds
 from ..report import build_report
 from ..scenario import Scenario, scenario_from_dict, sweep_points
 from ..sim.driver import simulate
@@ -41,6 +42,16 @@ class Probe:
     ok: bool
     completed: int
     unfinished: int
+    requests: int = 0  # issued by the probe
+    stopped: str = ""  # why the probe was cut short: "drain" or "slo" (see `SloLost`); "" ran out
+    stopped_at_s: float | None = None  # simulated time of that stop
+    slo_latency_per_token_s: float | None = None  # the limit it was judged against
+    lower_bound_s: float | None = None  # stopped "slo": the final mean is at least this
+
+    @property
+    def reason(self) -> str:
+        """The verdict in words: which metric, its value against the limit, with units."""
+        return verdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +64,11 @@ class CapacityResult:
     def as_dict(self) -> dict[str, Any]:
         return {"rate": self.rate, "slo_latency_per_token_s": self.slo_latency_per_token_s,
                 "bracket": list(self.bracket),
-                "path": [[p.rate, p.latency_per_token_s, p.ok] for p in self.path]}
+                "path": [[p.rate, p.latency_per_token_s, p.ok] for p in self.path],
+                "probes": [{"rate": p.rate, "latency_per_token_s": p.latency_per_token_s, "ok": p.ok,
+                            "requests": p.requests, "completed": p.completed, "unfinished": p.unfinished,
+                            "stopped": p.stopped or None, "stopped_at_s": p.stopped_at_s, "reason": p.reason}
+                           for p in self.path]}
 
 
 def _raw(scenario: Scenario) -> dict[str, Any]:
@@ -92,45 +107,102 @@ def probe(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
     latency = load_latency(sc)
     token_s = latency.decode_step_s(sc.cluster.max_batch_size, 512, BatchMode.UNMERGED,
                                     num_adapters=min(4, sc.cluster.max_batch_size))
-    summary = build_report(simulate(sc, stop_check=(slo_lost(slo, token_s=token_s), STOP_CHECK_S))).summary
+    lost = slo_lost(slo, token_s=token_s)
+    summary = build_report(simulate(sc, stop_check=(lost, STOP_CHECK_S))).summary
     mean = summary["latency_per_token_s"]["mean"]
     ok = (summary["unfinished"] == 0 and summary["completed"] > 0 and mean is not None
           and mean <= scenario.slo.latency_per_token_s)
-    log.info("capacity probe rate %.4g: mean latency/token %s -> %s", rate, mean, "ok" if ok else "over")
-    return Probe(float(rate), mean, ok, summary["completed"], summary["unfinished"])
+    result = Probe(float(rate), mean, ok, summary["completed"], summary["unfinished"], summary["requests"],
+                   lost.stopped, lost.stopped_at_s, slo, lost.bound_s if lost.stopped == "slo" else None)
+    log.info("capacity probe %s", probe_line("", result))
+    return result
 
 
-def slo_lost(slo_latency_per_token_s: float, drain_factor: float | None = DRAIN_FACTOR,
-             token_s: float = 0.0) -> Callable[[float, list[Request]], bool]:
-    """A stop check for probes: True once the probe has failed whatever happens next.
+class SloLost:
+    """A stop check for probes: True once the probe has failed whatever happens next; `stopped`
+    and `stopped_at_s` then say why and when.
 
-    - Sustainability: with `drain_factor`, a rate the cluster cannot keep up with fails when
-      work is still unfinished at `drain_factor` x the last arrival time plus the longest
-      request's own decode time (its output tokens x `token_s`, the profile's step time of a
-      full batch). (Without it, a short
-      probe at any rate drains its fixed backlog eventually, and with the paper's loose
-      0.5 s/token SLO a cluster overloaded several-fold would still "meet" it.)
-    - The SLO: each unfinished request will have latency >= now - arrival over its (known, to
+    - "drain" (sustainability): with `drain_factor`, a rate the cluster cannot keep up with
+      fails when work is still unfinished at `drain_factor` x the last arrival time plus the
+      longest request's own decode time (its output tokens x `token_s`, the profile's step
+      time of a full batch). (Without it, a short probe at any rate drains its fixed backlog
+      eventually, and with the paper's loose 0.5 s/token SLO a cluster overloaded several-fold
+      would still "meet" it.)
+    - "slo": each unfinished request will have latency >= now - arrival over its (known, to
       the judge) output length; finished ones are final; requests not yet arrived count 0, so
-      this is a true lower bound of the final mean latency per token."""
-    deadline: list[float] = []
+      `bound_s` is a true lower bound of the final mean latency per token, and the probe is
+      lost once it exceeds the SLO."""
 
-    def check(now: float, requests: list[Request]) -> bool:
-        if drain_factor is not None and requests:
-            if not deadline:
-                deadline.append(drain_factor * max(r.arrival_s for r in requests)
-                                + token_s * max(r.output_tokens for r in requests))
-            if now > deadline[0] and not all(r.is_done for r in requests):
-                return True
+    def __init__(self, slo_latency_per_token_s: float, drain_factor: float | None = DRAIN_FACTOR,
+                 token_s: float = 0.0) -> None:
+        self.slo_s = slo_latency_per_token_s
+        self.drain_factor = drain_factor
+        self.token_s = token_s
+        self.deadline_s: float | None = None
+        self.stopped = ""
+        self.stopped_at_s: float | None = None
+        self.bound_s = 0.0
+
+    def __call__(self, now: float, requests: list[Request]) -> bool:
+        if self.drain_factor is not None and requests:
+            if self.deadline_s is None:
+                self.deadline_s = (self.drain_factor * max(r.arrival_s for r in requests)
+                                   + self.token_s * max(r.output_tokens for r in requests))
+            if now > self.deadline_s and not all(r.is_done for r in requests):
+                return self._stop("drain", now)
         total = 0.0
         for r in requests:
             if r.finish_s is not None:
                 total += (r.finish_s - r.arrival_s) / max(1, r.generated_tokens)
             elif r.arrival_s < now:
                 total += (now - r.arrival_s) / max(1, r.output_tokens)
-        return total / max(1, len(requests)) > slo_latency_per_token_s
+        self.bound_s = total / max(1, len(requests))
+        return self.bound_s > self.slo_s and self._stop("slo", now)
 
-    return check
+    def _stop(self, why: str, now: float) -> bool:
+        self.stopped, self.stopped_at_s = why, now
+        return True
+
+
+def slo_lost(slo_latency_per_token_s: float, drain_factor: float | None = DRAIN_FACTOR,
+             token_s: float = 0.0) -> SloLost:
+    """The probes' stop check (`SloLost`)."""
+    return SloLost(slo_latency_per_token_s, drain_factor, token_s)
+
+
+def verdict(p: Probe) -> str:
+    """Why a probe passed or failed, in words with units: "mean latency/token 13.5 ms <= 500 ms
+    (SLO), all 100 requests finished", "1,234 of 6,400 requests unfinished at the drain check
+    (205 s simulated): the cluster does not keep up with 64 req/s", or "mean latency/token at
+    least 512 ms > 500 ms (SLO) whatever happens next: at 130 s simulated, 4,257 of 6,400
+    requests were unfinished (433 ms over the finished)"."""
+    slo = p.slo_latency_per_token_s
+    limit = "the SLO" if slo is None else f"{seconds(slo)} (SLO)"
+    mean = seconds(p.latency_per_token_s)
+    total = count(p.requests or p.completed + p.unfinished)
+    if p.ok:
+        return f"mean latency/token {mean} <= {limit}, all {total} requests finished"
+    if p.stopped == "drain":
+        at = "" if p.stopped_at_s is None else f" ({seconds(p.stopped_at_s)} simulated)"
+        return (f"{count(p.unfinished)} of {total} requests unfinished at the drain check{at}: "
+                f"the cluster does not keep up with {rate(p.rate)}")
+    if p.stopped == "slo":
+        least = "" if p.lower_bound_s is None else f" at least {seconds(p.lower_bound_s)}"
+        at = "" if p.stopped_at_s is None else f"at {seconds(p.stopped_at_s)} simulated, "
+        return (f"mean latency/token{least} > {limit} whatever happens next: {at}{count(p.unfinished)} "
+                f"of {total} requests were unfinished ({mean} over the finished)")
+    if p.completed == 0:
+        return f"no request of {total} completed"
+    if p.unfinished:
+        return f"{count(p.unfinished)} of {total} requests unfinished when the probe ended"
+    return f"mean latency/token {mean} > {limit}"
+
+
+def probe_line(name: str, p: Probe) -> str:
+    """One probe for stderr: "quickstart: 64 req/s (6,400 requests) -> over the SLO: ..." """
+    head = f"{name}: " if name else ""
+    n = f" ({count(p.requests)} requests)" if p.requests else ""
+    return f"{head}{rate(p.rate)}{n} -> {'ok' if p.ok else 'over the SLO'}: {p.reason}"
 
 
 def max_rate_under_slo(
@@ -144,11 +216,14 @@ def max_rate_under_slo(
     probe_fn: Callable[[float], Probe] | None = None,
     on_probe: Callable[[Probe], None] | None = None,
     rel_tol: float = 0.0,
+    status: Callable[[str], None] | None = None,
 ) -> CapacityResult:
     """Largest rate in req/s (within `tol`) whose mean latency per token meets the SLO.
 
     `low` < `high` bracket the search; when `high` passes, it doubles up to `max_expansions`
-    times. Bisection stops when the bracket is narrower than `tol` or `rel_tol` x the rate. `probe_fn(rate)` replaces the simulation (tests); `on_probe` sees every probe."""
+    times. Bisection stops when the bracket is narrower than `tol` or `rel_tol` x the rate.
+    `probe_fn(rate)` replaces the simulation (tests); `on_probe` sees every probe and
+    `status` hears what is about to run ("probing 64 req/s (6,400 requests)")."""
     if not 0 < low < high:
         raise ConfigError(f"capacity search needs 0 < low < high, got low={low}, high={high}")
     if not tol > 0:
@@ -157,6 +232,8 @@ def max_rate_under_slo(
     path: list[Probe] = []
 
     def check(rate: float) -> bool:
+        if status is not None:
+            status(probe_status(scenario, rate, rate_key, requests_per_rate))
         p = run(rate)
         path.append(p)
         if on_probe is not None:
@@ -189,15 +266,26 @@ def max_rate_under_slo(
 def capacity_by_variant(scenario: Scenario, low: float, high: float, tol: float = 0.5,
                         rate_key: str = RATE_KEY, requests_per_rate: float | None = 100.0,
                         on_probe: Callable[[str, Probe], None] | None = None,
-                        rel_tol: float = 0.0) -> dict[str, CapacityResult]:
+                        rel_tol: float = 0.0,
+                        status: Callable[[str], None] | None = None) -> dict[str, CapacityResult]:
     """`max_rate_under_slo` for every policy variant of the scenario's sweep (the sweep's
-    parameter is ignored: the rate is what is searched); the scenario itself without one."""
+    parameter is ignored: the rate is what is searched); the scenario itself without one.
+    `status` hears each probe before it runs, prefixed by the variant's name."""
     out = {}
     for variant, sc in variant_scenarios(scenario).items():
         report = (lambda p, v=variant: on_probe(v, p)) if on_probe else None
+        say = None if status is None else (lambda m, v=variant or scenario.name: status(f"{v}: {m}"))
         out[variant] = max_rate_under_slo(sc, low, high, tol, rate_key, requests_per_rate,
-                                          on_probe=report, rel_tol=rel_tol)
+                                          on_probe=report, rel_tol=rel_tol, status=say)
     return out
+
+
+def probe_status(scenario: Scenario, rate_per_s: float, rate_key: str = RATE_KEY,
+                 requests_per_rate: float | None = 100.0) -> str:
+    """What a probe is about to do, for a status line: "probing 64 req/s (6,400 requests)"."""
+    n = (max(1, math.ceil(requests_per_rate * rate_per_s)) if requests_per_rate is not None
+         else scenario.workload.num_requests)
+    return f"probing {rate(rate_per_s)}" + ("" if n is None else f" ({count(n)} requests)")
 
 
 def variant_scenarios(scenario: Scenario) -> dict[str, Scenario]:

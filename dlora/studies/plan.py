@@ -18,8 +18,9 @@ from typing import Any
 
 from ..config import set_path, to_plain
 from ..errors import ConfigError
+from ..labels import rate, replicas
 from ..scenario import Scenario, scenario_from_dict
-from .capacity import RATE_KEY, Probe, probe, variant_scenarios
+from .capacity import RATE_KEY, Probe, probe, probe_status, variant_scenarios
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,16 @@ class PlanResult:
                           "latency_per_token_s": v.latency_per_token_s} for v in self.variants],
             "path": [{"variant": s.variant, "replicas": s.replicas, "ok": s.probe.ok,
                       "latency_per_token_s": s.probe.latency_per_token_s,
-                      "unfinished": s.probe.unfinished} for s in self.steps],
+                      "unfinished": s.probe.unfinished, "reason": s.probe.reason} for s in self.steps],
         }
+
+
+def step_line(step: PlanStep, target_rate: float) -> str:
+    """One probe of the plan for stderr: "quickstart: 2 replicas at 5 req/s -> misses the SLO:
+    120 of 500 requests unfinished at the drain check (...)"."""
+    p = step.probe
+    return (f"{step.variant}: {replicas(step.replicas)} at {rate(target_rate)} -> "
+            f"{'meets' if p.ok else 'misses'} the SLO: {p.reason}")
 
 
 def with_replicas(scenario: Scenario, replicas: int) -> Scenario:
@@ -85,8 +94,10 @@ def plan_replicas(
     requests_per_rate: float | None = 100.0,
     on_step: Callable[[PlanStep], None] | None = None,
     probe_fn: Callable[[Scenario, float], Probe] | None = None,
+    status: Callable[[str], None] | None = None,
 ) -> PlanResult:
-    """The fewest replicas per policy variant that meet the SLO at `target_rate` req/s."""
+    """The fewest replicas per policy variant that meet the SLO at `target_rate` req/s;
+    `on_step` sees every probe, `status` hears each one before it runs."""
     if not target_rate > 0:
         raise ConfigError(f"plan: --target-rate must be > 0 req/s, got {target_rate}")
     if not 1 <= min_replicas <= max_replicas:
@@ -100,6 +111,9 @@ def plan_replicas(
         def check(n: int, variant: str = variant, base: Scenario = base,
                   results: dict[int, Probe] = results) -> bool:
             if n not in results:
+                if status is not None:
+                    status(f"{variant or scenario.name}: {replicas(n)}, "
+                           f"{probe_status(base, target_rate, rate_key, requests_per_rate)}")
                 p = run_probe(with_replicas(base, n), target_rate)
                 results[n] = p
                 step = PlanStep(variant or scenario.name, n, p)

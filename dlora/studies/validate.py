@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..live.driver import build_live_report, run, workload_requests
+from ..labels import seconds
+from ..live.driver import build_live_report, run, scheduler_note, workload_requests
+from ..live.machine_load import busy_warning
 from ..metrics import Report
 from ..output import write_outputs
 from ..report import build_report
@@ -104,28 +106,38 @@ def compare(live: dict[str, Any] | list[dict[str, Any]], sim: dict[str, Any]) ->
 
 
 def validate(scenario: Scenario, out_dir: Path | None = None, *, device: str | None = None,
-             progress: Callable[[int, int], None] | None = None, repeats: int = 1) -> Validation:
+             progress: Callable[[int, int], None] | None = None, repeats: int = 1,
+             status: Callable[[str], None] | None = None) -> Validation:
     """Run live (`repeats` times: the live values are their means), simulate the same requests,
-    compare (and write validate.json and the outputs under `out_dir`/live and `out_dir`/sim)."""
+    compare (and write validate.json and the outputs under `out_dir`/live and `out_dir`/sim).
+    `status` hears each stage as it starts; a machine busy with other work during a live run
+    (`live.machine_load`) adds a warning to the notes."""
     summaries = []
+    warnings: list[str] = []
     for i in range(repeats):
         requests = workload_requests(scenario)
         log.info("validate: running %d requests live (%d/%d)", len(requests), i + 1, repeats)
-        live = run(scenario, requests=requests, device=device, progress=progress)
+        if status is not None:
+            status(f"live run {i + 1} of {repeats}" if repeats > 1 else "live run")
+        live = run(scenario, requests=requests, device=device, progress=progress, status=status)
         live_report = build_live_report(live)
         summaries.append(live_report.summary)
+        advice = "rerun on an idle machine (stop other jobs first), or with --repeats 3 to see the spread"
+        warning = busy_warning(live.live.get("machine", {}), "the live values", advice)
+        if warning:
+            warnings.append(warning if repeats == 1 else f"{warning} (live run {i + 1})")
     sim_requests = [fresh_copy(r) for r in live.requests]
     log.info("validate: simulating the same %d requests", len(sim_requests))
+    if status is not None:
+        status(f"simulating the same {len(sim_requests)} requests with {scenario.model.profile}")
     sim = simulate(scenario, requests=sim_requests)  # prefix caching as the live run: cluster.prefix_caching
     sim_report = build_report(sim)
     result = Validation(scenario.name, str(resolve(scenario, scenario.model.profile)),
                         compare(summaries, sim_report.summary), live_report, sim_report)
-    stats = live.live
     if repeats > 1:
         result.notes.append(f"live values are means of {repeats} runs (the last run's outputs are written)")
-    result.notes.append(
-        f"live: {live.wall_s:.2f} s wall, {stats['iterations']} iterations, scheduler "
-        f"{stats['scheduler_share'] * 100:.2f}% of the iteration time")
+    result.notes.append(f"live run: {seconds(live.wall_s)} wall; {scheduler_note(live.live)}")
+    result.notes.extend(warnings)
     if out_dir is not None:
         names = scenario.adapters.adapter_names()
         write_outputs(out_dir / "live", live_report, live.requests, names, live.queue_samples)

@@ -62,3 +62,28 @@ def test_a_sweep_is_refused_with_exit_2():
     res = invoke("run", str(LIVE_DEMO), *TINY, "--set",
                  "sweep={parameter: workload.arrival.rate_per_s, values: [1, 2]}")
     assert res.exit_code == 2 and "sweep" in res.output
+
+
+def test_run_says_each_stage_and_words_the_scheduler_overhead(demo_home):
+    from dlora.live.driver import run_live
+    from dlora.scenario import load_scenario
+
+    sc = load_scenario(LIVE_DEMO, [a for a in TINY if a != "--set"])
+    heard: list[str] = []
+    outcome, ok = run_live(sc, None, status=heard.append)
+    assert ok
+    assert heard[0] == "preparing live-demo: 2 replica(s)"
+    assert heard[1] == "loading the embedded demo model into 2 replica(s) with 4 adapter(s)"
+    assert heard[2].startswith("replaying 4 requests live (arrivals over ")
+    assert outcome.notes[0].startswith("ran 4 requests live in ")
+    assert outcome.notes[1].startswith("dlora's own scheduling took ")
+    assert outcome.report is not None and "machine" in outcome.report.extra["live"]
+
+
+def test_scheduler_note_reads_as_a_sentence():
+    from dlora.live.driver import scheduler_note
+
+    live = {"scheduler_share": 0.6038, "scheduler_us_per_iteration": 3812.0,
+            "executor_ms_per_iteration": 2.5, "iterations": 1215}
+    assert scheduler_note(live) == ("dlora's own scheduling took 60% of the iteration time: 3.81 ms per "
+                                    "iteration against 2.5 ms of model step (1,215 iterations)")

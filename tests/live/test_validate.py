@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 
 from live_helpers import LIVE_DEMO
+from rich.console import Console
 from typer.testing import CliRunner
 
 from dlora.cli import app
-from dlora.studies.validate import METRICS, compare, fresh_copy
+from dlora.studies.tables import validate_table
+from dlora.studies.validate import METRICS, Row, Validation, compare, fresh_copy
 from dlora.types import Request, RequestStatus
 
 TINY = ["--set", "workload.num_requests=4", "--set", "workload.arrival.rate_per_s=50",
@@ -52,3 +54,45 @@ def test_compare_reports_relative_errors_and_switches():
     assert abs(rows["mean latency (s)"].rel_error - 0.08) < 1e-12
     assert rows["mean latency (s)"].meets_goal is False and rows["P90 TTFT (s)"].meets_goal is True
     assert rows["mean TPOT (s)"].rel_error is None and rows["mode switches"].rel_error == 0.25
+
+
+def rows_of(spread: bool) -> list[Row]:
+    def row(metric, live, sim, err, goal, lo=None, hi=None):  # type: ignore[no-untyped-def]
+        return Row(metric, live, sim, err, goal, lo if spread else live, hi if spread else live)
+
+    return [row("mean latency (s)", 0.0342, 0.06336, 0.853, 0.05, 0.030, 0.036),
+            row("P90 TTFT (s)", 0.00575, 0.00309, -0.463, 0.10, 0.0055, 0.006),
+            row("mean TPOT (s)", None, 0.002, None, 0.10),
+            row("throughput (output tokens/s)", 1114.3, 1114.1, -0.002, None, 1114.0, 1114.6),
+            row("mode switches", 33.0, 33.0, 0.0, None, 33.0, 33.0)]
+
+
+def test_validate_table_fits_80_columns_in_ms(tmp_path):
+    for spread in (False, True):
+        result = Validation("live-demo", "/x/profiles/cpu-demo-measured.yaml", rows_of(spread), None, None)  # type: ignore[arg-type]
+        console = Console(width=80, record=True, color_system=None)
+        table = validate_table("live-demo", result)
+        console.print(table)
+        text = console.export_text()
+        assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80, text
+        assert "mean latency (ms)" in text and "34.2" in text and "63.4" in text and "+85.3%" in text
+        goals = list(table.columns[-1].cells)
+        assert goals[:3] == ["±5% missed", "±10% missed", "±10%"] and "throughput (tokens/s)" in text
+        assert ("range" in text) == spread and ("30.0-36.0" in text) == spread
+
+
+def test_validate_says_each_stage_and_warns_when_the_machine_was_busy(demo_home, monkeypatch):
+    from dlora.live import driver
+    from dlora.scenario import load_scenario
+    from dlora.studies.validate import validate
+
+    monkeypatch.setattr(driver.machine_load, "other_load",
+                        lambda a, b: {"cpus": 2, "other_cpu_share": 0.9, "steal_share": 0.0})
+    sc = load_scenario(LIVE_DEMO, [a for a in TINY if a != "--set"])
+    heard: list[str] = []
+    result = validate(sc, status=heard.append)
+    assert heard[0] == "live run" and heard[-1].startswith("simulating the same 4 requests with ")
+    assert any(n.startswith("live run: ") and "dlora's own scheduling took" in n for n in result.notes)
+    warning = [n for n in result.notes if n.startswith("warning: the machine was busy")]
+    assert len(warning) == 1 and "other processes used 90% of its 2 CPUs" in warning[0]
+    assert "--repeats 3" in warning[0]

@@ -253,3 +253,11 @@ def test_kv_block_count_keys_of_meta_json(tmp_path, meta, blocks, block_size):
     path.write_text(json.dumps(meta))
     caps = load_meta(path)
     assert (caps.kv_blocks, caps.block_size, caps.tensor_parallel_size) == (blocks, block_size, 1)
+
+
+def test_against_numbers_have_four_significant_digits_and_no_float_residue():
+    from dlora.studies.against_output import _num, _pct
+
+    assert _num(0.1625, 1e3) == "162.5" and _num(0.025, 1e3) == "25.00" and _num(2.10526) == "2.105"
+    assert _num(4.274e-15, 1e3) == "0" and _num(None) == "-"
+    assert _pct(-1e-9) == "+0.0%" and _pct(-0.308) == "-30.8%"

@@ -6,10 +6,22 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from dlora.config import to_plain
 from dlora.errors import ConfigError
 from dlora.scenario import scenario_from_dict
-from dlora.studies.capacity import Probe, capacity_by_variant, max_rate_under_slo, scenario_at_rate
+from dlora.studies.capacity import (
+    Probe,
+    SloLost,
+    capacity_by_variant,
+    max_rate_under_slo,
+    probe,
+    probe_line,
+    scenario_at_rate,
+)
+from dlora.studies.tables import capacity_reasons, capacity_table
+from dlora.types import Request
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,10 +42,10 @@ def tiny(**sweep):
 
 
 def threshold(limit):
-    def probe(rate):
-        return Probe(rate, rate / limit * 0.5, rate <= limit, 1, 0)
+    def judge(rate):
+        return Probe(rate, rate / limit * 0.5, rate <= limit, 1, 0, slo_latency_per_token_s=0.5)
 
-    return probe
+    return judge
 
 
 def test_bisection_finds_a_known_threshold_within_tol():
@@ -77,3 +89,67 @@ def test_capacity_by_variant_searches_each_variant():
     res = capacity_by_variant(sc, 5.0, 20.0, tol=4.0, requests_per_rate=5)
     assert set(res) == {"fast", "slow"}
     assert res["slow"].rate < res["fast"].rate
+
+
+def test_verdicts_name_the_metric_the_value_and_the_limit_with_units():
+    ok = Probe(1.0, 0.013460243506045329, True, 100, 0, 100, slo_latency_per_token_s=0.5)
+    assert ok.reason == "mean latency/token 13.5 ms <= 500 ms (SLO), all 100 requests finished"
+    bound = Probe(64.0, 0.4328393546280812, False, 2143, 4257, 6400, "slo", 130.0, 0.5, 0.521)
+    assert bound.reason == ("mean latency/token at least 521 ms > 500 ms (SLO) whatever happens next: "
+                            "at 130 s simulated, 4,257 of 6,400 requests were unfinished (433 ms over the finished)")
+    drain = Probe(64.0, 0.43, False, 5000, 1400, 6400, "drain", 205.3, 0.5)
+    assert drain.reason.startswith("1,400 of 6,400 requests unfinished at the drain check (205 s simulated)")
+    assert "does not keep up with 64 req/s" in drain.reason
+    over = Probe(8.0, 0.61, False, 800, 0, 800, slo_latency_per_token_s=0.5)
+    assert over.reason == "mean latency/token 610 ms > 500 ms (SLO)"
+    line = probe_line("quickstart", bound)
+    assert line.startswith("quickstart: 64 req/s (6,400 requests) -> over the SLO: mean latency/token at least")
+    assert "0.43283" not in line
+
+
+def test_a_real_failing_probe_says_which_check_stopped_it():
+    slo = probe(tiny(), 200.0, requests_per_rate=10)
+    assert not slo.ok and slo.stopped == "slo" and slo.requests == 2000
+    assert "> 10 ms (SLO) whatever happens next" in slo.reason and slo.lower_bound_s > 0.01
+    data = to_plain(tiny())
+    data.pop("base_dir")
+    data["slo"]["latency_per_token_s"] = 100.0  # loose: only the drain check can fail it
+    drained = probe(scenario_from_dict(data, ROOT), 200.0, requests_per_rate=10)
+    assert not drained.ok and drained.stopped == "drain", drained
+    assert "unfinished at the drain check" in drained.reason and "200 req/s" in drained.reason
+
+
+def test_the_drain_check_fails_unfinished_work_after_twice_the_last_arrival():
+    reqs = [Request(i, 0, float(i), 8, 10) for i in range(3)]  # last arrival at 2 s
+    check = SloLost(100.0, drain_factor=2.0, token_s=0.1)  # deadline 2 x 2 + 10 x 0.1 = 5 s
+    assert not check(4.9, reqs) and check.stopped == ""
+    assert check(5.1, reqs) and check.stopped == "drain" and check.stopped_at_s == 5.1
+
+
+def test_status_hears_each_probe_before_it_runs():
+    heard: list[str] = []
+    seen: list[float] = []
+
+    def fake(rate):
+        heard.append(f"ran {rate:g}")
+        seen.append(rate)
+        return threshold(7.3)(rate)
+
+    max_rate_under_slo(tiny(), 1.0, 16.0, tol=4.0, probe_fn=fake, status=heard.append)
+    assert heard[0] == "probing 1 req/s (100 requests)" and heard[1] == "ran 1"
+    assert heard[2] == "probing 16 req/s (1,600 requests)"
+    assert len(heard) == 2 * len(seen)
+
+
+def test_capacity_table_fits_80_columns_and_says_why_the_next_rate_fails():
+    results = {v: max_rate_under_slo(tiny(), 1.0, 16.0, tol=0.1, probe_fn=threshold(7.3))
+               for v in ("dlora", "vllm-with-a-long-variant-name")}
+    console = Console(width=80, record=True, color_system=None)
+    console.print(capacity_table("quickstart", 0.5, results))
+    for line in capacity_reasons("quickstart", results):
+        console.print(line)
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "highest rate with mean latency/token <= 500 ms" in text
+    assert "7.27" in text and "16\u00a0x" in text  # a failed probe's mark stays beside its rate
+    assert "dlora fails at 7.328 req/s: mean latency/token 502 ms > 500 ms (SLO)" in text

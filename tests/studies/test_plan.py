@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 
 from dlora.errors import ConfigError
 from dlora.scenario import scenario_from_dict
-from dlora.studies.plan import plan_replicas
+from dlora.studies.capacity import Probe
+from dlora.studies.plan import plan_replicas, step_line
+from dlora.studies.tables import plan_answer, plan_reasons, plan_table
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -81,3 +84,30 @@ def test_plan_cli_prints_path_and_writes_plan_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dlora.cli", "plan", str(path), "--target-rate", "-1"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "target-rate must be > 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plan_table_fits_80_columns_and_says_why_fewer_replicas_miss():
+    def fake(sc, rate):
+        n = sc.cluster.replicas
+        if n >= 4:
+            return Probe(rate, 0.1, True, 350, 0, 350, slo_latency_per_token_s=0.5)
+        return Probe(rate, 0.45, False, 300, 50, 350, "drain", 210.0, 0.5)
+
+    heard: list[str] = []
+    steps: list[str] = []
+    result = plan_replicas(scenario_from_dict(scenario_dict(), DATA), target_rate=3.5, probe_fn=fake,
+                           status=heard.append, on_step=lambda s: steps.append(step_line(s, 3.5)))
+    assert heard[0] == "unmerged: 1 replica, probing 3.5 req/s (350 requests)"
+    assert steps[0] == ("unmerged: 1 replica at 3.5 req/s -> misses the SLO: 50 of 350 requests unfinished "
+                        "at the drain check (210 s simulated): the cluster does not keep up with 3.5 req/s")
+    console = Console(width=80, record=True, color_system=None)
+    console.print(plan_table("plan-by-hand", result))
+    for line in plan_reasons(result):
+        console.print(line)
+    console.print(plan_answer(result, 256))
+    text = console.export_text()
+    assert "…" not in text and max(len(line) for line in text.splitlines()) <= 80
+    assert "replicas for 3.5 req/s at mean latency/token <= 500 ms" in text and "100 ms" in text
+    flat = " ".join(text.split())
+    assert "unmerged misses with 3 replicas: 50 of 350 requests unfinished at the drain check" in flat
+    assert "answer: 4 replicas with unmerged (mean latency/token 100 ms)" in flat
