@@ -204,6 +204,19 @@ class _State:
         served = np.where(x, inv[None, :], 0.0).sum(axis=1)  # inf only off the holders
         return (served / n)[self.share > 0]
 
+    def ratios_with(self, k: int, js: list[int]) -> np.ndarray:
+        """`ratios()` with one extra copy of adapter `k` on each replica of `js` (one row per
+        replica), computed as `ratios` computes it, for all of them at once."""
+        x = np.repeat(self.x[None], len(js), axis=0)
+        x[np.arange(len(js)), k, js] = True
+        n = np.maximum(x.sum(axis=2), 1)  # (c, adapters)
+        per = self.share[None, :] / n
+        load = np.stack([x[c].T.astype(float) @ per[c] for c in range(len(js))])
+        with np.errstate(divide="ignore"):
+            inv = np.where(load > 0, self.cap[None, :] / np.where(load > 0, load, 1.0), np.inf)
+        served = np.where(x, inv[:, None, :], 0.0).sum(axis=2)
+        return (served / n)[:, self.share > 0]
+
 
 def _leximin_better(new: np.ndarray, old: np.ndarray, tol: float) -> bool:
     diff = new - old
@@ -294,16 +307,18 @@ def _replicate(st: _State, problem: PlacementProblem, max_copies: int) -> None:
 
 def _best_copy(st: _State, problem: PlacementProblem, cands: set[int],
                old: np.ndarray) -> tuple[int, int] | None:
-    """The extra copy among `cands` that most improves the sorted ratios (leximin), if any."""
+    """The extra copy among `cands` that most improves the sorted ratios (leximin), if any.
+    Every candidate replica of one adapter is evaluated in one batch (`_State.ratios_with`)."""
     best: tuple[int, int] | None = None
     best_vec = old
+    used_slots = st.x.sum(axis=0)
+    used_mem = st.size @ st.x
     for k in sorted(cands):
-        for j in range(st.x.shape[1]):
-            if not st.fits(k, j):
-                continue
-            st.x[k, j] = True
-            vec = np.sort(st.ratios())
-            st.x[k, j] = False
+        js = [j for j in range(st.x.shape[1])
+              if not st.x[k, j] and used_slots[j] < st.slots[j] and used_mem[j] + st.size[k] <= st.mem[j]]
+        if not js:
+            continue
+        for j, vec in zip(js, np.sort(st.ratios_with(k, js), axis=1), strict=True):
             if best is None:
                 if _leximin_better(vec, old, problem.min_relative_gain):
                     best, best_vec = (k, j), vec
