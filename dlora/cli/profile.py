@@ -1,5 +1,5 @@
 """`dlora profile [options]` (measure the executor) and `dlora profile import llmservingsim DIR`
-(build a profile from LLMServingSim's published measurements); registered on `cli.app`."""
+(build a profile from LLMServingSim's published measurements)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,13 @@ from typing import Annotated, Any
 
 import typer
 
-from .cli import app, err, fail, out
-from .errors import DloraError
+from ..errors import DloraError
+from .common import err, fail, out
 
 profile_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 profile_import_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                                  help="Build a profile from another tool's published measurements.")
 profile_app.add_typer(profile_import_app, name="import")
-app.add_typer(profile_app, name="profile")
 
 
 @profile_app.callback(invoke_without_command=True)
@@ -55,7 +54,7 @@ def profile_cmd(
     try:
         import torch
 
-        from .exec.profiler import QUICK, Sweep, profile
+        from ..exec.profiler import QUICK, Sweep, profile
 
         if device not in ("cpu", "cuda"):
             raise DloraError(f"--device {device!r}: use cpu or cuda")
@@ -82,7 +81,6 @@ def profile_cmd(
         text = write_profile(result.profile, out_path)
     except DloraError as exc:
         fail(str(exc))
-        return
     fe = result.profile.fit_error
     err.print(f"fit error on held-out points: steps mean {fe.get('step_mean_rel', 0) * 100:.1f}% "
               f"max {fe.get('step_max_rel', 0) * 100:.1f}%", highlight=False)
@@ -94,7 +92,7 @@ def profile_cmd(
 
 def write_profile(profile: Any, out_path: Path | None) -> str:
     """The profile's YAML; written to `out_path` (when given) only once it loads back."""
-    from .profile import load_profile
+    from ..profile import load_profile
 
     text = str(profile.dump())
     if out_path is not None:
@@ -119,7 +117,7 @@ def profile_import_llmservingsim(
     """Import LLMServingSim's layer-wise vLLM profile (MIT) as a dlora profile."""
     import shlex
 
-    from .profiling.llmservingsim import import_llmservingsim
+    from ..profiling.llmservingsim import import_llmservingsim
 
     try:
         command = "dlora profile import llmservingsim " + shlex.join(sys.argv[4:]) if sys.argv[1:4] == [
@@ -129,7 +127,6 @@ def profile_import_llmservingsim(
         text = write_profile(profile, out_path)
     except DloraError as exc:
         fail(str(exc))
-        return
     fe = profile.fit_error
     err.print(f"fit error (mean / max relative): attention {fe['attention_mean_rel']:.1%} / {fe['attention_max_rel']:.1%}, "
               f"linear {fe['linear_mean_rel']:.1%} / {fe['linear_max_rel']:.1%}", highlight=False)
