@@ -40,8 +40,8 @@ def serve_cmd(
     enable_prefix_caching: Annotated[bool, typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="share and keep prompt KV blocks between requests of the same adapter (vLLM's automatic prefix caching; on by default, as in vLLM v1)")] = True,
 ) -> None:
     """Serve the OpenAI API (completions, chat, models, LoRA load/unload, metrics) over the live cluster."""
-    from ..live.server import ServeConfig, ServingEngine, bind_socket, parse_lora_modules, serve
-    from ..live.server.chat_template import load_chat_template
+    from ..serve import ServeConfig, ServingEngine, bind_socket, parse_lora_modules, serve
+    from ..serve.chat_template import load_chat_template
 
     try:
         template = load_chat_template(chat_template) if chat_template is not None else None

@@ -17,10 +17,10 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
-from live_helpers import wait_until as _wait_until
+from serve_helpers import wait_until as _wait_until
 
 from dlora.exec.demo import ensure_demo
-from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
+from dlora.serve import BackgroundServer, ServeConfig, ServingEngine
 
 DEMO = "dlora-demo"
 ADAPTERS = ["alpha-r4", "beta-r8", "gamma-r8", "delta-r16"]
@@ -310,7 +310,7 @@ def test_stop_strings_cut_the_text_and_end_the_request(client):
 
 def test_lora_modules_parsing():
     from dlora.errors import ConfigError
-    from dlora.live.server import parse_lora_modules
+    from dlora.serve import parse_lora_modules
 
     assert parse_lora_modules(["a=/x", '{"name": "b", "path": "/y"}']) == (("a", "/x"), ("b", "/y"))
     with pytest.raises(ConfigError, match="name=path"):

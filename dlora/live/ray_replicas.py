@@ -1,4 +1,4 @@
-"""Replicas as Ray actors (`dlora serve --ray [ADDRESS]`).
+"""Replicas as Ray actors (`dlora run --ray`, `dlora serve --ray [ADDRESS]`).
 
 Each replica's TorchExecutor lives in a Ray actor (one GPU each where the cluster has GPUs,
 one CPU otherwise); the server's process keeps the scheduler, the dispatcher and the migrator
@@ -10,8 +10,9 @@ Fault tolerance: when an actor dies, its step fails; the live cluster (built wit
 live replicas, where they are recomputed and complete. Meanwhile a new actor is started with
 the replica's current adapters; when it is ready the replica rejoins the cluster (`revive`).
 The server restarts a dead replica's actor through the live cluster's `restart` hook (also
-when the actor lives but its steps keep failing: `RayReplica.restart`); `dlora run` lets the
-proxy restart a dead actor itself (`auto_restart`). A request's own fault (bad input,
+when the actor lives but its steps keep failing: `RayReplica.restart`; the server's side is
+`dlora.serve.ray_backend`); `dlora run` lets the proxy restart a dead actor itself
+(`auto_restart`). A request's own fault (bad input,
 non-finite logits) is caught inside the actor's TorchExecutor and fails that request alone.
 """
 
@@ -23,17 +24,13 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...core.cluster import Cluster
-from ...errors import ConfigError
-from ...types import Batch, StepResult
-from .replicas import ServingExecutor
+from ..errors import ConfigError
+from ..types import Batch, StepResult
 
 if TYPE_CHECKING:
-    from ..engine import LiveCluster
-    from .config import ServeConfig
+    from .engine import LiveCluster
 
 log = logging.getLogger(__name__)
 RESTART_TIMEOUT_S = 120.0
@@ -58,7 +55,7 @@ def init_ray(address: str, num_cpus: int | None = None) -> Any:
     return ray
 
 
-class _ReplicaActor:
+class ReplicaActor:
     """Body of the Ray actor: one TorchExecutor."""
 
     def __init__(self, folder: str, sources: dict[int, str], device: str, block_size: int,
@@ -66,7 +63,7 @@ class _ReplicaActor:
                  max_cpu_loras: int | None = None) -> None:
         import torch
 
-        from ...exec import TorchExecutor
+        from ..exec import TorchExecutor
 
         if device == "cpu":
             torch.set_num_threads(threads)
@@ -94,7 +91,8 @@ class _ReplicaActor:
 
 
 class RayReplica:
-    """The driver's proxy of one replica actor (the inner executor of a ServingExecutor)."""
+    """The driver's proxy of one replica actor (in `dlora serve`, the inner executor of a
+    `dlora.serve.replicas.ServingExecutor`)."""
 
     def __init__(self, replica_id: int, spawn: Callable[[dict[int, str]], Any], sources: dict[int, str]) -> None:
         self.replica_id, self.spawn = replica_id, spawn
@@ -166,37 +164,13 @@ class RayReplica:
         threading.Thread(target=run, name=f"dlora-ray-restart-{self.replica_id}", daemon=True).start()
 
     @staticmethod
-    def close_backend(executors: list[ServingExecutor]) -> None:
+    def close_backend(executors: list[Any]) -> None:
+        """Kill the actors of `executors` (wrappers whose `inner` is a RayReplica)."""
         import ray
 
         for ex in executors:
             with contextlib.suppress(Exception):
                 ray.kill(ex.inner.actor)
-
-
-def ray_serving_executors(cfg: ServeConfig, folder: Path, sources: dict[int, str],
-                          cluster: Cluster) -> list[ServingExecutor]:
-    """One actor per replica, KV pools sized as the schedulers count."""
-    n = len(cluster.replicas)
-    ray = init_ray(cfg.ray_address or "local", num_cpus=max(n, os.cpu_count() or 1))
-    gpus = ray.cluster_resources().get("GPU", 0) if cfg.device != "cpu" else 0
-    device = "cuda" if gpus >= 1 else "cpu"
-    threads = max(1, (os.cpu_count() or 1) // n)
-    remote = ray.remote(num_gpus=1, num_cpus=0)(_ReplicaActor) if device == "cuda" else \
-        ray.remote(num_cpus=1)(_ReplicaActor)
-    out = []
-    for rep in cluster.replicas:
-        def spawn(srcs: dict[int, str], blocks: int = rep.memory.total_blocks) -> Any:
-            return remote.options(max_restarts=0).remote(
-                str(folder), srcs, device, cfg.block_size, blocks, cfg.max_loras, cfg.seed, threads,
-                cfg.max_cpu_loras)
-        proxy = RayReplica(rep.id, spawn, sources)
-        proxy.auto_restart = False  # the live cluster's restart hook restarts it (engine.py)
-        out.append(ServingExecutor(proxy, sources))
-    refs = [ex.inner.actor.ready.remote() for ex in out]
-    ray.get(refs)  # fail now, not at the first request, if an actor cannot start
-    log.info("ray: %d replica actors on %s", n, device)
-    return out
 
 
 def reviver(live: LiveCluster) -> Callable[[int], None]:
@@ -220,9 +194,9 @@ def ray_executor_factory(scenario: Any, address: str = "local") -> Callable[[int
     proxy of a new actor holding the scenario's model and adapters (the demo when unset).
     A dead actor is restarted; the driver must call `LiveCluster.revive` for the replica to
     rejoin (`proxy.on_restarted`)."""
-    from ...build import load_latency, make_adapters, memory_config
-    from ...core.memory import MemoryPool
-    from ..executors import model_source
+    from ..build import load_latency, make_adapters, memory_config
+    from ..core.memory import MemoryPool
+    from .executors import model_source
 
     latency = load_latency(scenario)
     adapters = make_adapters(scenario, latency)
@@ -231,7 +205,7 @@ def ray_executor_factory(scenario: Any, address: str = "local") -> Callable[[int
     blocks = MemoryPool(memory_config(scenario, latency)).total_blocks
     c = scenario.cluster
     ray = init_ray(address, num_cpus=max(c.replicas, os.cpu_count() or 1))
-    remote = ray.remote(num_cpus=1)(_ReplicaActor)
+    remote = ray.remote(num_cpus=1)(ReplicaActor)
     threads = max(1, (os.cpu_count() or 1) // c.replicas)
 
     def make(replica_id: int) -> RayReplica:

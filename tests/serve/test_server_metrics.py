@@ -11,7 +11,7 @@ import pytest
 
 from dlora.errors import ConfigError
 from dlora.exec.demo import demo_adapter_paths, ensure_demo
-from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
+from dlora.serve import BackgroundServer, ServeConfig, ServingEngine
 
 ADAPTERS = ["alpha-r4", "beta-r8", "gamma-r8", "delta-r16"]
 BODY = {"prompt": [1, 5, 9, 13], "max_tokens": 4, "temperature": 0.0, "ignore_eos": True}

@@ -1,13 +1,12 @@
-"""Helpers of the fault tests (issue 15, defect 1): an adapter with huge finite weights, the
-poison request that bypasses the API's checks, waiting (a module of its own: `conftest` is a
-name several test folders share)."""
+"""Helpers of the server tests: an adapter with huge finite weights and the poison request that
+bypasses the API's checks (the fault tests, issue 15, defect 1), waiting (a module of its own:
+`conftest` is a name several test folders share)."""
 
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
-
-from live_helpers import wait_until  # noqa: F401  (re-exported for the fault tests)
 
 from dlora.exec.demo import demo_adapter_paths, ensure_demo
 from dlora.types import Request, SamplingParams
@@ -35,3 +34,13 @@ def raw_request(live, prompt: tuple[int, ...], max_tokens: int = 3, adapter_id: 
                    prompt_token_ids=prompt, sampling=SamplingParams(temperature=0.0, ignore_eos=True))
 
 
+
+
+def wait_until(cond, timeout_s: float = 30.0, poll_s: float = 0.02) -> bool:
+    """Poll `cond` until it holds or `timeout_s` passes; its last answer."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(poll_s)
+    return cond()

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from dlora.exec.demo import ensure_demo
-from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
+from dlora.serve import BackgroundServer, ServeConfig, ServingEngine
 
 DEMO = "dlora-demo"
 PROMPT = "The quick brown fox"

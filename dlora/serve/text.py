@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ...errors import ModelError
+from ..errors import ModelError
 from .chat_template import find_chat_template, render_chat, select_template, special_tokens
 
 REPLACEMENT = "\ufffd"  # an incomplete UTF-8 sequence so far: wait for the next token

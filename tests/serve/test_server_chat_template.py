@@ -17,9 +17,9 @@ import httpx
 import pytest
 
 from dlora.exec.demo import ensure_demo
-from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
-from dlora.live.server.chat_template import ChatTemplateError, load_chat_template
-from dlora.live.server.text import TextCodec
+from dlora.serve import BackgroundServer, ServeConfig, ServingEngine
+from dlora.serve.chat_template import ChatTemplateError, load_chat_template
+from dlora.serve.text import TextCodec
 
 CHATML = """{%- for message in messages %}
     {%- if loop.first and message['role'] != 'system' %}

@@ -34,10 +34,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from ...build import load_latency, make_cluster
-from ...errors import AdapterError, DloraError
-from ...types import Adapter, Request, SamplingParams
-from ..engine import LiveCluster
+from ..build import load_latency, make_cluster
+from ..errors import AdapterError, DloraError
+from ..live.engine import LiveCluster
+from ..types import Adapter, Request, SamplingParams
 from .config import ServeConfig, serve_scenario
 from .metrics import ServerMetrics
 from .replicas import (
@@ -126,9 +126,9 @@ class ServingEngine:
     def __init__(self, cfg: ServeConfig, *, enable_prefix_caching: bool = True) -> None:
         """`enable_prefix_caching`: vLLM's automatic prefix caching (on by default, as in vLLM
         v1): prompt KV blocks are shared between requests of the same adapter and kept for reuse."""
-        from ...exec.adapters import load_adapter
-        from ...exec.demo import demo_adapter_paths, ensure_demo
-        from ...exec.loader import parse_config
+        from ..exec.adapters import load_adapter
+        from ..exec.demo import demo_adapter_paths, ensure_demo
+        from ..exec.loader import parse_config
 
         self.cfg = cfg
         self.max_queue = cfg.max_queue  # may be changed while serving

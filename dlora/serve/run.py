@@ -8,7 +8,7 @@ import socket
 import time
 from typing import Any
 
-from ...errors import DloraError
+from ..errors import DloraError
 from .app import create_app
 from .engine import ServingEngine
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ...errors import ConfigError
-from ...scenario import Scenario, scenario_from_dict
+from ..errors import ConfigError
+from ..scenario import Scenario, scenario_from_dict
 
-PROFILES_DIR = Path(__file__).resolve().parents[3] / "profiles"
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "profiles"
 DEFAULT_PROFILES = ("cpu-tiny-demo.yaml", "cpu-tiny.yaml", "cpu-tiny-synthetic.yaml")
 
 

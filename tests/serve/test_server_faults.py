@@ -14,11 +14,11 @@ import httpx
 import openai
 import pytest
 import torch
-from fault_helpers import huge_adapter, raw_request, wait_until
+from serve_helpers import huge_adapter, raw_request, wait_until
 
 from dlora.exec import TorchExecutor
 from dlora.exec.demo import VOCAB, demo_adapter_paths, ensure_demo
-from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
+from dlora.serve import BackgroundServer, ServeConfig, ServingEngine
 from dlora.types import Batch, BatchItem, BatchMode, Request, RequestStatus, SamplingParams
 
 GREEDY = {"temperature": 0.0, "extra_body": {"ignore_eos": True}}

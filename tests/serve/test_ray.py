@@ -11,10 +11,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from fault_helpers import huge_adapter, raw_request
-from live_helpers import wait_until as _wait_until
+from serve_helpers import huge_adapter, raw_request
+from serve_helpers import wait_until as _wait_until
 
-from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
+from dlora.serve import BackgroundServer, ServeConfig, ServingEngine
 
 ray = pytest.importorskip("ray", reason="the ray package is not installed")
 pytestmark = pytest.mark.slow

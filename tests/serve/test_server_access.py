@@ -18,8 +18,8 @@ import openai
 import pytest
 
 from dlora.exec.demo import demo_adapter_paths, ensure_demo
-from dlora.live.server import BackgroundServer, ServeConfig, ServingEngine
-from dlora.live.server.text import Detokenizer, TextCodec
+from dlora.serve import BackgroundServer, ServeConfig, ServingEngine
+from dlora.serve.text import Detokenizer, TextCodec
 
 KEY = "sekrit-key"
 
@@ -167,7 +167,7 @@ def test_a_taken_port_fails_in_one_line_before_the_banner():
 
 
 def test_the_serve_command_reads_vllm_environment_variables(tmp_path):
-    from fault_helpers import wait_until
+    from serve_helpers import wait_until
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ...core.cluster import Cluster
-from ...types import Adapter, Batch, StepResult
+from ..core.cluster import Cluster
+from ..types import Adapter, Batch, StepResult
 
 log = logging.getLogger(__name__)
 Op = Callable[[Any], None]
@@ -132,7 +132,7 @@ def torch_serving_executors(folder: Path, sources: dict[int, Any], cluster: Clus
 
     import torch
 
-    from ...exec import TorchExecutor
+    from ..exec import TorchExecutor
 
     if device == "cpu":
         torch.set_num_threads(max(1, min(torch.get_num_threads(),

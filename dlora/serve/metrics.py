@@ -38,7 +38,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from ...types import Request, RequestStatus
+from ..types import Request, RequestStatus
 
 if TYPE_CHECKING:
     from .engine import ServingEngine

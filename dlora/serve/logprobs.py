@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ...types import TokenLogprobs
+from ..types import TokenLogprobs
 from .text import TextCodec
 
 FLOOR = -9999.0
