@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ..errors import DloraError
 from .common import err, fail, out
+
+if TYPE_CHECKING:
+    from ..profiling.sweep import Sweep
 
 profile_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 profile_import_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -44,7 +47,10 @@ def profile_cmd(
         return
     import shlex
     import time
-    from dataclasses import replace
+
+    from rich.markup import escape
+
+    from ..profiling.fit import poor_fit_warning
 
     t0 = time.perf_counter()
 
@@ -54,7 +60,7 @@ def profile_cmd(
     try:
         import torch
 
-        from ..exec.profiler import QUICK, Sweep, profile
+        from ..profiling.measure import profile
 
         if device not in ("cpu", "cuda"):
             raise DloraError(f"--device {device!r}: use cpu or cuda")
@@ -62,17 +68,7 @@ def profile_cmd(
             raise DloraError("--concurrency must be at least 1")
         if threads is not None:
             torch.set_num_threads(threads)
-        sweep = QUICK if quick else Sweep()
-        if ranks is not None:
-            try:
-                sweep = replace(sweep, ranks=tuple(sorted({int(r) for r in ranks.split(",")})))
-            except ValueError:
-                raise DloraError(f"--ranks {ranks!r}: give comma-separated integers, e.g. 8,16") from None
-        if adapters is not None:
-            sweep = replace(sweep, num_adapters=tuple(sorted({1, *(n for n in sweep.num_adapters if n < adapters), adapters})))
-        if repeats is not None:
-            sweep = replace(sweep, repeats=max(2, repeats))
-        sweep = sweep.trimmed(max_batch_tokens, max_seqs, max_context)
+        sweep = _sweep(quick, ranks, adapters, repeats).trimmed(max_batch_tokens, max_seqs, max_context)
         mem = int(device_memory_gib * (1 << 30)) if device_memory_gib else None
         command = "dlora profile " + shlex.join(sys.argv[2:]) if sys.argv[1:2] == ["profile"] else "dlora profile"
         result = profile(model_dir=model, model_config=model_config, dummy_weights=dummy_weights, device=device,
@@ -84,10 +80,32 @@ def profile_cmd(
     fe = result.profile.fit_error
     err.print(f"fit error on held-out points: steps mean {fe.get('step_mean_rel', 0) * 100:.1f}% "
               f"max {fe.get('step_max_rel', 0) * 100:.1f}%", highlight=False)
+    warning = poor_fit_warning(fe)
+    if warning is not None:
+        err.print(f"[yellow]warning:[/yellow] {escape(warning)}", highlight=False, soft_wrap=True)
     if out_path is None:
         out.print(text, highlight=False, soft_wrap=True)
     else:
         err.print(f"wrote {out_path}", highlight=False)
+
+
+def _sweep(quick: bool, ranks: str | None, adapters: int | None, repeats: int | None) -> Sweep:
+    """The sweep the options ask for (`--quick`, `--ranks`, `--adapters`, `--repeats`)."""
+    from dataclasses import replace
+
+    from ..profiling.sweep import QUICK, Sweep
+
+    sweep = QUICK if quick else Sweep()
+    if ranks is not None:
+        try:
+            sweep = replace(sweep, ranks=tuple(sorted({int(r) for r in ranks.split(",")})))
+        except ValueError:
+            raise DloraError(f"--ranks {ranks!r}: give comma-separated integers, e.g. 8,16") from None
+    if adapters is not None:
+        sweep = replace(sweep, num_adapters=tuple(sorted({1, *(n for n in sweep.num_adapters if n < adapters), adapters})))
+    if repeats is not None:
+        sweep = replace(sweep, repeats=max(2, repeats))
+    return sweep
 
 
 def write_profile(profile: Any, out_path: Path | None) -> str:

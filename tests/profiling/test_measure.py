@@ -10,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from dlora.cli import app
-from dlora.exec.profiler import Sweep, profile
 from dlora.profile import LatencyModel, load_profile
+from dlora.profiling.measure import profile
+from dlora.profiling.sweep import Sweep
 
 TINY = Sweep(prefill_tokens=(8, 32, 64), prefill_seqs=(1, 2), decode_seqs=(1, 2, 4),
              decode_context=(8, 32, 64), num_adapters=(1, 2), ranks=(4, 8),
@@ -74,3 +75,21 @@ def test_bad_models_and_options_exit_2(tmp_path: Path, args: list[str], needle: 
     assert res.exit_code == 2, res.output
     assert needle in res.output and "Traceback" not in res.output
     assert not (tmp_path / "x.yaml").exists()
+
+
+def test_cli_profile_warns_in_one_line_when_the_held_out_error_is_poor(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    import dlora.profiling.measure as measure
+    from dlora.profiling.fit import note_poor_fit
+
+    good = load_profile(Path(__file__).resolve().parents[2] / "profiles" / "cpu-demo-measured.yaml")
+    bad = note_poor_fit(replace(good, fit_error={**good.fit_error, "step_mean_rel": 1.06, "step_max_rel": 6.17}))
+    monkeypatch.setattr(measure, "profile", lambda **kwargs: measure.ProfileRun(bad))
+    out = tmp_path / "bad.yaml"
+    res = CliRunner().invoke(app, ["profile", "--quick", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    lines = [line for line in res.output.splitlines() if line.startswith("warning:")]
+    assert len(lines) == 1 and "106% mean / 617% max" in lines[0] and "--repeats" in lines[0]
+    assert "Fit warning" in load_profile(out).provenance.notes

@@ -1,16 +1,13 @@
 """`dlora profile`: measure the TorchExecutor and fit the LatencyModel (DESIGN.md section 5).
 
-Sweeps real batches through `TorchExecutor.execute`: prefill (one or several sequences), decode
-(sequences x context), mixed prefill + decode, and unmerged batches of 1..N distinct adapters of
-each sweep rank (PAPER.md section 1); times merge, unmerge and a switch, adapter load, KV swap
-and KV export + import. Every point is warmed up, then measured once per round over `repeats`
-rounds (rounds interleave the points, so drifting background load hits all of them alike); the
-median counts. Step terms are fitted together by non-negative least squares on relative error
-(each row divided by its measured time), the linear curve as hat functions on fixed knots. A
-deterministic third of the points (interior ones) is held out, the profile is the fit on the
-rest, and `fit_error` gives each term group's error on the held-out points. The mixed points (a
-prefill chunk beside decodes of several batch sizes and contexts) fit the mixed-iteration
-terms (`LatencyModel.mixed_s`).
+Sweeps real batches through `TorchExecutor.execute`: the points of `sweep.step_points` (prefill,
+decode, mixed prefill + decode, unmerged batches of 1..N distinct adapters of each sweep rank,
+PAPER.md section 1); times merge, unmerge and a switch, adapter load, KV swap and KV export +
+import, and dlora's own host time per iteration (`measure_scheduler_s`). Every point is warmed
+up, then measured once per round over `repeats` rounds (rounds interleave the points, so
+drifting background load hits all of them alike); the median counts. The fits are in `fit.py`
+(a deterministic third of the points, interior ones, is held out: `fit_error` gives each term
+group's error on them); `assemble.py` writes the document. Imports torch (the measuring side).
 """
 
 from __future__ import annotations
@@ -18,74 +15,27 @@ from __future__ import annotations
 import logging
 import statistics
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.optimize import nnls
 
-from dlora.errors import ConfigError
-from dlora.exec.adapters import LoraAdapter, LoraModule
-from dlora.exec.executor import TorchExecutor
-from dlora.exec.model import TARGET_MODULES, LlamaModel
-from dlora.exec.profile_fit import (
-    ProfileSetup,
-    StepPoint,
-    build_profile,
-    fit_transfer,
-    step_points,
-)
-from dlora.exec.profile_setup import _memory, _sync, copy_bandwidth, device_name, load_model
-from dlora.profile import Curve, Profile
-from dlora.types import Batch, BatchItem, BatchMode, BatchShape, Request, SamplingParams
+from ..errors import ConfigError
+from ..exec.adapters import LoraAdapter, LoraModule
+from ..exec.executor import TorchExecutor
+from ..exec.model import TARGET_MODULES, LlamaModel
+from ..profile import Profile
+from ..types import Batch, BatchItem, BatchMode, Request, SamplingParams, StepResult
+from .assemble import build_profile
+from .fit import fit_steps
+from .setup import ProfileSetup, copy_bandwidth, device_name, load_model, memory_budget, sync
+from .sweep import QUICK, Measured, StepPoint, Sweep, step_points
 
 log = logging.getLogger(__name__)
 Progress = Callable[[str], None]
-KNOT_RATIO = 4  # curve knots at least this factor apart in tokens
-
-
-@dataclass(frozen=True, slots=True)
-class Sweep:
-    """The grid of a profiling run (see `step_points` for the batches it makes)."""
-
-    prefill_tokens: tuple[int, ...] = (16, 32, 64, 128, 256, 512, 1024)
-    prefill_seqs: tuple[int, ...] = (1, 4)
-    decode_seqs: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    decode_context: tuple[int, ...] = (16, 64, 256, 512)
-    num_adapters: tuple[int, ...] = (1, 2, 4)
-    ranks: tuple[int, ...] = (4, 8, 16)
-    transfer_tokens: tuple[int, ...] = (64, 256, 1024, 4096)
-    repeats: int = 7
-    warmup: int = 2
-
-    def trimmed(self, max_batch_tokens: int | None = None, max_seqs: int | None = None,
-                max_context: int | None = None) -> Sweep:
-        def cut(xs: tuple[int, ...], hi: int | None) -> tuple[int, ...]:
-            kept = tuple(x for x in xs if hi is None or x <= hi)
-            return kept or (min(xs) if hi is None else hi,)
-
-        return replace(self, prefill_tokens=cut(self.prefill_tokens, max_batch_tokens),
-                       decode_seqs=cut(self.decode_seqs, max_seqs),
-                       decode_context=cut(self.decode_context, max_context),
-                       num_adapters=cut(self.num_adapters, max_seqs),
-                       transfer_tokens=cut(self.transfer_tokens, max_context))
-
-
-QUICK = Sweep(prefill_tokens=(16, 64, 128, 256, 512), decode_seqs=(1, 4, 8, 16),
-              decode_context=(32, 128, 256), num_adapters=(1, 2, 4), ranks=(4, 16),
-              transfer_tokens=(64, 256, 1024), repeats=5)
-
-
-@dataclass(frozen=True, slots=True)
-class Measured:
-    """One step point's median seconds, its shape, and whether the fit left it out."""
-
-    point: StepPoint
-    shape: BatchShape
-    seconds: float
-    held_out: bool
 
 
 @dataclass
@@ -172,24 +122,24 @@ def measure_switches(ex: TorchExecutor, by_rank: dict[int, int], repeats: int
     ranks = sorted(by_rank)
     for rank in ranks:
         aid = by_rank[rank]
-        ex._load(aid)
+        ex.load_to_device(aid)
         ms.merge(aid, ex.slots.get(aid))  # warm-up: backups are copied on the first merge
         ms.unmerge()
         for _ in range(repeats):
-            t = _sync(dev)
+            t = sync(dev)
             ms.merge(aid, ex.slots.get(aid))
-            t1 = _sync(dev)
+            t1 = sync(dev)
             ms.unmerge()
-            t2 = _sync(dev)
+            t2 = sync(dev)
             out["merge"].append((rank, t1 - t))
             out["unmerge"].append((rank, t2 - t1))
     for r1, r2 in zip(ranks, ranks[1:] + ranks[:1], strict=True):
         for _ in range(repeats):
             ms.merge(by_rank[r1], ex.slots.get(by_rank[r1]))
-            t = _sync(dev)
+            t = sync(dev)
             ms.unmerge()
             ms.merge(by_rank[r2], ex.slots.get(by_rank[r2]))
-            out["switch"].append((float(r1 * 1000 + r2), _sync(dev) - t))
+            out["switch"].append((float(r1 * 1000 + r2), sync(dev) - t))
             ms.unmerge()
     return out
 
@@ -202,101 +152,29 @@ def measure_transfers(ex: TorchExecutor, adapters: dict[int, LoraAdapter], token
     for aid, a in adapters.items():
         for _ in range(repeats + 1):
             ex.slots.evict(aid)
-            t = _sync(dev)
-            ex._load(aid)
-            out["adapter_load"].append((a.size_bytes, _sync(dev) - t))
+            t = sync(dev)
+            ex.load_to_device(aid)
+            out["adapter_load"].append((a.size_bytes, sync(dev) - t))
         out["adapter_load"].pop(-repeats - 1)  # the first one warms up
     per_token = ex.kv.pool[:, :, :1].numel() * ex.kv.pool.element_size()
     for n in tokens:
         ex.kv.reserve(1, n)
         ex.kv.mark_written(1, n)
         for rep in range(repeats + 1):
-            t = _sync(dev)
+            t = sync(dev)
             ex.kv.swap_out(1)
-            t1 = _sync(dev)
+            t1 = sync(dev)
             ex.kv.swap_in(1)
-            t2 = _sync(dev)
+            t2 = sync(dev)
             kv = ex.export_kv(1)
             ex.import_kv(2, kv)
-            t3 = _sync(dev)
+            t3 = sync(dev)
             ex.free_request(2)
             if rep:
                 out["swap"] += [(n * per_token, t1 - t), (n * per_token, t2 - t1)]
                 out["kv_transfer"].append((n * per_token, t3 - t2))
         ex.free_request(1)
     return out
-
-
-def _knots(tokens: list[int]) -> tuple[int, ...]:
-    """Measured token counts at least KNOT_RATIO apart (the smallest and largest always)."""
-    xs = sorted(set(tokens))
-    knots = [xs[0]]
-    for x in xs[1:]:
-        if x >= KNOT_RATIO * knots[-1]:
-            knots.append(x)
-    if knots[-1] != xs[-1]:
-        knots[-1 if len(knots) > 1 else len(knots):] = [xs[-1]]
-    return tuple(knots)
-
-
-def design_row(shape: BatchShape, knots: tuple[int, ...]) -> list[float]:
-    """The step terms of `LatencyModel.step_s` as a row linear in the fitted parameters:
-    curve knot values (hat weights), per_seq, attention decode / prefill, the two mixed-iteration
-    terms (decode context tokens and decode sequences, only with prefill tokens beside them),
-    5 LoRA terms."""
-    hats = [0.0] * len(knots)
-    n = shape.total_tokens
-    if len(knots) == 1:
-        hats[0] = max(n, 1) / max(knots[0], 1)
-    else:
-        i = min(max(int(np.searchsorted(knots, n)), 1), len(knots) - 1)
-        w = (n - knots[i - 1]) / (knots[i] - knots[i - 1])
-        hats[i - 1], hats[i] = 1.0 - w, w
-    lora = [0.0] * 5
-    if shape.mode == BatchMode.UNMERGED and shape.adapter_ranks:
-        lora = [1.0, len(shape.adapter_ranks), sum(shape.adapter_ranks), shape.lora_tokens,
-                shape.lora_token_rank]
-    mixed = [float(shape.decode_context_tokens), float(shape.decode_seqs)] if (
-        shape.prefill_tokens and shape.decode_seqs) else [0.0, 0.0]
-    return [*hats, shape.decode_seqs + shape.prefill_seqs, shape.decode_context_tokens,
-            shape.prefill_attention_pairs, *mixed, *lora]
-
-
-def fit_steps(measured: list[Measured]) -> tuple[Curve, np.ndarray, dict[str, float]]:
-    """NNLS on the training points (relative error); errors on the held-out ones by group."""
-    train = [m for m in measured if not m.held_out]
-    knots = _knots([m.shape.total_tokens for m in train])
-    a = np.array([design_row(m.shape, knots) for m in train])
-    y = np.array([m.seconds for m in train])
-    k = len(knots)
-    rise = np.tril(np.ones((k, k)))  # knot values = cumulative sums of non-negative rises
-    a[:, :k] = a[:, :k] @ rise
-    scale = np.abs(a).max(axis=0)
-    scale[scale == 0] = 1.0
-    coef, _ = nnls((a / scale) / y[:, None], np.ones(len(y)), maxiter=50 * a.shape[1])
-    coef = coef / scale
-    coef[:k] = rise @ coef[:k]  # a non-decreasing curve
-    coef = np.array([float(f"{c:.6g}") for c in coef])
-    curve = Curve(tokens=knots, seconds=tuple(float(c) for c in coef[: len(knots)]))
-    errors: dict[str, list[float]] = {}
-    for m in measured:
-        if m.held_out:
-            pred = float(np.dot(design_row(m.shape, knots), coef))
-            errors.setdefault(m.point.group, []).append(abs(pred - m.seconds) / m.seconds)
-    out: dict[str, float] = {}
-    for group, errs in sorted(errors.items()):
-        out[f"step_{group}_max_rel"] = _up(max(errs))
-        out[f"step_{group}_mean_rel"] = _up(statistics.fmean(errs))
-    every = [e for errs in errors.values() for e in errs]
-    if every:
-        out["step_max_rel"], out["step_mean_rel"] = _up(max(every)), _up(statistics.fmean(every))
-    out["step_fit_points"], out["step_heldout_points"] = float(len(train)), float(len(every))
-    return curve, coef[len(knots):], out
-
-
-def _up(x: float) -> float:
-    """Round up to 4 decimals, so the stated error never understates the measured one."""
-    return float(np.ceil(x * 1e4) / 1e4)
 
 
 def run_profile(setup: ProfileSetup, ex: TorchExecutor, sweep: Sweep,
@@ -320,7 +198,7 @@ def run_profile(setup: ProfileSetup, ex: TorchExecutor, sweep: Sweep,
     transfers = measure_transfers(ex, one_each, sweep.transfer_tokens, sweep.repeats)
     copy_bw = copy_bandwidth(ex.device)
     profile = build_profile(setup, sweep, curve, terms, errors, switches, transfers, measured,
-                            copy_bw)
+                            copy_bw, measure_scheduler_s())
     return ProfileRun(profile, measured, dict(ranks))
 
 
@@ -346,7 +224,7 @@ def profile(*, model_dir: str | Path | None = None, model_config: str | None = N
                                        num_kv_blocks=need // 16 + 8))
         say(f"loaded {name} on {device} ({i + 1}/{concurrency})")
     ex = executors[0]
-    memory, mem_note = _memory(device, ex.model, device_memory_bytes)
+    memory, mem_note = memory_budget(device, ex.model, device_memory_bytes)
     extra = f" Measured with {concurrency} in-process replicas stepping at once." if concurrency > 1 else ""
     setup = ProfileSetup(name, device_name(device), ex.model.config, ex.model.dtype, ranks, memory,
                          command, f"{notes} {mem_note}{extra}".strip())
@@ -376,5 +254,27 @@ def _shadow(ex: TorchExecutor, sweep: Sweep, ranks: dict[int, int], stop: thread
             bench.free(b)
 
 
-__all__ = ["QUICK", "Measured", "ProfileRun", "Sweep", "design_row", "fit_steps", "fit_transfer",
-           "load_model", "profile", "run_profile", "synthetic_adapters"]
+def measure_scheduler_s(iterations: int = 400, batch: int = 8, adapters: int = 4) -> float:
+    """Median host seconds of dlora's own work per iteration (ReplicaScheduler.schedule +
+    complete with the credit policy, `batch` decoding requests over `adapters` adapters). The
+    live system pays it every iteration, so the simulator charges it as `scheduler_s`."""
+    from ..testing import make_replica, make_request
+
+    rep = make_replica("credit", num_adapters=adapters, max_batch_size=batch, capacity_blocks=1 << 16)
+    for i in range(batch):
+        rep.add(make_request(i, adapter=i % adapters, prompt=16, output=10 * iterations), 0.0)
+    samples = []
+    now = 0.0
+    for _ in range(iterations):
+        t0 = time.perf_counter()
+        b = rep.schedule(now)
+        assert b is not None
+        now += 0.001
+        rep.complete(b, StepResult(0.001), now)
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return samples[len(samples) // 2]
+
+
+__all__ = ["QUICK", "Measured", "ProfileRun", "Sweep", "measure_scheduler_s", "profile", "run_profile",
+           "synthetic_adapters"]
