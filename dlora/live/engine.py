@@ -30,6 +30,7 @@ from ..core.cluster import Cluster
 from ..core.migration import Migrator
 from ..core.replica import ReplicaScheduler
 from ..errors import DloraError
+from ..report import note_queue_length
 from ..types import Batch, Executor, Request, RequestStatus
 from .callbacks import FinishCallback, Outbox, TokenCallback
 from .clock import Clock, MonotonicClock
@@ -415,7 +416,4 @@ class LiveCluster:
             self._done.notify_all()
 
     def _sample(self, rep: ReplicaScheduler, now: float) -> None:
-        samples = self.queue_samples[rep.id]
-        n = rep.num_unfinished
-        if not samples or samples[-1][1] != n:
-            samples.append((now, n))
+        note_queue_length(self.queue_samples[rep.id], now, rep.num_unfinished)

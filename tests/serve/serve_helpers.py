@@ -44,3 +44,16 @@ def wait_until(cond, timeout_s: float = 30.0, poll_s: float = 0.02) -> bool:
             return True
         time.sleep(poll_s)
     return cond()
+
+
+def wait_healthy(url: str, proc, timeout_s: float = 60.0) -> bool:
+    """Wait until a `dlora serve` subprocess answers /health (False if it exits first)."""
+    import httpx
+
+    def up() -> bool:
+        try:
+            return httpx.get(url + "/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None
+
+    return wait_until(up, timeout_s) and proc.poll() is None

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 import httpx
 import openai
 import pytest
+from serve_helpers import wait_healthy
 from serve_helpers import wait_until as _wait_until
 
 from dlora.exec.demo import ensure_demo
@@ -279,14 +280,7 @@ def test_dlora_serve_command(tmp_path):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
         url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return proc.poll() is not None
-
-        assert wait_until(up, 60) and proc.poll() is None
+        assert wait_healthy(url, proc)
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         assert [m.id for m in c.models.list().data] == [DEMO, "mine"]
         assert c.completions.create(model="mine", prompt="x", max_tokens=3, **GREEDY).usage.completion_tokens == 3

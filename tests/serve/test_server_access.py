@@ -167,7 +167,7 @@ def test_a_taken_port_fails_in_one_line_before_the_banner():
 
 
 def test_the_serve_command_reads_vllm_environment_variables(tmp_path):
-    from serve_helpers import wait_until
+    from serve_helpers import wait_healthy
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,15 +177,8 @@ def test_the_serve_command_reads_vllm_environment_variables(tmp_path):
                              "warning", "--allowed-adapter-root", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(url + "/health", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return proc.poll() is not None
-
     try:
-        assert wait_until(up, 60) and proc.poll() is None
+        assert wait_healthy(url, proc)
         assert httpx.get(url + "/v1/models").status_code == 401
         assert httpx.get(url + "/v1/models", headers=auth()).status_code == 200
         shutil.copytree(demo_adapter_paths(ensure_demo())[0], tmp_path / "mine")
