@@ -198,6 +198,11 @@ class ServingEngine:
     def num_unfinished(self) -> int:
         return self.live.unfinished
 
+    def registered_adapters(self) -> dict[int, str]:
+        """Adapter id -> name of the adapters served now (a copy, taken under the engine's lock)."""
+        with self._lock:
+            return {a.id: a.name for a in self.adapters.values()}
+
     # ---- adapters ----
     def _validate(self, name: str, path: str) -> tuple[AdapterEntry, Adapter]:
         """Read and check an adapter folder on the host (raises AdapterError)."""

@@ -114,8 +114,7 @@ class _SchedulerCollector(Collector):
         e = self.engine
         live = e.live
         names = dict(e.adapter_names)
-        with e._lock:  # noqa: SLF001
-            registered = {a.id: a.name for a in e.adapters.values()}
+        registered = e.registered_adapters()
         model = e.model_name
         g = {k: GaugeMetricFamily(k, doc, labels=labels) for k, doc, labels in (
             ("vllm:num_requests_running", "Requests on the device.", ["model_name", "engine"]),
