@@ -19,7 +19,6 @@ requests in a step in flight are not moved until the step ends.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -33,7 +32,7 @@ from ..errors import DloraError
 from ..report import note_queue_length
 from ..types import Batch, Executor, Request, RequestStatus
 from .callbacks import FinishCallback, Outbox, TokenCallback
-from .clock import Clock, MonotonicClock
+from .clock import SWITCH_INTERVAL, Clock, MonotonicClock
 from .kv_transfer import KVMailbox
 from .moves import Moves
 from .stats import LiveStats
@@ -41,34 +40,8 @@ from .worker import ReplicaWorker
 
 log = logging.getLogger(__name__)
 EPS_S = 1e-9
-
-
-GIL_SWITCH_INTERVAL_S = 0.0005
 RESTART_BACKOFF_S, RESTART_BACKOFF_MAX_S = 0.5, 30.0
 
-
-class _SwitchInterval:
-    """The process's GIL switch interval while any live cluster runs: the first `start` shortens
-    it, the last `stop` puts the value it found back."""
-
-    def __init__(self) -> None:
-        self.lock, self.users, self.saved_s = threading.Lock(), 0, 0.0
-
-    def shorten(self) -> None:
-        with self.lock:
-            if self.users == 0:
-                self.saved_s = sys.getswitchinterval()
-                sys.setswitchinterval(min(self.saved_s, GIL_SWITCH_INTERVAL_S))
-            self.users += 1
-
-    def restore(self) -> None:
-        with self.lock:
-            self.users -= 1
-            if self.users == 0:
-                sys.setswitchinterval(self.saved_s)
-
-
-SWITCH_INTERVAL = _SwitchInterval()
 
 class LiveCluster:
     """Threads driving `cluster` with one executor per replica (see the module docstring)."""

@@ -77,7 +77,7 @@ def test_abort_from_a_token_callback_frees_the_request_and_finishes_it_once():
 def test_start_shortens_the_gil_switch_interval_and_the_last_stop_puts_it_back():
     import sys
 
-    from dlora.live.engine import GIL_SWITCH_INTERVAL_S
+    from dlora.live.clock import GIL_SWITCH_INTERVAL_S
 
     before = sys.getswitchinterval()
     sys.setswitchinterval(0.004)
