@@ -17,6 +17,7 @@ import types
 import typing
 from collections.abc import Mapping
 from enum import Enum
+from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
@@ -241,6 +242,23 @@ def parse_yaml(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: not valid YAML{at}") from None
     except RecursionError:
         raise ConfigError(f"{where}: YAML nested too deeply to read") from None
+
+
+def read_yaml_mapping(path: Path, what: str, where: str | None = None) -> dict[str, Any]:
+    """A YAML file that holds a mapping (a scenario, a profile), read strictly (`parse_yaml`);
+    not UTF-8, not valid YAML, a key written twice or no mapping raise ConfigError starting with
+    `where` (default: the path)."""
+    at = where or str(path)
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{at}: line {line}: not UTF-8 text; save the {what} as UTF-8") from None
+    data = parse_yaml(text, at)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{at}: the {what} must be a mapping of sections")
+    return data
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from .config import load_into, spec, to_plain
+from .config import load_into, read_yaml_mapping, spec, to_plain
 from .errors import ConfigError, ProfileError
 from .types import BatchMode, BatchShape
 
@@ -241,9 +241,9 @@ def load_profile(path: str | Path) -> Profile:
     if not p.is_file():
         raise ProfileError(f"profile {p}: no such file")
     try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        raise ProfileError(f"profile {p}: not valid YAML ({exc.__class__.__name__})") from None
+        data = read_yaml_mapping(p, "profile", where=f"profile {p}")
+    except ConfigError as exc:
+        raise ProfileError(str(exc)) from None
     try:
         return load_into(Profile, data)
     except ConfigError as exc:

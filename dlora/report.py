@@ -27,6 +27,13 @@ class RunResult:
     batch_log: list[tuple[int, int, str, int | None, tuple[int, ...]]] | None = None
 
 
+def note_queue_length(samples: list[tuple[float, int]], now: float, unfinished: int) -> None:
+    """A replica's queue-length samples (`RunResult.queue_samples`, queue_length.png): (now,
+    unfinished requests), kept only when the count changed."""
+    if not samples or samples[-1][1] != unfinished:
+        samples.append((now, unfinished))
+
+
 def build_report(result: RunResult) -> Report:
     sc = result.scenario
     summary = summarize(result.requests, result.end_s, sc.slo.latency_per_token_s, sc.slo.ttft_s)

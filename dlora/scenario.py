@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import apply_override, load_into, parse_yaml, set_path, spec
+from .config import apply_override, load_into, read_yaml_mapping, set_path, spec
 from .errors import ConfigError
 from .workload import WorkloadConfig, check_workload
 
@@ -144,16 +144,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: no such scenario file")
-    raw = p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise ConfigError(f"{p}: line {line}: not UTF-8 text; save the scenario as UTF-8") from None
-    data = parse_yaml(text, str(p))
-    if not isinstance(data, dict):
-        raise ConfigError(f"{p}: the scenario must be a mapping of sections")
-    return data
+    return read_yaml_mapping(p, "scenario")
 
 
 def load_scenario(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Scenario:

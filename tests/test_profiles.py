@@ -144,3 +144,16 @@ def test_committed_profiles_match_a_fresh_derivation(tmp_path: Path) -> None:
     for path in d.derive(DATA, tmp_path):
         fresh, committed = load_profile(path), load_profile(REPO / "profiles" / path.name)
         assert dataclasses.replace(fresh, provenance=committed.provenance) == committed, path.name
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    (b"format: dlora-profile/1\nformat: dlora-profile/1\n", r"line 2: .*write each key once"),
+    (b"notes: caf\xe9\n", r"line 1: not UTF-8 text; save the profile as UTF-8"),
+    (b"- a list\n", r"the profile must be a mapping of sections"),
+    (b"a: [unclosed\n", r"not valid YAML at line"),
+])
+def test_a_profile_file_is_read_as_strictly_as_a_scenario(tmp_path: Path, text: bytes, needle: str) -> None:
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ProfileError, match=rf"^profile {path}: {needle}"):
+        load_profile(path)

@@ -155,7 +155,8 @@ class TorchExecutor:
     def _host_adapter(self, adapter_id: int) -> LoraAdapter:
         return self.store.get(adapter_id)
 
-    def _load(self, adapter_id: int) -> None:
+    def load_to_device(self, adapter_id: int) -> None:
+        """Put adapter `adapter_id` from the host store into a device slot."""
         self.slots.load(adapter_id, self._host_adapter(adapter_id))
 
     def _switch(self, batch: Batch) -> None:
@@ -252,12 +253,12 @@ class TorchExecutor:
             broken = self._broken_adapters(batch)
             for aid in batch.load_adapters:
                 if aid not in broken:
-                    self._load(aid)
+                    self.load_to_device(aid)
             if batch.mode == BatchMode.UNMERGED:
                 for aid in {it.adapter_id for it in batch.items if it.adapter_id is not None}:
                     if aid not in self.slots and aid not in broken:
                         log.debug("adapter %s used without a load action; loading", aid)
-                        self._load(aid)
+                        self.load_to_device(aid)
             t, load_s = self._sync(), time.perf_counter() - t
             for rid in batch.swap_out:
                 self.kv.swap_out(rid)

@@ -4,7 +4,8 @@ The live driver reads time, waits and starts its threads only through a clock:
 `now()`, `condition(lock)` (a condition variable bound to the cluster lock),
 `start_thread(target, name)`, `sleep(seconds)` (called after an executor step that took
 `seconds` of this clock's time: a no-op on the real clock, where the step already took them),
-and `attach()` / `detach()` for the thread that owns a run.
+and `attach()` / `detach()` for the thread that owns a run. `SWITCH_INTERVAL`: the process's GIL
+switch interval, shortened while any live cluster runs.
 
 `VirtualClock` runs the driver's threads one at a time in SimPy's order: a thread runs until
 it waits or sleeps; then the earliest pending wake-up (time, then the order in which waits,
@@ -17,12 +18,14 @@ from __future__ import annotations
 
 import heapq
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 log = logging.getLogger(__name__)
+GIL_SWITCH_INTERVAL_S = 0.0005  # while live threads run (LiveCluster.start / stop)
 
 
 class Condition(Protocol):
@@ -219,3 +222,27 @@ class _VirtualCondition:
 
     def notify_all(self) -> None:
         self.clock._notify(self)
+
+
+class _SwitchInterval:
+    """The process's GIL switch interval while any live cluster runs: the first `start` shortens
+    it, the last `stop` puts the value it found back."""
+
+    def __init__(self) -> None:
+        self.lock, self.users, self.saved_s = threading.Lock(), 0, 0.0
+
+    def shorten(self) -> None:
+        with self.lock:
+            if self.users == 0:
+                self.saved_s = sys.getswitchinterval()
+                sys.setswitchinterval(min(self.saved_s, GIL_SWITCH_INTERVAL_S))
+            self.users += 1
+
+    def restore(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users == 0:
+                sys.setswitchinterval(self.saved_s)
+
+
+SWITCH_INTERVAL = _SwitchInterval()

@@ -172,7 +172,7 @@ def run_live(scenario: Scenario, out_dir: Path | None,
     if ray_address is None:
         result = run(scenario, progress=progress, status=status)
     else:
-        from .server.ray_backend import ray_run_hooks
+        from .ray_replicas import ray_run_hooks
 
         factory, on_created = ray_run_hooks(scenario, ray_address)
         result = run(scenario, executor_factory=factory, progress=progress, max_step_failures=1,

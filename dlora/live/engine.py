@@ -19,7 +19,6 @@ requests in a step in flight are not moved until the step ends.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,9 +29,10 @@ from ..core.cluster import Cluster
 from ..core.migration import Migrator
 from ..core.replica import ReplicaScheduler
 from ..errors import DloraError
-from ..types import Executor, Request, RequestStatus
+from ..report import note_queue_length
+from ..types import Batch, Executor, Request, RequestStatus
 from .callbacks import FinishCallback, Outbox, TokenCallback
-from .clock import Clock, MonotonicClock
+from .clock import SWITCH_INTERVAL, Clock, MonotonicClock
 from .kv_transfer import KVMailbox
 from .moves import Moves
 from .stats import LiveStats
@@ -40,10 +40,8 @@ from .worker import ReplicaWorker
 
 log = logging.getLogger(__name__)
 EPS_S = 1e-9
-
-
-GIL_SWITCH_INTERVAL_S = 0.0005
 RESTART_BACKOFF_S, RESTART_BACKOFF_MAX_S = 0.5, 30.0
+
 
 class LiveCluster:
     """Threads driving `cluster` with one executor per replica (see the module docstring)."""
@@ -71,14 +69,14 @@ class LiveCluster:
         self.adapter_faults: dict[int, str] = {}  # adapter id -> why it is broken (first fault)
         self.suspects: dict[int, int] = {}  # request id -> dying replicas whose last step it was in
         self._lock = threading.Lock()
-        self._wake = [self.clock.condition(self._lock) for _ in range(n)]
+        self.wakes = [self.clock.condition(self._lock) for _ in range(n)]
         self._timer = self.clock.condition(self._lock)
         self._done = self.clock.condition(self._lock)
         self._in_flight: set[int] = set()  # request ids in steps being executed
         self._aborts: set[int] = set()  # abort requested while the request's step runs
         self.kv = KVMailbox(n, transfer_timeout_s) if all(
             hasattr(e, "export_kv") and hasattr(e, "import_kv") for e in self.executors) else None
-        self._outbox = Outbox(on_token, on_finish)
+        self.outbox = Outbox(on_token, on_finish)
         self._replay: list[Request] = []
         self._replaying = False
         self._stopping = False
@@ -88,7 +86,7 @@ class LiveCluster:
         self.unfinished = 0
         self.total = self.done = 0
         self.stats = LiveStats()
-        self.moves = Moves(cluster, self.kv, self.stats, self._wake, self._finished)
+        self.moves = Moves(cluster, self.kv, self.stats, self.wakes, self.finish_request)
         self.workers = [ReplicaWorker(self, i) for i in range(n)]
         self.requests: list[Request] = []
         self.queue_samples: list[list[tuple[float, int]]] = [[] for _ in range(n)]
@@ -98,13 +96,14 @@ class LiveCluster:
     def start(self, replay: Sequence[Request] = ()) -> None:
         """Start the threads; `replay` is submitted at its `arrival_s` times (in list order).
         The calling thread owns the run (a virtual clock runs it first)."""
-        # Worker, arrival and server threads hand the GIL to each other every iteration; the
-        # default 5 ms switch interval would add up to that much to every hand-off (TTFT).
-        sys.setswitchinterval(min(sys.getswitchinterval(), GIL_SWITCH_INTERVAL_S))
         with self._lock:
             if self._started:
                 raise DloraError("this live cluster was already started")
             self._started = True
+            # Worker, arrival and server threads hand the GIL to each other every iteration;
+            # the default 5 ms switch interval would add up to that much to every hand-off
+            # (TTFT). `stop` puts the process's value back.
+            SWITCH_INTERVAL.shorten()
             self._replay = list(replay)
             self._replaying = bool(self._replay)
             self.unfinished += len(self._replay)
@@ -147,6 +146,50 @@ class LiveCluster:
             self._spawn(name, partial(self._worker, replica_id))
         log.warning("replica %d is back", replica_id)
         return True
+
+    # ---- the workers' surface (worker.py; the lock held) ----
+    @property
+    def is_stopping(self) -> bool:
+        return self._stopping
+
+    def step_started(self, replica_id: int, batch: Batch) -> None:
+        """`batch` goes to replica `replica_id`'s executor: its requests are in flight."""
+        self._in_flight.update(batch.request_ids)
+        if self.batch_log is not None:
+            self.batch_log.append((replica_id, batch.step, str(batch.mode), batch.merged_adapter,
+                                   batch.request_ids))
+
+    def step_ended(self, batch: Batch, now: float) -> None:
+        """`batch` was completed: its requests are no longer in flight; aborts that waited for
+        the step happen now."""
+        self._in_flight.difference_update(batch.request_ids)
+        if self._aborts:
+            for r in batch.requests:
+                if r.id in self._aborts:
+                    self._aborts.discard(r.id)
+                    self._abort_now(r, now)
+
+    def replica_finished(self, rep: ReplicaScheduler, finished: list[Request], now: float) -> None:
+        """Requests that `rep` finished in a step: the cluster's books, callbacks, queue length."""
+        self.cluster.on_finished(finished)
+        for r in finished:
+            self.finish_request(r)
+        self._sample(rep, now)
+
+    def fail_request(self, r: Request, message: str) -> None:
+        """`r` (aborted in its scheduler) failed alone: say why and finish it."""
+        r.finish_reason, r.error = "error", message
+        self._aborts.discard(r.id)
+        if self.kv is not None:
+            self.kv.forget(r.id)
+        self.stats.failed_requests += 1
+        self.finish_request(r)
+
+    def mark_dead(self, replica_id: int, now: float) -> None:
+        """Replica `replica_id` is dead: move its requests to live replicas (moves.py), then
+        rebuild and revive it where there is a `restart` hook."""
+        self.moves.evacuate(self.cluster.replicas[replica_id], now)
+        self._replica_dead(replica_id)
 
     def _replica_dead(self, replica_id: int) -> None:
         """A replica was evacuated (lock held): rebuild and revive it on a thread of its own,
@@ -191,7 +234,7 @@ class LiveCluster:
             self.total += 1
             self._next_id = max(self._next_id, request.id + 1)
             ok = self._submit(request, now)
-        self._outbox.deliver()
+        self.outbox.deliver()
         return ok
 
     def abort(self, request_id: int) -> bool:
@@ -205,7 +248,7 @@ class LiveCluster:
                 self._aborts.add(request_id)  # the worker aborts it when the step ends
             else:
                 self._abort_now(r, self.clock.now())
-        self._outbox.deliver()
+        self.outbox.deliver()
         return True
 
     def wait(self, timeout_s: float | None = None) -> bool:
@@ -229,7 +272,7 @@ class LiveCluster:
         with self._lock:
             already = self._stopping
             self._stopping = True
-            for c in (*self._wake, self._timer, self._done):
+            for c in (*self.wakes, self._timer, self._done):
                 c.notify_all()
         if self.kv is not None:
             self.kv.close()
@@ -240,6 +283,7 @@ class LiveCluster:
             t.join(join_timeout_s)
             if t.is_alive():
                 log.warning("thread %s did not stop within %.0f s", t.name, join_timeout_s)
+        SWITCH_INTERVAL.restore()
 
     def now(self) -> float:
         return self.clock.now()
@@ -264,7 +308,7 @@ class LiveCluster:
             self._replaying = False
             if not self.unfinished:
                 self._done.notify_all()
-        self._outbox.deliver()
+        self.outbox.deliver()
 
     def _timer_loop(self, interval_s: float, action: Callable[[float], None]) -> None:
         with self._lock:
@@ -282,7 +326,7 @@ class LiveCluster:
 
     def _place(self, now: float) -> None:
         for rep in self.cluster.place(now):
-            self._wake[rep.id].notify_all()
+            self.wakes[rep.id].notify_all()
 
     # ---- helpers (the lock held) ----
     def _submit(self, r: Request, now: float) -> bool:
@@ -302,10 +346,10 @@ class LiveCluster:
             if reason is not None:
                 self.cluster.requests[r.id] = r
                 self.cluster.reject(r, now, reason)
-            self._finished(r)
+            self.finish_request(r)
             return False
         self._sample(replica, now)
-        self._wake[replica.id].notify_all()
+        self.wakes[replica.id].notify_all()
         return True
 
     def _unservable(self, r: Request) -> str | None:
@@ -326,14 +370,15 @@ class LiveCluster:
         if self.kv is not None:
             self.kv.forget(r.id)
         self.stats.aborted += 1
-        self._finished(r)
+        self.finish_request(r)
 
-    def _finished(self, r: Request) -> None:
+    def finish_request(self, r: Request) -> None:
+        """`r` is done (finished, failed, aborted or rejected): count it, call back (lock held)."""
         if self.suspects:
             self.suspects.pop(r.id, None)
         self.unfinished -= 1
         self.done += 1
-        self._outbox.finish(r)
+        self.outbox.finish(r)
         if not self.retain_requests:
             self.cluster.requests.pop(r.id, None)
             if self.cluster.rejected and self.cluster.rejected[-1] is r:
@@ -344,7 +389,4 @@ class LiveCluster:
             self._done.notify_all()
 
     def _sample(self, rep: ReplicaScheduler, now: float) -> None:
-        samples = self.queue_samples[rep.id]
-        n = rep.num_unfinished
-        if not samples or samples[-1][1] != n:
-            samples.append((now, n))
+        note_queue_length(self.queue_samples[rep.id], now, rep.num_unfinished)

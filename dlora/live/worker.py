@@ -15,26 +15,58 @@ last failing step of `MAX_REPLICA_DEATHS` dying replicas fails alone rather than
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from ..types import Batch, Request, RequestFault, RequestStatus, StepResult
-from .kv_transfer import TransferError
-
-if TYPE_CHECKING:
-    from .engine import LiveCluster
+from ..core.cluster import Cluster
+from ..core.replica import ReplicaScheduler
+from ..types import Batch, Executor, Request, RequestFault, RequestStatus, StepResult
+from .callbacks import Outbox
+from .clock import Clock, Condition
+from .kv_transfer import KVMailbox, TransferError
+from .moves import Moves
+from .stats import LiveStats
 
 log = logging.getLogger(__name__)
 MAX_REPLICA_DEATHS = 2  # a request in the failing steps of this many dying replicas fails alone
 
 
+class WorkerHost(Protocol):
+    """What a worker reads and calls on its live cluster (`LiveCluster`); the methods are called
+    with `lock` held."""
+
+    cluster: Cluster
+    clock: Clock
+    executors: list[Executor]
+    wakes: list[Condition]
+    kv: KVMailbox | None
+    moves: Moves
+    outbox: Outbox
+    stats: LiveStats
+    max_step_failures: int
+    restarts: list[int]  # restarts since the replica's last good step
+    suspects: dict[int, int]  # request id -> dying replicas whose last step it was in
+    adapter_faults: dict[int, str]  # adapter id -> why it is broken
+
+    @property
+    def lock(self) -> threading.Lock: ...
+    @property
+    def is_stopping(self) -> bool: ...
+    def step_started(self, replica_id: int, batch: Batch) -> None: ...
+    def step_ended(self, batch: Batch, now: float) -> None: ...
+    def replica_finished(self, rep: ReplicaScheduler, finished: list[Request], now: float) -> None: ...
+    def fail_request(self, r: Request, message: str) -> None: ...
+    def mark_dead(self, replica_id: int, now: float) -> None: ...
+
+
 class ReplicaWorker:
-    def __init__(self, live: LiveCluster, replica_id: int) -> None:
+    def __init__(self, live: WorkerHost, replica_id: int) -> None:
         self.live = live
         self.id = replica_id
         self.rep = live.cluster.replicas[replica_id]
         self.executor = live.executors[replica_id]
-        self.wake = live._wake[replica_id]
+        self.wake = live.wakes[replica_id]
         self.failures = 0  # failed steps in a row
 
     def run(self) -> None:
@@ -42,16 +74,15 @@ class ReplicaWorker:
             self._loop()
         except Exception:  # a bug in the loop or the core: never strand the replica's requests
             log.exception("replica %d worker crashed; evacuating it", self.id)
-            with self.live._lock:
+            with self.live.lock:
                 if self.rep.is_alive:
-                    self.live.moves.evacuate(self.rep, self.live.clock.now())
-                    self.live._replica_dead(self.id)
-            self.live._outbox.deliver()
+                    self.live.mark_dead(self.id, self.live.clock.now())
+            self.live.outbox.deliver()
 
     def _loop(self) -> None:
         live = self.live
         while True:
-            with live._lock:
+            with live.lock:
                 nxt = self._next()
                 if nxt is None:
                     return
@@ -63,15 +94,15 @@ class ReplicaWorker:
                 continue
             result, exec_s, kind = self._execute(batch)
             live.clock.sleep(result.elapsed_s)
-            with live._lock:
+            with live.lock:
                 self._complete(batch, result, exec_s, kind)
-            live._outbox.deliver()
+            live.outbox.deliver()
 
     def _next(self) -> tuple[Batch | None, list[int]] | None:
         """The next batch and KV exports (lock held); None: stop."""
         live, rep, i = self.live, self.rep, self.id
         while True:
-            if live._stopping or not rep.is_alive:
+            if live.is_stopping or not rep.is_alive:
                 if live.kv is not None:
                     live.kv.fail_exports(i)
                 return None
@@ -86,9 +117,7 @@ class ReplicaWorker:
             live.stats.scheduler_cpu_s += time.thread_time() - c0
             if batch is not None:
                 live.cluster.in_flight[i] = batch.request_ids
-                live._in_flight.update(batch.request_ids)
-                if live.batch_log is not None:
-                    live.batch_log.append((i, batch.step, str(batch.mode), batch.merged_adapter, batch.request_ids))
+                live.step_started(i, batch)
             if batch is not None or exports:
                 return batch, exports
             self.wake.wait()
@@ -116,7 +145,6 @@ class ReplicaWorker:
     def _complete(self, batch: Batch, result: StepResult, exec_s: float, kind: str) -> None:
         """Apply the step (lock held): tokens, finishes, failures, aborts that waited."""
         live, rep = self.live, self.rep
-        live._in_flight.difference_update(batch.request_ids)
         now = live.clock.now()
         t0, c0 = time.perf_counter(), time.thread_time()
         finished = rep.complete(batch, result, now)
@@ -136,23 +164,18 @@ class ReplicaWorker:
                 for r, lp in zip(sampled, result.logprobs, strict=True):
                     if lp is not None and r.id not in failed:
                         r.output_logprobs.append(lp)
-            if result.token_ids is not None and live._outbox.on_token is not None:
+            if result.token_ids is not None and live.outbox.on_token is not None:
                 for item, r in zip(batch.items, batch.requests, strict=True):
                     if item.samples and r.id not in failed:
-                        live._outbox.token(r, r.output_token_ids[-1])
+                        live.outbox.token(r, r.output_token_ids[-1])
         if finished:
-            self._finished(finished, now)
-        if live._aborts:
-            for r in batch.requests:
-                if r.id in live._aborts:
-                    live._aborts.discard(r.id)
-                    live._abort_now(r, now)
+            live.replica_finished(rep, finished, now)
+        live.step_ended(batch, now)
         if self.failures >= live.max_step_failures and rep.is_alive:
             log.error("replica %d failed %d steps in a row", self.id, self.failures)
             if kind != "transfer":
                 self._blame_deaths(batch, now)
-            live.moves.evacuate(rep, now)
-            live._replica_dead(self.id)
+            live.mark_dead(self.id, now)
 
     def _fail_alone(self, batch: Batch, faults: tuple[RequestFault, ...], finished: list[Request],
                     now: float) -> set[int]:
@@ -179,18 +202,8 @@ class ReplicaWorker:
             if f.adapter_id is not None and f.adapter_id not in live.adapter_faults:
                 live.adapter_faults[f.adapter_id] = f.message
                 log.error("adapter %d flagged as broken: %s", f.adapter_id, f.message)
-            self._failed(r, f.message)
+            self.live.fail_request(r, f.message)
         return failed
-
-    def _failed(self, r: Request, message: str) -> None:
-        """`r` (aborted in the scheduler) failed alone: say why and finish it (lock held)."""
-        live = self.live
-        r.finish_reason, r.error = "error", message
-        live._aborts.discard(r.id)
-        if live.kv is not None:
-            live.kv.forget(r.id)
-        live.stats.failed_requests += 1
-        live._finished(r)
 
     def _blame_deaths(self, batch: Batch, now: float) -> None:
         """The replica dies on `batch` (lock held): a request that was in the last failing
@@ -207,12 +220,5 @@ class ReplicaWorker:
                 log.error("request %d was in the failing steps of %d dying replicas; failing it",
                           r.id, deaths)
                 self.rep.abort(r, now)
-                self._failed(r, f"the request was in the failing steps of {deaths} replicas "
+                self.live.fail_request(r, f"the request was in the failing steps of {deaths} replicas "
                                 "that died; it is not retried again")
-
-    def _finished(self, finished: list[Request], now: float) -> None:
-        live = self.live
-        live.cluster.on_finished(finished)
-        for r in finished:
-            live._finished(r)
-        live._sample(self.rep, now)

@@ -29,7 +29,6 @@ import csv
 import dataclasses
 import datetime
 import statistics
-import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -49,8 +48,9 @@ from ..profile import (
     Range,
     Transfer,
 )
+from ..revision import git_revision
 from ..types import BatchMode, BatchShape
-from .fitting import (
+from .fit import (
     Rates,
     derive_rates,
     fit_attention,
@@ -357,7 +357,7 @@ def import_llmservingsim(folder: str | Path, *, tp: int | None = None, config: s
     prov = Provenance(
         how="measured", device=f"{src.meta.get('gpu', hardware)} x{src.tp}", model=shape.name,
         dtype=VARIANTS[variant][0], tensor_parallel=src.tp, date=datetime.date.today().isoformat(),
-        git_revision=_git_revision(), command=command,
+        git_revision=git_revision(mark_dirty=False), command=command,
         sources=(*(f"LLMServingSim (MIT, github.com/casys-kaist/LLMServingSim) {p}" for p in src.files),
                  *((gpu.source,) if gpu is not None else ())))
     profile = Profile(format=FORMAT, provenance=prov, model=shape,
@@ -423,13 +423,3 @@ def notes(src: Source, shape: ModelShape, att: np.ndarray, lm_fixed: float, lm_s
             f"{c.label}: {c.composed_s * 1e3:.2f} ms vs {c.predicted_s * 1e3:.2f} ms ({c.rel_error:+.1%})"
             for c in found) + ".")
     return " ".join(lines)
-
-
-def _git_revision() -> str:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5, check=True).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return rev

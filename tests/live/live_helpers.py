@@ -36,13 +36,3 @@ def tokens_script(step_s: float = 0.01):
         return StepResult(step_s, token_ids=(100 + batch.step,) * n, eos=(False,) * n)
 
     return script
-
-
-def wait_until(cond, timeout_s: float = 30.0, poll_s: float = 0.02) -> bool:
-    """Poll `cond` until it holds or `timeout_s` passes; its last answer."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(poll_s)
-    return cond()

@@ -72,3 +72,26 @@ def test_abort_from_a_token_callback_frees_the_request_and_finishes_it_once():
     assert rep.memory.kv_used_blocks == 0 and not rep.unfinished
     assert not live.abort(long.id)  # already done
     assert live.stats.aborted == 1
+
+
+def test_start_shortens_the_gil_switch_interval_and_the_last_stop_puts_it_back():
+    import sys
+
+    from dlora.live.clock import GIL_SWITCH_INTERVAL_S
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(0.004)
+    try:
+        make = lambda: create_live_cluster(  # noqa: E731
+            scenario("cluster.replicas=1"), lambda i: SleepingExecutor(script=tokens_script(0.001))).live
+        first, second = make(), make()
+        first.start()
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)
+        second.start()
+        first.stop()
+        assert sys.getswitchinterval() == pytest.approx(GIL_SWITCH_INTERVAL_S)  # second still runs
+        second.stop()
+        second.stop()  # idempotent: restores once
+        assert sys.getswitchinterval() == pytest.approx(0.004)
+    finally:
+        sys.setswitchinterval(before)

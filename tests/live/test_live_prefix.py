@@ -34,8 +34,8 @@ def test_a_live_run_shares_prompt_blocks_and_generates_the_same_tokens():
 def test_the_server_shares_a_system_prompt_and_its_flag_turns_that_off():
     import asyncio
 
-    from dlora.live.server import ServeConfig, ServingEngine
-    from dlora.live.server.engine import GenerationParams
+    from dlora.serve import ServeConfig, ServingEngine
+    from dlora.serve.engine import GenerationParams
 
     system = [3 + (7 * j) % 500 for j in range(40)]
     prompts = [("alpha-r4", system + [9, 10]), ("alpha-r4", system + [11]), ("beta-r8", system + [9, 10]),

@@ -27,7 +27,7 @@ def test_dlora_run_on_ray_kills_a_replica_actor_and_loses_nothing(fresh_ray):
     from pathlib import Path
 
     from dlora.live.driver import run
-    from dlora.live.server.ray_backend import ray_run_hooks
+    from dlora.live.ray_replicas import ray_run_hooks
     from dlora.scenario import load_scenario
     from dlora.types import RequestStatus
 

@@ -7,6 +7,8 @@ profiles are what the importer writes."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -147,3 +149,15 @@ def test_real_profiles_predict_composed_iterations(folder: Path, tp: int, commit
     on_disk = load_profile(ROOT / "profiles" / committed)
     assert on_disk.latency == prof.latency and on_disk.range == prof.range
     assert on_disk.memory == prof.memory and on_disk.model == prof.model
+
+
+def test_the_import_command_runs_without_torch(tmp_path: Path) -> None:
+    """`dlora profile import llmservingsim` needs no torch (only the measuring modules load it)."""
+    out = tmp_path / "p.yaml"
+    code = ("import sys\nfrom dlora.cli import main\n"
+            f"sys.argv = ['dlora', 'profile', 'import', 'llmservingsim', {str(TINY)!r}, '--out', {str(out)!r}]\n"
+            "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+            "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False" and out.is_file()
