@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .common import OutOpt, QuietOpt, SetOpt, load_checked, show_outcome, user_errors, with_progress
+from .common import OutOpt, QuietOpt, SetOpt, err, load_checked, show_outcome, user_errors
 
 
 def run_live(
@@ -20,12 +20,14 @@ def run_live(
 ) -> None:
     """Run a scenario live: replay its workload on wall time through the real executor."""
     from ..live.driver import run_live as run_scenario_live
+    from ..output import StatusLine
 
     address = ray_address or ("local" if ray else None)
     with user_errors():
         sc = load_checked(scenario, overrides)
-        outcome, ok = with_progress(sc.run.progress, lambda progress: run_scenario_live(
-            sc, out_dir, progress=progress, ray_address=address))
+        with StatusLine(err, sc.run.progress) as status:
+            outcome, ok = run_scenario_live(sc, out_dir, progress=status.progress, ray_address=address,
+                                            status=status)
     show_outcome(outcome, quiet)
     if not ok:
         raise typer.Exit(1)

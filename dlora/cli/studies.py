@@ -33,27 +33,22 @@ def capacity(
     out_dir: OutOpt = None,
 ) -> None:
     """Throughput under the SLO: the largest rate whose mean latency per token meets it, per variant."""
-    from rich.table import Table
-
-    from ..studies.capacity import capacity_by_variant
+    from ..output import StatusLine
+    from ..studies.capacity import capacity_by_variant, probe_line
+    from ..studies.tables import capacity_reasons, capacity_table
 
     with user_errors():
         sc = load_checked(scenario, overrides)
 
         def show(variant: str, p: Any) -> None:
-            err.print(f"{variant or sc.name}: {p.rate:.4g} req/s -> mean latency/token "
-                      f"{p.latency_per_token_s} s {'ok' if p.ok else 'over the SLO'}", highlight=False,
-                      markup=False)
+            err.print(probe_line(variant or sc.name, p), highlight=False, markup=False, soft_wrap=True)
 
-        results = capacity_by_variant(sc, low, high, tol, rate_key, requests_per_rate or None, show)
-    table = Table(title=f"{sc.name}: max rate with mean latency/token <= {sc.slo.latency_per_token_s} s")
-    for col in ("variant", "max rate (req/s)", "search path: rate -> mean latency/token (s)"):
-        table.add_column(col)
-    for name, res in results.items():
-        steps = ", ".join(f"{p.rate:.3g}->{p.latency_per_token_s if p.latency_per_token_s is None else round(p.latency_per_token_s, 3)}"
-                          f"{'' if p.ok else '(x)'}" for p in res.path)
-        table.add_row(name or sc.name, f"{res.rate:.3g}", steps)
-    out.print(table)
+        with StatusLine(err, sc.run.progress) as status:
+            results = capacity_by_variant(sc, low, high, tol, rate_key, requests_per_rate or None, show,
+                                          status=status)
+    out.print(capacity_table(sc.name, sc.slo.latency_per_token_s, results))
+    for line in capacity_reasons(sc.name, results):
+        out.print(line, highlight=False, markup=False)
     if out_dir is not None:
         write_json(out_dir, "capacity.json", {"scenario": sc.name, "variants": {k: v.as_dict() for k, v in results.items()}})
 
@@ -68,35 +63,24 @@ def plan(
     out_dir: OutOpt = None,
 ) -> None:
     """Capacity planning: the fewest replicas, and the policy, that keep the SLO at a target rate."""
-    from rich.table import Table
-
-    from ..studies.plan import plan_replicas
+    from ..output import StatusLine
+    from ..studies.plan import plan_replicas, step_line
+    from ..studies.tables import plan_answer, plan_reasons, plan_table
 
     with user_errors():
         sc = load_checked(scenario, overrides)
 
         def show(step: Any) -> None:
-            p = step.probe
-            lat = "-" if p.latency_per_token_s is None else f"{p.latency_per_token_s:.4g}"
-            err.print(f"{step.variant}: {step.replicas} replicas at {target_rate:g} req/s -> mean latency/token "
-                      f"{lat} s, {p.unfinished} unfinished: {'meets' if p.ok else 'misses'} the SLO", highlight=False,
-                      markup=False)
+            err.print(step_line(step, target_rate), highlight=False, markup=False, soft_wrap=True)
 
-        result = plan_replicas(sc, target_rate, min_replicas, max_replicas,
-                               requests_per_rate=requests_per_rate or None, on_step=show)
-    table = Table(title=f"{sc.name}: replicas for {target_rate:g} req/s at mean latency/token <= {sc.slo.latency_per_token_s} s")
-    for col in ("policy variant", "fewest replicas", "mean latency/token (s)", "search path (replicas: ok/x)"):
-        table.add_column(col)
-    for v in result.variants:
-        path = ", ".join(f"{s.replicas}:{'ok' if s.probe.ok else 'x'}" for s in result.steps if s.variant == v.variant)
-        table.add_row(v.variant, "-" if v.replicas is None else str(v.replicas),
-                      "-" if v.latency_per_token_s is None else f"{v.latency_per_token_s:.4g}", path)
-    out.print(table)
+        with StatusLine(err, sc.run.progress) as status:
+            result = plan_replicas(sc, target_rate, min_replicas, max_replicas,
+                                   requests_per_rate=requests_per_rate or None, on_step=show, status=status)
+    out.print(plan_table(sc.name, result))
+    for line in plan_reasons(result):
+        out.print(line, highlight=False, markup=False)
     ans = result.answer
-    if ans is None:
-        out.print(f"no policy meets the SLO at {target_rate:g} req/s with up to {max_replicas} replicas")
-    else:
-        out.print(f"answer: {ans.replicas} replicas with {ans.variant}")
+    out.print(plan_answer(result, max_replicas))
     if out_dir is not None:
         write_json(out_dir, "plan.json", {"scenario": sc.name, **result.as_dict()})
     if ans is None:
@@ -138,9 +122,9 @@ def validate_cmd(
 ) -> None:
     """Run a scenario live, simulate the identical requests with its profile, compare side by side
     (or, with --against RUN_DIR --profile FILE, replay a real serving run in the simulator)."""
-    from rich.table import Table
-
+    from ..output import StatusLine
     from ..scenario import load_scenario
+    from ..studies.tables import validate_table
     from ..studies.validate import validate
 
     if against is not None or profile is not None:
@@ -150,20 +134,11 @@ def validate_cmd(
         fail("give a scenario YAML, or --against RUN_DIR --profile FILE")
     with user_errors():
         sc = load_scenario(scenario, overrides or [])
-        result = validate(sc, out_dir, device=device, repeats=repeats)
-    table = Table(title=f"{sc.name}: live vs simulated ({Path(result.profile).name})", header_style="bold")
-    table.add_column("metric", justify="right", no_wrap=True)
-    for col in ("live", "live min-max", "simulated", "rel. error", "goal"):
-        table.add_column(col, justify="right")
-    for r in result.rows:
-        spread = "-" if r.live_min is None or r.live_max is None else f"{r.live_min:.3g}-{r.live_max:.3g}"
-        table.add_row(r.metric, "-" if r.live is None else f"{r.live:.4g}", spread,
-                      "-" if r.simulated is None else f"{r.simulated:.4g}",
-                      "-" if r.rel_error is None else f"{r.rel_error * 100:+.1f}%",
-                      "" if r.goal is None else f"<= {r.goal * 100:.0f}% {'ok' if r.meets_goal else 'missed'}")
-    out.print(table)
+        with StatusLine(err, sc.run.progress) as status:
+            result = validate(sc, out_dir, device=device, repeats=repeats, status=status)
+    out.print(validate_table(sc.name, result))
     for line in result.notes:
-        err.print(line, highlight=False)
+        err.print(line, highlight=False, markup=False)
 
 
 def _validate_against(scenario: Path | None, against: Path | None, profile: Path | None, out_dir: Path | None,
