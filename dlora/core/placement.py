@@ -172,12 +172,18 @@ class _State:
             and self.size[self.x[:, j]].sum() + self.size[k] <= self.mem[j]
         )
 
+    def fits_all(self, k: int) -> np.ndarray:
+        """`fits(k, j)` for every replica j (sizes are whole bytes: the sums are exact)."""
+        return (~self.x[k] & (self.x.sum(axis=0) < self.slots)
+                & (self.size @ self.x + self.size[k] <= self.mem))
+
     def pick(self, k: int, weight: float) -> int | None:
         """Replica with room for `k` whose relative load after adding `weight` is lowest."""
         best, best_score = None, math.inf
         load = self.load()
+        fits = self.fits_all(k)
         for j in range(len(self.replicas)):
-            if not self.fits(k, j):
+            if not fits[j]:
                 continue
             score = (load[j] + weight) / self.cap[j]
             tie = abs(score - best_score) <= _TIE * max(abs(best_score), 1e-300)
@@ -222,6 +228,22 @@ def _leximin_better(new: np.ndarray, old: np.ndarray, tol: float) -> bool:
     diff = new - old
     differs = np.abs(diff) > tol * np.maximum(np.abs(old), 1e-300)
     return bool(differs.any() and diff[int(np.argmax(differs))] > 0)
+
+
+def _leximin_better_rows(rows: np.ndarray, old: np.ndarray, tol: float) -> np.ndarray:
+    """`_leximin_better(row, old, tol)` for every row."""
+    diff = rows - old[None, :]
+    differs = np.abs(diff) > tol * np.maximum(np.abs(old), 1e-300)[None, :]
+    first = differs.argmax(axis=1)
+    return differs.any(axis=1) & (diff[np.arange(len(rows)), first] > 0)
+
+
+def _leximin_worse_rows(rows: np.ndarray, best: np.ndarray, tol: float) -> np.ndarray:
+    """`_leximin_better(best, row, tol)` for every row."""
+    diff = best[None, :] - rows
+    differs = np.abs(diff) > tol * np.maximum(np.abs(rows), 1e-300)
+    first = differs.argmax(axis=1)
+    return differs.any(axis=1) & (diff[np.arange(len(rows)), first] > 0)
 
 
 def _cover(st: _State, order: list[int], planned: np.ndarray) -> list[int]:
@@ -311,21 +333,27 @@ def _best_copy(st: _State, problem: PlacementProblem, cands: set[int],
     Every candidate replica of one adapter is evaluated in one batch (`_State.ratios_with`)."""
     best: tuple[int, int] | None = None
     best_vec = old
-    used_slots = st.x.sum(axis=0)
-    used_mem = st.size @ st.x
     for k in sorted(cands):
-        js = [j for j in range(st.x.shape[1])
-              if not st.x[k, j] and used_slots[j] < st.slots[j] and used_mem[j] + st.size[k] <= st.mem[j]]
+        js = np.flatnonzero(st.fits_all(k)).tolist()
         if not js:
             continue
-        for j, vec in zip(js, np.sort(st.ratios_with(k, js), axis=1), strict=True):
+        vecs = np.sort(st.ratios_with(k, js), axis=1)
+        kept = st.kept[k, js]
+        pos = 0  # the rows in order, as a scan that keeps the best so far would visit them
+        while pos < len(js):
+            rows = vecs[pos:]
             if best is None:
-                if _leximin_better(vec, old, problem.min_relative_gain):
-                    best, best_vec = (k, j), vec
-            elif _leximin_better(vec, best_vec, _TIE) or (
-                not _leximin_better(best_vec, vec, _TIE) and st.kept[k, j] and not st.kept[best]
-            ):
-                best, best_vec = (k, j), vec
+                better = _leximin_better_rows(rows, old, problem.min_relative_gain)
+            else:
+                not_worse = ~_leximin_worse_rows(rows, best_vec, _TIE)
+                better = _leximin_better_rows(rows, best_vec, _TIE) | (
+                    not_worse & kept[pos:] & (not st.kept[best]))
+            hit = np.flatnonzero(better)
+            if not hit.size:
+                break
+            i = pos + int(hit[0])
+            best, best_vec = (k, js[i]), vecs[i]
+            pos = i + 1
     return best
 
 
