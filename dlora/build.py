@@ -32,8 +32,11 @@ class DispatchContext:
 
 
 def load_latency(scenario: Scenario) -> LatencyModel:
+    """The scenario's latency model; a baseline batching policy (`vllm`, `peft`) is priced by
+    the profile's `baselines` entry for it when there is one (profile.py)."""
     profile = load_profile(resolve(scenario, scenario.model.profile))
-    return LatencyModel(profile, allow_extrapolation=scenario.model.allow_extrapolation)
+    return LatencyModel(profile, allow_extrapolation=scenario.model.allow_extrapolation,
+                        baseline=scenario.policies.batching.name)
 
 
 def make_adapters(scenario: Scenario, latency: LatencyModel) -> dict[int, Adapter]:
