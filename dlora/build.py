@@ -33,10 +33,13 @@ class DispatchContext:
 
 def load_latency(scenario: Scenario) -> LatencyModel:
     """The scenario's latency model; a baseline batching policy (`vllm`, `peft`) is priced by
-    the profile's `baselines` entry for it when there is one (profile.py)."""
+    the profile's `baselines` entry for it when there is one, and `peft` with `static_batches`
+    pays the padding of its static batches (profile.py)."""
     profile = load_profile(resolve(scenario, scenario.model.profile))
+    ref = scenario.policies.batching
+    params = BATCH_POLICIES.check(ref.name, ref.params, "policies.batching")
     return LatencyModel(profile, allow_extrapolation=scenario.model.allow_extrapolation,
-                        baseline=scenario.policies.batching.name)
+                        baseline=ref.name, static_batches=getattr(params, "static_batches", False))
 
 
 def make_adapters(scenario: Scenario, latency: LatencyModel) -> dict[int, Adapter]:

@@ -38,10 +38,11 @@ many tokens.
 `baselines` (optional) prices the systems dLoRA is compared with where they cost more than
 this profile's kernels (issue 12; `core/baselines.py` says what each policy stands for). A
 `LatencyModel` built for a baseline policy (`baseline=` its registry name) applies that entry:
-every compute term (linear, per_seq_s, attention, LoRA) times `step_cost_factor`, and with
-`static_batches` decode attention at the batch's longest context (the padded rows of a static
-batch) and a pure prefill of fresh prompts padded to its longest. Absent, a baseline runs at
-this profile's own kernels, which is how every profile written before the field behaves.
+every compute term (linear, per_seq_s, attention, LoRA) times `step_cost_factor`. Absent, a
+baseline runs at this profile's own kernels, which is how every profile written before the
+field behaves. Built with `static_batches` (the `peft` policy's parameter: S-LoRA's static
+padded loop), it also pads: decode attention at the batch's longest context (every row of a
+padded batch has its length) and a pure prefill of fresh prompts at prompts x the longest.
 """
 
 from __future__ import annotations
@@ -233,11 +234,6 @@ class BaselineCost:
     step_cost_factor: float = spec(
         1.0, gt=0.0, le=1000.0, doc="seconds of one of the system's iterations / this profile's at the same "
         "shape (for peft: transformers + PEFT eager forward against dlora's executor); 1 = this profile's kernels")
-    static_batches: bool = spec(
-        False, doc="peft only: S-LoRA's PEFT loop. The policy forms a batch of one adapter's queued requests "
-        "and runs it until its last request finishes (nothing joins; a request waits for its batch), and "
-        "the latency model pads: decode attention at the batch's longest context, a pure prefill of fresh "
-        "prompts at prompts x the longest. false: continuous batching, one adapter per iteration")
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,31 +280,31 @@ def load_profile(path: str | Path) -> Profile:
     except yaml.YAMLError as exc:
         raise ProfileError(f"profile {p}: not valid YAML ({exc.__class__.__name__})") from None
     try:
-        profile = load_into(Profile, data)
+        return load_into(Profile, data)
     except ConfigError as exc:
         raise ProfileError(f"profile {p}: {exc}") from None
-    vllm = profile.baselines.vllm
-    if vllm is not None and vllm.static_batches:
-        raise ProfileError(f"profile {p}: baselines.vllm.static_batches: vLLM batched continuously; "
-                           "only peft takes static batches")
-    return profile
 
 
 class LatencyModel:
     """Batch shape -> seconds, from a Profile. Raises ProfileError outside the measured range
     unless `allow_extrapolation`. Built for a baseline policy (`baseline`: its registry name)
     whose cost the profile lists under `baselines`, it prices that system (module docstring):
-    `latency` is then the profile's compute terms scaled by its `step_cost_factor`."""
+    `latency` is then the profile's compute terms scaled by its `step_cost_factor`; with
+    `static_batches` it pads as a static batch does."""
 
-    def __init__(self, profile: Profile, allow_extrapolation: bool = False, baseline: str | None = None) -> None:
+    def __init__(self, profile: Profile, allow_extrapolation: bool = False, baseline: str | None = None,
+                 static_batches: bool = False) -> None:
         self.profile = profile
         self.model = profile.model
         self.range = profile.range
         self.allow_extrapolation = allow_extrapolation
         cost = getattr(profile.baselines, baseline, None) if baseline in BASELINE_NAMES else None
         self.baseline_cost: BaselineCost | None = cost
-        self.pads_static_batches = cost is not None and cost.static_batches
-        self.latency = profile.latency if cost is None else baseline_latency(profile.latency, cost)
+        self.pads_static_batches = static_batches
+        latency = profile.latency
+        if cost is not None or static_batches:
+            latency = baseline_latency(latency, cost.step_cost_factor if cost else 1.0, static_batches)
+        self.latency = latency
 
     def step_s(self, shape: BatchShape) -> float:
         """Seconds of one forward iteration of this shape (no switch, load or swap)."""
@@ -457,11 +453,11 @@ class LatencyModel:
 BASELINE_NAMES = tuple(f.name for f in dataclasses.fields(BaselineCosts))
 
 
-def baseline_latency(latency: Latency, cost: BaselineCost) -> Latency:
-    """The profile's compute terms x `step_cost_factor` (switches and transfers unchanged: they
-    are the same copies on the same hardware); with `static_batches` every decode sequence pays
-    the longest context (the skew shares at 1: a padded batch's rows all have its length)."""
-    f = cost.step_cost_factor
+def baseline_latency(latency: Latency, factor: float, static_batches: bool) -> Latency:
+    """The profile's compute terms x `factor` (switches and transfers unchanged: they are the
+    same copies on the same hardware); with `static_batches` every decode sequence pays the
+    longest context (the skew shares at 1: a padded batch's rows all have its length)."""
+    f = factor
     lora = latency.lora
     return dataclasses.replace(
         latency,
@@ -474,8 +470,8 @@ def baseline_latency(latency: Latency, cost: BaselineCost) -> Latency:
         lora=LoraCost(fixed_s=lora.fixed_s * f, per_adapter_s=lora.per_adapter_s * f,
                       per_adapter_rank_s=lora.per_adapter_rank_s * f, per_token_s=lora.per_token_s * f,
                       per_token_rank_s=lora.per_token_rank_s * f),
-        attention_skew_decode=1.0 if cost.static_batches else latency.attention_skew_decode,
-        attention_skew_mixed=1.0 if cost.static_batches else latency.attention_skew_mixed,
+        attention_skew_decode=1.0 if static_batches else latency.attention_skew_decode,
+        attention_skew_mixed=1.0 if static_batches else latency.attention_skew_mixed,
     )
 
 

@@ -317,15 +317,16 @@ PEFT_PROVENANCE = (
     "for 120 s, prompts and outputs U[8, 512]): S-LoRA 7.48 req/s against its PEFT baseline's 0.87, 8.6x "
     "(S-LoRA's files benchmarks/paper/synthetic/slora/synthetic_num_adapters_a100-80_S2_slora_table.jsonl "
     "and benchmarks/paper/peft/num_adapter_a100-80_S2_peft_fig3.jsonl @ 2a2786b9; S1, rank 8: 8.05 / 0.88 = "
-    "9.1x). That PEFT is transformers eager in bf16 run by S-LoRA's loop (benchmarks/run_exp_peft.py): "
+    "9.1x). That PEFT is transformers eager in bf16 run by S-LoRA's loop (benchmarks/run_exp_peft.py: "
     "static per-adapter batches, prompts padded to the longest, finished rows dropped from a re-indexed KV "
-    "cache, so static_batches is true. Derived: step_cost_factor is the value at which this simulator's "
-    "slora / peft throughput on that setting (scenarios/baselines-slora-s2.yaml, seed 0: dlora simulate "
-    "with policies.batching.name slora and peft) equals the cited 8.6x; static padded batches alone give "
-    "1.73x there, so eager mode (its per-module launches, PEFT's unfused side path, the KV copies of the "
-    "loop) is taken to cost 5.1x this profile's kernels per iteration. Assumed: one factor at every shape "
-    "(the demo model on a CPU measures 0.7-2.3x over shapes, benchmarks/bench_baseline_costs.py), and that "
-    "the dLoRA paper's PEFT (customised with paged attention) cost the same per iteration."
+    "cache), i.e. the peft policy with static_batches true. Derived: step_cost_factor is the value at which "
+    "this simulator's slora / peft throughput on that setting (scenarios/baselines-slora-s2.yaml, seed 0, "
+    "variants slora and peft_static) equals the cited 8.6x; static padded batches alone give 1.73x there, "
+    "so eager mode (per-module launches, PEFT's unfused side path, the loop's KV copies) is taken to cost "
+    "5.1x this profile's kernels per iteration. Assumed: one factor at every shape (the demo model on a CPU "
+    "measures 0.7-2.3x over shapes, benchmarks/bench_baseline_costs.py), and the same factor for the dLoRA "
+    "paper's PEFT (customised with paged attention: the policy's default continuous loop), whose own cost "
+    "was not published."
 )
 
 
@@ -334,7 +335,7 @@ def peft_baseline(t: Target) -> BaselineCosts:
     if t.shape is not LLAMA_7B:
         return BaselineCosts()
     return BaselineCosts(peft=BaselineCost(how="derived", provenance=PEFT_PROVENANCE,
-                                           step_cost_factor=PEFT_STEP_COST_FACTOR, static_batches=True))
+                                           step_cost_factor=PEFT_STEP_COST_FACTOR))
 
 
 def git_revision() -> str:

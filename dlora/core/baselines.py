@@ -9,15 +9,15 @@
   resident size is the model's weight bytes (taken from the KV pool, one copy of which the pool
   already excludes as the base weights) and selecting a resident model costs no merge.
 - `peft`: HuggingFace PEFT: one adapter per iteration (`set_adapter`), run unmerged through the
-  LoRA side path; the oldest request's adapter and its queued requests. Timed by the profile's
-  `baselines.peft` when it has one (`profile.py`): transformers' eager forward costs
-  `step_cost_factor` times this project's kernels, and with `static_batches` it runs S-LoRA's
-  PEFT loop (S-LoRA `benchmarks/run_exp_peft.py`): a batch of one adapter's queued requests is
-  formed once and runs until its last request finishes (padded to its longest prompt and
-  context; nothing joins, so a request waits for its batch). The dLoRA paper's PEFT was
-  customised with paged attention (continuous batching: `static_batches` false). The policy
-  only plans; the replica admits the members under its contract (a member that does not fit
-  waits, the batch still ends when its admitted members finish).
+  LoRA side path; the oldest request's adapter and its queued requests. Its forward costs the
+  profile's `baselines.peft.step_cost_factor` times this project's kernels where the profile
+  has that term (`profile.py`). Two loops, by `static_batches`: false (default), the dLoRA
+  paper's PEFT, customised with paged attention: continuous batching, one adapter per forward;
+  true, S-LoRA's PEFT baseline (S-LoRA `benchmarks/run_exp_peft.py`): a batch of one adapter's
+  queued requests is formed once and runs until its last request finishes, padded to its
+  longest prompt and context (the latency model pads); nothing joins, so a request waits for
+  its batch. The policy only plans: the replica admits the members under its contract (a
+  member that does not fit waits; the batch still ends when its admitted members finish).
 - `slora`: S-LoRA: unmerged-only FCFS on the unified pool (KV and adapters share memory even if
   the scenario asks for a static split), adapters of heterogeneous ranks without padding, and
   S-LoRA's admission (`slora/server/router/req_queue.py`): a waiting request is admitted only if
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 from ..config import spec
 from ..types import Adapter, BatchMode
@@ -82,17 +81,23 @@ class Vllm(OldestAdapter):
         return self.model_bytes
 
 
-@BATCH_POLICIES.register("peft")
+@dataclass(frozen=True, slots=True)
+class PeftParams:
+    static_batches: bool = spec(False, doc="S-LoRA's PEFT loop: static padded batches of one adapter, "
+                                "a request waits for its batch; false: the dLoRA paper's PEFT (paged "
+                                "attention, continuous batching, one adapter per forward)")
+
+
+@BATCH_POLICIES.register("peft", PeftParams)
 class Peft(OldestAdapter):
-    """One adapter per iteration, unmerged; static batches where the profile says the system
-    ran them (module docstring)."""
+    """One adapter per iteration, unmerged; continuous, or S-LoRA's static batches (module
+    docstring)."""
 
     mode = BatchMode.UNMERGED
 
-    def __init__(self, params: Any, ctx: PolicyContext) -> None:
+    def __init__(self, params: PeftParams, ctx: PolicyContext) -> None:
         super().__init__(params, ctx)
-        cost = ctx.latency.baseline_cost
-        self.static_batches = cost is not None and cost.static_batches
+        self.static_batches = params.static_batches
         self.members: set[int] = set()  # the static batch in flight (request ids)
 
     def plan(self, queue: QueueView, now: float) -> Plan:

@@ -134,18 +134,19 @@ def test_vllm_under_tensor_parallelism_holds_whole_models_per_replica() -> None:
 
 
 def _static_peft_latency():  # type: ignore[no-untyped-def]
-    lat = latency_model()
-    assert lat.profile.baselines.peft is not None and lat.profile.baselines.peft.static_batches
     from dlora.profile import LatencyModel
 
-    return LatencyModel(lat.profile, allow_extrapolation=True, baseline="peft")
+    return LatencyModel(latency_model().profile, allow_extrapolation=True, baseline="peft", static_batches=True)
+
+
+STATIC = {"static_batches": True}
 
 
 def test_static_peft_batches_take_no_newcomer_and_end_when_their_last_request_does() -> None:
-    """S-LoRA's PEFT loop (profile term `static_batches`): a batch is one adapter's queued
-    requests, formed once; later arrivals wait for it; the next forms when it has finished."""
+    """S-LoRA's PEFT loop (`static_batches`): a batch is one adapter's queued requests, formed
+    once; later arrivals wait for it; the next forms when it has finished."""
     lat = _static_peft_latency()
-    rep = make_replica("peft", num_adapters=3, max_batch_size=6, max_batched_tokens=4096, latency=lat)
+    rep = make_replica("peft", STATIC, num_adapters=3, max_batch_size=6, max_batched_tokens=4096, latency=lat)
     assert rep.policy.static_batches  # type: ignore[attr-defined]
     ex = ScriptedExecutor()
     reqs = workload(n=50, adapters=3, seed=3)
@@ -167,15 +168,15 @@ def test_static_peft_batches_take_no_newcomer_and_end_when_their_last_request_do
 
 def test_static_peft_keeps_the_admission_contract_under_memory_pressure() -> None:
     lat = _static_peft_latency()
-    rep = make_replica("peft", num_adapters=4, max_batch_size=8, capacity_blocks=40, latency=lat)
+    rep = make_replica("peft", STATIC, num_adapters=4, max_batch_size=8, capacity_blocks=40, latency=lat)
     reqs = workload(n=80, adapters=4, seed=5)
     run_replica(rep, reqs, ScriptedExecutor(), check_memory=True)
     assert all(r.is_done and r.generated_tokens == r.output_tokens for r in reqs)
 
 
-def test_peft_without_the_term_batches_continuously() -> None:
+def test_peft_by_default_batches_continuously() -> None:
     rep = make_replica("peft", num_adapters=3, max_batch_size=6, max_batched_tokens=4096)
-    assert not rep.policy.static_batches  # type: ignore[attr-defined]  # not built for the term
+    assert not rep.policy.static_batches  # type: ignore[attr-defined]  # the default: the dLoRA paper's
     ex = ScriptedExecutor()
     run_replica(rep, workload(n=50, adapters=3, seed=3), ex)
     joined = any(set(b.request_ids) - set(a.request_ids) and set(b.request_ids) & set(a.request_ids)
