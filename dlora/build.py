@@ -32,8 +32,14 @@ class DispatchContext:
 
 
 def load_latency(scenario: Scenario) -> LatencyModel:
+    """The scenario's latency model; a baseline batching policy (`vllm`, `peft`) is priced by
+    the profile's `baselines` entry for it when there is one, and `peft` with `static_batches`
+    pays the padding of its static batches (profile.py)."""
     profile = load_profile(resolve(scenario, scenario.model.profile))
-    return LatencyModel(profile, allow_extrapolation=scenario.model.allow_extrapolation)
+    ref = scenario.policies.batching
+    params = BATCH_POLICIES.check(ref.name, ref.params, "policies.batching")
+    return LatencyModel(profile, allow_extrapolation=scenario.model.allow_extrapolation,
+                        baseline=ref.name, static_batches=getattr(params, "static_batches", False))
 
 
 def make_adapters(scenario: Scenario, latency: LatencyModel) -> dict[int, Adapter]:

@@ -34,6 +34,15 @@ without a prefill chunk beside it. `latency.lora`, `latency.merge` and `latency.
 that leaves them out would silently price LoRA and switches at zero. A batch whose longest
 context exceeds `range.max_context_tokens` is outside the measured range like a batch with too
 many tokens.
+
+`baselines` (optional) prices the systems dLoRA is compared with where they cost more than
+this profile's kernels (issue 12; `core/baselines.py` says what each policy stands for). A
+`LatencyModel` built for a baseline policy (`baseline=` its registry name) applies that entry:
+every compute term (linear, per_seq_s, attention, LoRA) times `step_cost_factor`. Absent, a
+baseline runs at this profile's own kernels, which is how every profile written before the
+field behaves. Built with `static_batches` (the `peft` policy's parameter: S-LoRA's static
+padded loop), it also pads: decode attention at the batch's longest context (every row of a
+padded batch has its length) and a pure prefill of fresh prompts at prompts x the longest.
 """
 
 from __future__ import annotations
@@ -215,6 +224,27 @@ class Latency:
 
 
 @dataclass(frozen=True, slots=True)
+class BaselineCost:
+    """What one baseline system costs beyond this profile's kernels (module docstring)."""
+
+    how: str = spec(choices=("measured", "cited", "derived"),
+                    doc="measured here (a benchmark's command in provenance), cited from a named "
+                    "publication, or derived from a cited figure by a stated computation")
+    provenance: str = spec(nonempty=True, doc="what was measured or cited, on what, with which command")
+    step_cost_factor: float = spec(
+        1.0, gt=0.0, le=1000.0, doc="seconds of one of the system's iterations / this profile's at the same "
+        "shape (for peft: transformers + PEFT eager forward against dlora's executor); 1 = this profile's kernels")
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineCosts:
+    """Per baseline policy (registry names); an absent entry = this profile's own kernels."""
+
+    peft: BaselineCost | None = None
+    vllm: BaselineCost | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Range:
     max_batch_tokens: int = spec(ge=1)
     max_decode_seqs: int = spec(ge=1)
@@ -230,9 +260,14 @@ class Profile:
     latency: Latency = spec()
     range: Range = spec()
     fit_error: dict[str, float] = spec(factory=dict)
+    baselines: BaselineCosts = spec(factory=BaselineCosts, doc="what the compared systems cost "
+                                    "beyond this profile's kernels (optional; module docstring)")
 
     def dump(self) -> str:
-        return yaml.safe_dump(to_plain(self), sort_keys=False, width=100)
+        data = to_plain(self)
+        if not any(data["baselines"].values()):  # absent: profiles written before it read the same
+            del data["baselines"]
+        return yaml.safe_dump(data, sort_keys=False, width=100)
 
 
 def load_profile(path: str | Path) -> Profile:
@@ -252,14 +287,24 @@ def load_profile(path: str | Path) -> Profile:
 
 class LatencyModel:
     """Batch shape -> seconds, from a Profile. Raises ProfileError outside the measured range
-    unless `allow_extrapolation`."""
+    unless `allow_extrapolation`. Built for a baseline policy (`baseline`: its registry name)
+    whose cost the profile lists under `baselines`, it prices that system (module docstring):
+    `latency` is then the profile's compute terms scaled by its `step_cost_factor`; with
+    `static_batches` it pads as a static batch does."""
 
-    def __init__(self, profile: Profile, allow_extrapolation: bool = False) -> None:
+    def __init__(self, profile: Profile, allow_extrapolation: bool = False, baseline: str | None = None,
+                 static_batches: bool = False) -> None:
         self.profile = profile
         self.model = profile.model
-        self.latency = profile.latency
         self.range = profile.range
         self.allow_extrapolation = allow_extrapolation
+        cost = getattr(profile.baselines, baseline, None) if baseline in BASELINE_NAMES else None
+        self.baseline_cost: BaselineCost | None = cost
+        self.pads_static_batches = static_batches
+        latency = profile.latency
+        if cost is not None or static_batches:
+            latency = baseline_latency(latency, cost.step_cost_factor if cost else 1.0, static_batches)
+        self.latency = latency
 
     def step_s(self, shape: BatchShape) -> float:
         """Seconds of one forward iteration of this shape (no switch, load or swap)."""
@@ -268,6 +313,8 @@ class LatencyModel:
             return 0.0
         if not self.allow_extrapolation:
             self._check_range(shape)
+        if self.pads_static_batches and shape.prefill_seqs > 1 and not shape.decode_seqs:
+            shape = padded_prefill(shape)
         return self.step_parts_s(shape, shape.decode_context_tokens)
 
     def step_parts_s(self, shape: BatchShape, decode_context_tokens: int) -> float:
@@ -401,6 +448,46 @@ class LatencyModel:
                 f"reserve do not fit in device memory ({self.profile.memory.device_bytes} B)"
             )
         return free
+
+
+BASELINE_NAMES = tuple(f.name for f in dataclasses.fields(BaselineCosts))
+
+
+def baseline_latency(latency: Latency, factor: float, static_batches: bool) -> Latency:
+    """The profile's compute terms x `factor` (switches and transfers unchanged: they are the
+    same copies on the same hardware); with `static_batches` every decode sequence pays the
+    longest context (the skew shares at 1: a padded batch's rows all have its length)."""
+    f = factor
+    lora = latency.lora
+    return dataclasses.replace(
+        latency,
+        linear=Curve(latency.linear.tokens, tuple(s * f for s in latency.linear.seconds)),
+        per_seq_s=latency.per_seq_s * f,
+        attention_decode_s_per_token=latency.attention_decode_s_per_token * f,
+        attention_prefill_s_per_pair=latency.attention_prefill_s_per_pair * f,
+        attention_mixed_s_per_decode_token=latency.attention_mixed_s_per_decode_token * f,
+        attention_mixed_s_per_decode_seq=latency.attention_mixed_s_per_decode_seq * f,
+        lora=LoraCost(fixed_s=lora.fixed_s * f, per_adapter_s=lora.per_adapter_s * f,
+                      per_adapter_rank_s=lora.per_adapter_rank_s * f, per_token_s=lora.per_token_s * f,
+                      per_token_rank_s=lora.per_token_rank_s * f),
+        attention_skew_decode=1.0 if static_batches else latency.attention_skew_decode,
+        attention_skew_mixed=1.0 if static_batches else latency.attention_skew_mixed,
+    )
+
+
+def padded_prefill(shape: BatchShape) -> BatchShape:
+    """A pure prefill of fresh prompts as a static padded batch runs it: every prompt at the
+    longest (`max_context_tokens`). A chunk that continues a prompt is left as it is."""
+    if shape.prefill_context_tokens != shape.prefill_tokens or not shape.max_context_tokens:
+        return shape
+    n, longest = shape.prefill_seqs, shape.max_context_tokens
+    tokens = n * longest
+    rank = shape.lora_token_rank // max(shape.lora_tokens, 1) if shape.lora_tokens else 0
+    return dataclasses.replace(
+        shape, prefill_tokens=tokens, prefill_context_tokens=tokens,
+        prefill_attention_pairs=n * longest * (longest + 1) // 2,
+        lora_tokens=tokens if shape.lora_tokens else 0, lora_token_rank=tokens * rank,
+    )
 
 
 def replace(profile: Profile, **changes: Any) -> Profile:

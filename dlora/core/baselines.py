@@ -8,8 +8,16 @@
   and its queued requests. Modelled as merged batches whose "adapter" is a full model: its
   resident size is the model's weight bytes (taken from the KV pool, one copy of which the pool
   already excludes as the base weights) and selecting a resident model costs no merge.
-- `peft`: HuggingFace PEFT with paged attention: one adapter per iteration (`set_adapter`),
-  run unmerged through the LoRA side path; the oldest request's adapter and its queued requests.
+- `peft`: HuggingFace PEFT: one adapter per iteration (`set_adapter`), run unmerged through the
+  LoRA side path; the oldest request's adapter and its queued requests. Its forward costs the
+  profile's `baselines.peft.step_cost_factor` times this project's kernels where the profile
+  has that term (`profile.py`). Two loops, by `static_batches`: false (default), the dLoRA
+  paper's PEFT, customised with paged attention: continuous batching, one adapter per forward;
+  true, S-LoRA's PEFT baseline (S-LoRA `benchmarks/run_exp_peft.py`): a batch of one adapter's
+  queued requests is formed once and runs until its last request finishes, padded to its
+  longest prompt and context (the latency model pads); nothing joins, so a request waits for
+  its batch. The policy only plans: the replica admits the members under its contract (a
+  member that does not fit waits; the batch still ends when its admitted members finish).
 - `slora`: S-LoRA: unmerged-only FCFS on the unified pool (KV and adapters share memory even if
   the scenario asks for a static split), adapters of heterogeneous ranks without padding, and
   S-LoRA's admission (`slora/server/router/req_queue.py`): a waiting request is admitted only if
@@ -33,7 +41,9 @@ from ..types import Adapter, BatchMode
 from .batching import (
     BATCH_POLICIES,
     OldestAdapter,
+    Plan,
     PolicyContext,
+    QueueView,
     UnmergedOnly,
 )
 from .memory import MemoryConfig
@@ -71,11 +81,38 @@ class Vllm(OldestAdapter):
         return self.model_bytes
 
 
-@BATCH_POLICIES.register("peft")
+@dataclass(frozen=True, slots=True)
+class PeftParams:
+    static_batches: bool = spec(False, doc="S-LoRA's PEFT loop: static padded batches of one adapter, "
+                                "a request waits for its batch; false: the dLoRA paper's PEFT (paged "
+                                "attention, continuous batching, one adapter per forward)")
+
+
+@BATCH_POLICIES.register("peft", PeftParams)
 class Peft(OldestAdapter):
-    """One adapter per iteration, unmerged (module docstring)."""
+    """One adapter per iteration, unmerged; continuous, or S-LoRA's static batches (module
+    docstring)."""
 
     mode = BatchMode.UNMERGED
+
+    def __init__(self, params: PeftParams, ctx: PolicyContext) -> None:
+        super().__init__(params, ctx)
+        self.static_batches = params.static_batches
+        self.members: set[int] = set()  # the static batch in flight (request ids)
+
+    def plan(self, queue: QueueView, now: float) -> Plan:
+        """Static batches: the members of the batch in flight that are still unfinished, in
+        queue order; once none is left, a new batch as `OldestAdapter` picks it."""
+        if not self.static_batches:
+            return super().plan(queue, now)
+        left = [r for r in queue.requests if r.id in self.members] if self.members else []
+        if not left:
+            plan = super().plan(queue, now)
+            self.members = {r.id for r in plan.requests}
+            return plan
+        if len(left) < len(self.members):
+            self.members = {r.id for r in left}
+        return Plan(BatchMode.UNMERGED, None, left)
 
 
 @BATCH_POLICIES.register("slora")

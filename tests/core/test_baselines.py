@@ -131,3 +131,54 @@ def test_vllm_under_tensor_parallelism_holds_whole_models_per_replica() -> None:
     pool = rep.memory.capacity_bytes
     assert 2 * model_bytes < pool < 4 * model_bytes  # 2 whole 70B models fit, 4 (552 GB) do not
     assert rep.memory.config.max_adapter_slots == 2
+
+
+def _static_peft_latency():  # type: ignore[no-untyped-def]
+    from dlora.profile import LatencyModel
+
+    return LatencyModel(latency_model().profile, allow_extrapolation=True, baseline="peft", static_batches=True)
+
+
+STATIC = {"static_batches": True}
+
+
+def test_static_peft_batches_take_no_newcomer_and_end_when_their_last_request_does() -> None:
+    """S-LoRA's PEFT loop (`static_batches`): a batch is one adapter's queued requests, formed
+    once; later arrivals wait for it; the next forms when it has finished."""
+    lat = _static_peft_latency()
+    rep = make_replica("peft", STATIC, num_adapters=3, max_batch_size=6, max_batched_tokens=4096, latency=lat)
+    assert rep.policy.static_batches  # type: ignore[attr-defined]
+    ex = ScriptedExecutor()
+    reqs = workload(n=50, adapters=3, seed=3)
+    run_replica(rep, reqs, ex)
+    assert all(r.is_done for r in reqs)
+    by_id = {r.id: r for r in reqs}
+    epochs = 0
+    for prev, cur in zip(ex.batches, ex.batches[1:], strict=False):
+        before, now = set(prev.request_ids), set(cur.request_ids)
+        assert len({it.adapter_id for it in cur.items}) == 1
+        if now <= before:
+            continue  # the same static batch, fewer as its requests finish
+        assert not now & before, "a request joined a static batch in flight"
+        epochs += 1
+        ended = max(by_id[i].finish_s for i in before)  # type: ignore[type-var]
+        assert all(by_id[i].finish_s is not None and by_id[i].finish_s <= ended for i in before)
+    assert epochs >= 5
+
+
+def test_static_peft_keeps_the_admission_contract_under_memory_pressure() -> None:
+    lat = _static_peft_latency()
+    rep = make_replica("peft", STATIC, num_adapters=4, max_batch_size=8, capacity_blocks=40, latency=lat)
+    reqs = workload(n=80, adapters=4, seed=5)
+    run_replica(rep, reqs, ScriptedExecutor(), check_memory=True)
+    assert all(r.is_done and r.generated_tokens == r.output_tokens for r in reqs)
+
+
+def test_peft_by_default_batches_continuously() -> None:
+    rep = make_replica("peft", num_adapters=3, max_batch_size=6, max_batched_tokens=4096)
+    assert not rep.policy.static_batches  # type: ignore[attr-defined]  # the default: the dLoRA paper's
+    ex = ScriptedExecutor()
+    run_replica(rep, workload(n=50, adapters=3, seed=3), ex)
+    joined = any(set(b.request_ids) - set(a.request_ids) and set(b.request_ids) & set(a.request_ids)
+                 for a, b in zip(ex.batches, ex.batches[1:], strict=False))
+    assert joined  # continuous batching: requests join a running batch
