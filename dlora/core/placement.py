@@ -212,16 +212,26 @@ class _State:
 
     def ratios_with(self, k: int, js: list[int]) -> np.ndarray:
         """`ratios()` with one extra copy of adapter `k` on each replica of `js` (one row per
-        replica), computed as `ratios` computes it, for all of them at once."""
-        x = np.repeat(self.x[None], len(js), axis=0)
-        x[np.arange(len(js)), k, js] = True
-        n = np.maximum(x.sum(axis=2), 1)  # (c, adapters)
-        per = self.share[None, :] / n
-        load = np.stack([x[c].T.astype(float) @ per[c] for c in range(len(js))])
+        replica), for all of them at once: only the loads of k's holders and of the new one
+        change, and each adapter's served capacity is a sum over its holders."""
+        x = self.x
+        n = np.maximum(x.sum(axis=1), 1)
+        holders = x[k]
+        old_per = self.share[k] / n[k] if holders.any() else 0.0
+        n_new = x[k].sum() + 1
+        new_per = self.share[k] / n_new
+        rows = np.arange(len(js))
+        load = np.repeat(self.load()[None, :], len(js), axis=0)
+        load[:, holders] += new_per - old_per
+        load[rows, js] += new_per
         with np.errstate(divide="ignore"):
             inv = np.where(load > 0, self.cap[None, :] / np.where(load > 0, load, 1.0), np.inf)
-        served = np.where(x, inv[:, None, :], 0.0).sum(axis=2)
-        return (served / n)[:, self.share > 0]
+        finite = np.where(np.isfinite(inv), inv, 0.0)  # inf only off the holders
+        served = (x.astype(float) @ finite.T).T  # (rows, adapters)
+        served[:, k] += finite[rows, js]
+        counts = np.repeat(n[None, :].astype(float), len(js), axis=0)
+        counts[:, k] = n_new
+        return (served / counts)[:, self.share > 0]
 
 
 def _leximin_better(new: np.ndarray, old: np.ndarray, tol: float) -> bool:
