@@ -333,8 +333,7 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
                 unmerge, merge = self.merged_adapter, target
             self.merged_adapter = target
         load_bytes = sum(self.adapters[a].size_bytes for a in loads)
-        free = tuple(self._pending_free)
-        self._pending_free.clear()
+        free = self.take_pending_frees()
         batch = Batch(
             replica=self.id, step=self.step, mode=plan.mode, merged_adapter=target,
             items=tuple(items), requests=tuple(admitted), merge_adapter=merge, unmerge_adapter=unmerge,
@@ -346,6 +345,12 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         self.stats.preempting_iterations += int(preempted)
         self.step += 1
         return batch
+
+    def take_pending_frees(self) -> tuple[int, ...]:
+        """The requests whose KV the next iteration frees on the device (and forget them)."""
+        free = tuple(self._pending_free)
+        self._pending_free.clear()
+        return free
 
     def complete(self, batch: Batch, result: StepResult, now: float) -> list[Request]:
         """Apply a finished step: token counters, first tokens, finishes, policy feedback."""

@@ -70,8 +70,8 @@ class FastPath:
         """The batch the replica would run next if it is a pure decode of requests that already
         hold their KV, with no memory action or switch pending and a plan the policy declares
         stationary; else None."""
-        if rep._pending_free or rep._pending_loads or rep._pending_evicts or rep._incoming_kv:
-            return None
+        if rep._pending_loads or rep._pending_evicts or rep._incoming_kv:
+            return None  # (KV frees cost no time: the jump's first iteration takes them)
         queue = QueueView(rep.unfinished, rep.merged_adapter, rep.config.max_batch_size, rep.step)
         plan = rep.policy.plan(queue, now)  # the real time: time-based policy rules read it
         merged = plan.merged_adapter if plan.mode == BatchMode.MERGED else None
@@ -152,6 +152,7 @@ class FastPath:
                 needs.setdefault(i, []).append(r.id)
             for i in range((-c - 1) % block, k, block):  # a block fills in iteration i
                 fills.setdefault(i, []).append(r)
+        rep.take_pending_frees()  # the first iteration carries them, as `_admit` would
         return Jump(rep, batch, now, times, ends, needs, fills, start_tokens)
 
     def materialize(self, jump: Jump, now: float) -> None:
