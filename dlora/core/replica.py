@@ -352,8 +352,10 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         self._pending_free.clear()
         return free
 
-    def complete(self, batch: Batch, result: StepResult, now: float) -> list[Request]:
-        """Apply a finished step: token counters, first tokens, finishes, policy feedback."""
+    def complete(self, batch: Batch, result: StepResult, now: float, observe: bool = True) -> list[Request]:
+        """Apply a finished step: token counters, first tokens, finishes, policy feedback
+        (`observe=False`: the caller told the policy already, as the simulator's fast path does
+        with `observe_repeated` for the last iteration of a jump)."""
         self.stats.record_step(batch, result)
         if result.error is not None:
             self._requeue(batch, result.error)
@@ -384,7 +386,8 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
             self.work.add(r)
         for r in finished:
             self._finish(r, now)
-        self.policy.observe(batch, result)
+        if observe:
+            self.policy.observe(batch, result)
         return finished
 
     def _finish(self, r: Request, now: float, status: RequestStatus = RequestStatus.FINISHED) -> None:

@@ -142,24 +142,37 @@ class _Sim:
         """Cover the identical decode iterations that follow with one event (see fastpath.py)."""
         assert self.fast is not None
         env = self.env
-        jump = self.fast.plan(rep, float(env.now), self.scenario.run.horizon_s)
-        if jump is None:
-            return
-        self.jumps[rep.id] = jump
-        self.cluster.in_flight[rep.id] = jump.batch.request_ids
-        self.fast.jumps += 1
-        wake = env.event()
-        self.wake[rep.id] = wake
-        yield at(env, jump.ends[-1]) | wake
-        self.wake[rep.id] = None
-        self.fast.materialize(jump, float(env.now))
-        if not jump.done:  # woken: something changed this replica; finish the iteration in flight
-            end = self.fast.cut(jump)
-            if end > env.now:
-                yield at(env, end)
+        while True:
+            jump = self.fast.plan(rep, float(env.now), self.scenario.run.horizon_s)
+            if jump is None:
+                return
+            self.jumps[rep.id] = jump
+            self.cluster.in_flight[rep.id] = jump.batch.request_ids
+            self.fast.jumps += 1
+            wake = env.event()
+            self.wake[rep.id] = wake
+            yield at(env, jump.ends[-1]) | wake
+            self.wake[rep.id] = None
             self.fast.materialize(jump, float(env.now))
-        assert jump.done
-        del self.jumps[rep.id]
+            if not jump.done and not (jump.finishing and jump.applied == len(jump.times) - 1
+                                      and jump.ends[-1] <= env.now):
+                # woken: something changed this replica; finish the iteration in flight
+                end = self.fast.cut(jump)
+                if end > env.now:
+                    yield at(env, end)
+                self.fast.materialize(jump, float(env.now))
+            finished = self.fast.finish(jump, float(env.now))
+            assert jump.done
+            del self.jumps[rep.id]
+            self.cluster.in_flight[rep.id] = ()
+            if not finished:
+                return
+            # as after a stepped iteration that finished requests (the replica loop)
+            self.cluster.on_finished(finished)
+            self._count_done(len(finished))
+            self._sample(rep)
+            if not rep.has_work or self.cluster.deferred.get(rep.id):
+                return  # (a migration that waited for this iteration runs at the loop's top)
 
     def watch(self, check: Callable[[float, list[Request]], bool], interval_s: float):
         """Stop the run early when `check(now, requests)` says its outcome is already decided."""

@@ -23,7 +23,7 @@ import simpy
 from ..core.batching import QueueView
 from ..core.replica import ReplicaScheduler
 from ..profile import LatencyModel
-from ..types import Adapter, Batch, BatchItem, BatchMode, Request, RequestStatus
+from ..types import Adapter, Batch, BatchItem, BatchMode, Request, RequestStatus, StepResult
 
 MIN_JUMP = 2
 MAX_JUMP = 4096
@@ -53,6 +53,7 @@ class Jump:
     applied: int = 0  # iterations fully applied
     allocated: int = 0  # iterations whose KV blocks are allocated
     cut: bool = False
+    finishing: bool = False  # the last iteration finishes a request (applied by `finish`)
 
     @property
     def done(self) -> bool:
@@ -100,7 +101,10 @@ class FastPath:
         if batch is None:
             return None
         reqs = batch.requests
-        max_iters = min(min(r.remaining_output_tokens for r in reqs) - 1, MAX_JUMP)  # none may finish
+        # up to and including the iteration in which the first request finishes (that one is
+        # applied by `ReplicaScheduler.complete` itself: `finish`)
+        until_finish = min(r.remaining_output_tokens for r in reqs)
+        max_iters = min(until_finish, MAX_JUMP)
         if max_iters < MIN_JUMP:
             return None
         mem = rep.memory
@@ -153,7 +157,7 @@ class FastPath:
             for i in range((-c - 1) % block, k, block):  # a block fills in iteration i
                 fills.setdefault(i, []).append(r)
         rep.take_pending_frees()  # the first iteration carries them, as `_admit` would
-        return Jump(rep, batch, now, times, ends, needs, fills, start_tokens)
+        return Jump(rep, batch, now, times, ends, needs, fills, start_tokens, finishing=k == until_finish)
 
     def materialize(self, jump: Jump, now: float) -> None:
         """Apply every iteration that ended by `now`; allocate the blocks of the one in flight."""
@@ -176,8 +180,8 @@ class FastPath:
                 for rid in jump.needs.get(i, ()):
                     mem.allocate(rid, 1)
                 jump.allocated = i + 1
-            if ends[i] > now:
-                break
+            if ends[i] > now or (jump.finishing and i == k - 1):
+                break  # (a finishing last iteration is left to `finish`)
             jump.applied = i + 1
             if caching:  # as `complete` does, before the next iteration allocates
                 for r in jump.fills.get(i, ()):
@@ -216,6 +220,26 @@ class FastPath:
         """Stop the jump after the iteration in flight; returns when that one ends."""
         jump.cut = True
         last = max(jump.allocated, jump.applied, 1)
+        if last < len(jump.times):
+            jump.finishing = False
         del jump.times[last:]
         del jump.ends[last:]
         return jump.ends[-1]
+
+    def finish(self, jump: Jump, now: float) -> list[Request]:
+        """Apply a finishing last iteration (ended by `now`, the others applied) through
+        `ReplicaScheduler.complete`, exactly as stepping would; returns the finished requests."""
+        k = len(jump.times)
+        if not jump.finishing or jump.applied != k - 1 or jump.ends[-1] > now:
+            return []
+        assert jump.allocated == k
+        b = jump.batch
+        last = Batch(replica=b.replica, step=b.step + k - 1, mode=b.mode, merged_adapter=b.merged_adapter,
+                     items=tuple(BatchItem(r.id, r.adapter_id, r.computed_tokens, 1, True) for r in b.requests),
+                     requests=b.requests, forced_by_credit=b.forced_by_credit)
+        # the policy is told as for every iteration of the jump (its plan was not asked again)
+        jump.rep.policy.observe_repeated(b, jump.times[-1:])
+        finished = jump.rep.complete(last, StepResult(jump.times[-1]), jump.ends[-1], observe=False)
+        jump.applied = k
+        self.jumped_iterations += 1
+        return finished
