@@ -40,7 +40,7 @@ class LazyViews(Sequence[ReplicaView]):
     def __len__(self) -> int:
         return len(self._views)
 
-    def __getitem__(self, i):  # type: ignore[override]
+    def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         v = self._views[i]
