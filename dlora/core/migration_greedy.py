@@ -147,6 +147,15 @@ class Layout:
             )
         )
 
+    def objective(self, keep_reward_s: float) -> float:
+        """The MILP's objective for this layout: makespan plus the move and load penalties,
+        less the reward for each evictable adapter kept."""
+        p = self.problem
+        moves = sum(1 for i, q in enumerate(p.requests) if p.replicas[self.dest[i]].id != q.replica)
+        kept = sum(len(r.evictable_adapters) for r in p.replicas) - len(self.evicted)
+        return (self.makespan() + p.move_penalty_s * moves + p.load_penalty_s * len(self.loads())
+                - keep_reward_s * kept)
+
     def evictions(self) -> tuple[tuple[int, int], ...]:
         reps = self.problem.replicas
         return tuple(sorted((a, reps[j].id) for a, j in self.evicted))
@@ -223,4 +232,96 @@ def greedy_migration(problem: MigrationProblem) -> Layout:
                 break
         else:
             return layout
+    return layout
+
+
+def _best_swap(layout: Layout, s: int) -> tuple[float, int, int] | None:
+    """Best exchange of a request on replica index s with one elsewhere whose adapters are
+    present at both ends and neither is the last user of an adapter the layout loaded (so no
+    load or unload changes): (pair total, request on s, the other)."""
+    p = layout.problem
+    mine = [i for i, d in enumerate(layout.dest) if d == s]
+    other = [i for i, d in enumerate(layout.dest) if d != s]
+    if not mine or not other:
+        return None
+
+    def movable(i: int) -> bool:
+        q = p.requests[i]
+        a = q.adapter
+        return a is None or not (layout.count.get((a, layout.dest[i]), 0) == 1 and layout.is_loaded(a, layout.dest[i]))
+
+    mine = [i for i in mine if movable(i)]
+    other = [i for i in other if movable(i)]
+    if not mine or not other:
+        return None
+    reps = p.replicas
+    w = np.array([q.work_s for q in p.requests])
+    kvb = np.array([q.kv_blocks for q in p.requests])
+    d = np.array([layout.dest[k] for k in other])
+    cost = np.array([[layout.cost(i, j) for j in range(len(reps))] for i in range(len(p.requests))])
+    total_kv = np.array([r.kv_blocks_total for r in reps])
+    swap = np.array([r.swap_s_per_block for r in reps])
+    rows_i, cols_k = np.array(mine)[:, None], np.array(other)[None, :]
+    ws = layout.work[s] - w[rows_i] - cost[rows_i, s] + w[cols_k] + cost[cols_k, s]
+    kvs = layout.kv[s] - kvb[rows_i] + kvb[cols_k]
+    wd = np.array(layout.work)[d][None, :] - w[cols_k] - cost[cols_k, d[None, :]] + w[rows_i] + cost[rows_i, d[None, :]]
+    kvd = np.array(layout.kv)[d][None, :] - kvb[cols_k] + kvb[rows_i]
+    over_s, over_d = np.maximum(0, kvs - total_kv[s]), np.maximum(0, kvd - total_kv[d][None, :])
+    pair = np.maximum(ws + swap[s] * over_s, wd + swap[d][None, :] * over_d)
+    ok = np.ones(pair.shape, dtype=bool)
+    for a_n, i in enumerate(mine):
+        ai = p.requests[i].adapter
+        for b_n, k in enumerate(other):
+            ak = p.requests[k].adapter
+            if (ai is not None and ai not in layout.present[layout.dest[k]]) or (
+                    ak is not None and ak not in layout.present[s]):
+                ok[a_n, b_n] = False
+    if p.kv_hard_limit:
+        lim = np.array(layout.overflow_limit)
+        ok &= (over_s <= lim[s]) & (over_d <= lim[d][None, :])
+    pair = np.where(ok, pair, np.inf)
+    a_n, b_n = divmod(int(np.argmin(pair)), pair.shape[1])
+    if not np.isfinite(pair[a_n, b_n]):
+        return None
+    return float(pair[a_n, b_n]), mine[a_n], other[b_n]
+
+
+def improve(layout: Layout) -> Layout:
+    """Local search from a layout: the greedy's best move out of a most loaded replica, else
+    its best swap (`_best_swap`), while either lowers that replica's total. Each step strictly
+    decreases the sorted vector of replica totals, so the makespan never grows."""
+    num_r = len(layout.problem.replicas)
+    for _ in range(4 * len(layout.problem.requests) * num_r + 1):
+        s = min(range(num_r), key=lambda j: (-layout.total(j), j))
+        top = layout.total(s)
+        best = _best_move(layout, s)
+        if best is not None and best[0] < top - _EPS:
+            _, i, d, evictions = best
+            for e in evictions:
+                layout.evict(e, d)
+            layout.move(i, d)
+            continue
+        sw = _best_swap(layout, s)
+        if sw is None or sw[0] >= top - _EPS:
+            return layout
+        _, i, k = sw
+        a, b = layout.dest[i], layout.dest[k]
+        layout.move(i, b)
+        layout.move(k, a)
+    return _unmove(layout)
+
+
+def _unmove(layout: Layout) -> Layout:
+    """Send moved requests home again where that does not raise the makespan (a move costs
+    a migration for nothing otherwise)."""
+    p = layout.problem
+    for i, q in enumerate(p.requests):
+        home = layout.index[q.replica]
+        away = layout.dest[i]
+        if away == home or (q.adapter is not None and q.adapter not in layout.present[home]):
+            continue
+        top = layout.makespan()
+        layout.move(i, home)
+        if layout.makespan() > top + _EPS or not layout.feasible():
+            layout.move(i, away)
     return layout
