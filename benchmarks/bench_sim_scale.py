@@ -36,7 +36,9 @@ COMPONENTS = {  # label -> (file suffix, function) whose cumulative time makes i
     "batching policy decisions": ("credit.py", "_decide"),
     "replica.complete": ("replica.py", "complete"),
     "fast path (plan + jumps)": ("driver.py", "_jump"),
+    "lazy catch-up of jumped iterations": ("fastpath.py", "materialize"),
     "arrivals + dispatch": ("driver.py", "arrivals"),
+    "replica views built for decisions": ("cluster.py", "__getitem__"),
     "placement re-planning": ("driver.py", "placement"),
 }
 
