@@ -122,8 +122,8 @@ def test_default_bound_is_documented() -> None:
     rep = make_replica("credit", {}, num_adapters=8, max_batch_size=16)
     assert isinstance(rep.policy, CreditPolicy)
     assert rep.policy.starvation_bound() == 2_000_000_016  # credits dormant by default
-    assert rep.policy.p.max_skip_s == 15.0
-    assert rep.policy.starvation_bound_s(0.05) == 15.05
+    assert rep.policy.p.max_skip_s == 30.0
+    assert rep.policy.starvation_bound_s(0.05) == 30.05
 
 
 def test_wait_trigger_bounds_a_starved_request_in_seconds() -> None:
