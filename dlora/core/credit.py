@@ -35,11 +35,13 @@ replica's memory and token caps, `r` goes without running at most
 consecutive iterations while in `B_fcfs`. `starvation_bound()` returns W. By default the
 credit thresholds are dormant (fire 1e9, floor -1e9): the wait trigger below is the guard.
 
-The wait trigger (`max_skip_s`, default 15 s of simulated time) bounds the same wait in
+The wait trigger (`max_skip_s`, default 30 s of simulated time) bounds the same wait in
 seconds: a request of `B_fcfs` that the policy's plans leave out keeps a skip clock (started at
 the first plan that skipped it, cleared by any plan that includes it); once it reads
 `max_skip_s`, its adapter is served first, unmerged, for that one iteration (no hysteresis: the
-request runs, its clock restarts). So a request at the head of the queue (in `B_fcfs`) goes
+request runs, its clock restarts), and the next plan judges staying on the adapter that was
+merged before the service as if it were still merged (the service interrupts a merged run, it
+does not end it; forced iterations take no part in AIMD's episodes). So a request at the head of the queue (in `B_fcfs`) goes
 without being planned for at most
 
     max_skip_s + one iteration (the one in flight when the clock passes max_skip_s)
@@ -55,13 +57,33 @@ latency per token against a fully dormant guard: fire 1e12, floor -1e12, no wait
   thresholds are dormant by default (fire 1e9, floor -1e9; set them to use credits).
 - the wait trigger with credit-style hysteresis (served until the credit is paid back) cost
   +11-16% at 15 s and +1-8% even at 60 s: the long forced stretch is the price.
-- the wait trigger serving one iteration, 15 s: over seeds 0-3, mean +0.8% / +1.2% / +0.4% /
-  +2.9% / +4.0% / +1.1% at alpha 0 / 0.5 / 1 / 1.5 / 2 / 3 (median at alpha 2 +2.2%; seed 0
-  at alpha 2 +12%, the worst of 24 cells, the same under the artifact profile; likely: after the
-  service iteration the replica is unmerged, so the next plan merges the adapter with most
-  requests instead of staying on the one merged before; keeping AIMD out of it changed
-  nothing); 30 s was no cheaper. The fully dormant guard let a head-of-queue request go unplanned for 61 / 105 /
-  113 / 126 / 138 / 145 s at those skews (seed 0): the default caps it at 15 s.
+- the wait trigger serving one iteration, 15 s, before the resume below: over seeds 0-3, mean
+  +0.8% / +1.2% / +0.4% / +2.9% / +4.0% / +1.1% at alpha 0 / 0.5 / 1 / 1.5 / 2 / 3; seed 0 at
+  alpha 2 +12% (insensitive to max_skip_s 15-60). Cause, measured there: the guard fired 10 times
+  in 400 requests and its forced iterations cost 0.4 s of switches in 195 s busy (busy time was
+  the same as the dormant guard's); what cost was the plan after the first firing. The service
+  iteration leaves the replica unmerged, so the next plan saw no merged adapter to stay on
+  (`merge_left`) and entered the adapter with the most queued requests (`merge_right`): the
+  backlogged second adapter, for 832 iterations, while the hot adapter (249 of 400 requests)
+  waited; its mean latency per token went 0.040 -> 0.085 s.
+- so a forced service interrupts a merged run instead of ending it: the next plan judges staying
+  on the adapter merged before the service (`_Decision.resume`), and forced iterations neither
+  end nor start an AIMD episode. Seeds 0-2 against a dormant guard (`dlora simulate`, both runs
+  the same seed), alpha 0 / 1 / 2 / 3, per seed:
+  15 s, modern profile: +4.9 -2.4 +1.2 / +1.8 +0.2 -0.2 / +0.9 +0.9 +0.9 / +1.2 +1.1 +0.9%;
+  15 s, artifact profile: +3.7 +1.9 +4.0 / +2.4 +0.9 +4.4 / +0.9 +1.1 +0.0 / 0 0 0%;
+  30 s, modern: +0.7 -0.8 +0.9 / +1.3 -0.1 +0.8 / +0.4 +0.4 +0.5 / +0.8 +0.7 +0.5%;
+  30 s, artifact: +2.0 +1.1 +1.0 / +0.8 +0.4 +1.5 / +0.7 +0.9 +0.0 / 0 0 0%.
+  So the default is 30 s: no cell above 2%. At 15 s the price is the service iterations
+  themselves on an overloaded replica at low skew (alpha 0 seed 0: 21 of them, 42 extra
+  switches, +1% busy time), one every 15 s because some B_fcfs request of another adapter is
+  always starving there. The fully dormant guard let a head-of-queue request go unplanned for
+  61 / 105 / 113 / 126 / 138 / 145 s at alpha 0 / 0.5 / 1 / 1.5 / 2 / 3 (seed 0); the default
+  caps it at 30 s
+  (tests/core/test_credit.py: test_wait_trigger_bounds_a_starved_request_in_seconds,
+  test_forced_service_resumes_the_merged_adapter). What the bound is not: a request admitted by
+  a service iteration and then skipped again by merged plans gets one iteration per max_skip_s;
+  it bounds the gap between iterations a starved request runs, not its completion time.
 The artifact's scale (start 1e4 (N-1), fire 1e4 N) waited for minutes.
 
 Adaptive thresholds (AIMD): at every episode boundary (a change of mode or merged adapter) the
@@ -104,7 +126,7 @@ class CreditParams:
     credit_floor: float = spec(-1e9, doc="adapters below this credit are not merge candidates "
                                "(dormant by default: -256 cost 9-17% on Fig. 10)")
     credit_per_skip: float = spec(1.0, gt=0.0, doc="credit moved per skipped request")
-    max_skip_s: float | None = spec(15.0, gt=0.0, doc="serve an adapter once a request of it in B_fcfs "
+    max_skip_s: float | None = spec(30.0, gt=0.0, doc="serve an adapter once a request of it in B_fcfs "
                                     "has been skipped this many seconds in a row (None: credits only)")
     aimd: bool = spec(True, doc="tune the thresholds at episode boundaries")
     aimd_add: float = spec(0.05, gt=0.0, lt=1.0)
@@ -138,6 +160,7 @@ class _Decision:
     fcfs_n: int
     fcfs_adapters: int
     fcfs_rank_tokens: int  # sum of ranks over B_fcfs requests (one decode token each)
+    resume: Key = None  # forced plans: the adapter merged when service began, to stay on after it
 
 
 def _key_order(k: Key) -> tuple[bool, int]:
@@ -174,6 +197,7 @@ class CreditPolicy(AimdThresholds):
         self._skips_next: dict[int, float] = {}  # what the last plan would commit
         self._skips_now = 0.0
         self.max_skip_wait_s = 0.0
+        self._resume: Key = None  # merged before the forced service just run (module docstring)
 
     # ---- profile timings ----
     def _time(self, n: int, adapters: int, rank_tokens: int) -> float:
@@ -269,6 +293,8 @@ class CreditPolicy(AimdThresholds):
                     and self.credit(k) >= self.p.credit_floor]
         m = min(eligible, key=lambda k: (-counts[k], _key_order(k))) if eligible else None
         a = queue.merged_adapter
+        if a is None:  # right after forced service: judge staying on the adapter merged before it
+            a = self._resume
         stay = a is not None and a in eligible and counts[a] >= self.merge_left * len(fcfs)
         cf_adapter = a if stay else m
         common = dict(step=queue.step, merged_cf=min(b, counts[cf_adapter]) if cf_adapter is not None else 0,
@@ -295,7 +321,7 @@ class CreditPolicy(AimdThresholds):
             transfers = tuple((p, q, step) for p, q in pairs if p != q)
             plan = Plan(BatchMode.UNMERGED, None, batch, forced_by_credit=True)
             return plan, _Decision(mode=BatchMode.UNMERGED, adapter=None, forced=True, transfers=transfers,
-                                   serving=serving, **common)  # type: ignore[arg-type]
+                                   serving=serving, resume=a, **common)  # type: ignore[arg-type]
         target = a if stay else (m if m is not None and counts[m] >= self.merge_right * len(fcfs) else None)
         if target is None:
             plan = Plan(BatchMode.UNMERGED, None, fcfs)
@@ -338,7 +364,9 @@ class CreditPolicy(AimdThresholds):
         if d is None or d.step != batch.step or result.error is not None:
             return
         self._commit_skips()
-        self._boundary(batch)
+        self._resume = d.resume
+        if not d.forced:  # forced service interrupts an episode, it does not end it (no AIMD verdict)
+            self._boundary(batch)
         if (batch.mode, batch.merged_adapter) != (d.mode, d.adapter):
             return  # the replica ran its fallback (nothing of the plan fitted): no credit moves
         self._apply(d, batch)

@@ -389,7 +389,8 @@ def fig11a(s: Settings) -> Figure:
                              "load balancer", "max rate within SLO (req/s)"))
     f.deviations.append("RR = round-robin placement + cheapest holder; proactive = greedy placement + adapter "
                         "substitution at dispatch; dlora = greedy placement + cheapest holder + co-migration; "
-                        "5 adapter slots per replica (the artifact's 4-5); placement re-planned every 100 arrivals.")
+                        "5 adapter slots per replica (the artifact's 4-5); placement re-planned every 100 arrivals, "
+                        "kept unless the new one serves the worst-served adapter 5% better (replan_min_gain).")
     if s.quick:
         f.deviations.append("Quick mode: 4 replicas and 16 adapters, 30 x rate requests per probe, bisection to 10%.")
     return f

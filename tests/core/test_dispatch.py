@@ -181,3 +181,38 @@ def test_placement_replans_after_a_window_of_arrivals():
     d.choose(req(0, 9), view, 9.5)
     d.placer.replan(view, 10.0)
     assert d.placer.num_replans == 1 and d.placer.arrivals_since_plan == 0
+
+
+def test_replan_keeps_the_placement_unless_the_new_one_is_better_by_the_margin():
+    """Hysteresis (`replan_min_gain`): a re-placement under the same popularity moves nothing;
+    a popularity change that makes the current placement's worst-served adapter much worse off
+    re-places; a dead replica's adapters move whatever the gain."""
+    num_adapters, replicas = 8, 4
+    view = ClusterView(0.0, tuple(rv(i) for i in range(replicas)))
+
+    def placer(gain):  # type: ignore[no-untyped-def]
+        p = Placer(PlacementParams(placement="proactive", replan_window_requests=0, replan_min_gain=gain),
+                   ctx(num_adapters, replicas).adapters, replicas, 3, 10**12)
+        p.initial(view)
+        return p
+
+    def arrivals(p, hot, t0):  # type: ignore[no-untyped-def]
+        for i in range(400):
+            p.record(hot if i % 2 else i % num_adapters, t0 + i * 0.05)
+
+    p = placer(0.05)
+    arrivals(p, 0, 0.0)
+    first = p.replan(view, 20.0)  # adapter 0 turned hot: uniform placement is far off
+    assert first and len(p.holders(0)) > 1 and p.num_kept == 0
+    settled = p.placement
+    arrivals(p, 0, 20.0)
+    assert p.replan(view, 40.0) == [] and p.placement == settled and p.num_kept == 1
+    arrivals(p, 5, 1000.0)  # later adapter 5 is the hot one (the old history has decayed)
+    assert p.replan(view, 1020.0) and len(p.holders(5)) > 1
+    assert p.stats()["replans_kept"] == 1
+    dead = ClusterView(0.0, (*(rv(i) for i in range(replicas - 1)),
+                             ReplicaView(replicas - 1, False, 0, 0, 0, 0, 1000, frozenset(), None, 0.0, (), 4,
+                                         backlog_s=0.0)))
+    arrivals(p, 5, 1020.0)
+    p.replan(dead, 1040.0)
+    assert all(r != replicas - 1 for r, _ in p.placement.pairs)
