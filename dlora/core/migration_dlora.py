@@ -24,14 +24,8 @@ from typing import Any
 from ..config import spec
 from ..types import Action, ClusterView, ReplicaView
 from .migration import MIGRATORS
-from .migration_solver import (
-    AdapterCost,
-    CandidateRequest,
-    MigrationProblem,
-    ReplicaState,
-    choose_replicas,
-    solve_migration,
-)
+from .migration_problem import AdapterCost, CandidateRequest, MigrationProblem, ReplicaState
+from .migration_solver import choose_replicas, solve_migration
 from .preemption import recompute_s
 from .snapshot import MigrationView, RequestSnapshot
 
