@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..profile import LatencyModel
 from ..registry import Registry
 from ..types import Batch, BatchMode, Request, StepResult
+from .context import PolicyContext
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,16 +34,6 @@ class Plan:
     merged_adapter: int | None
     requests: Sequence[Request]  # priority order, at most max_batch_size
     forced_by_credit: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyContext:
-    """What policies may know about their replica."""
-
-    latency: LatencyModel
-    adapter_ranks: dict[int, int]
-    max_batch_size: int
-    replica: int = 0
 
 
 class BatchPolicy(Protocol):

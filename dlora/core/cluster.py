@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from ..types import (
     Action,
+    Adapter,
     ClusterView,
     DropAdapter,
     LoadAdapter,
@@ -19,6 +20,7 @@ from ..types import (
     Request,
     RequestStatus,
 )
+from .context import AdapterCatalog
 from .dispatch import Dispatcher
 from .replica import AdmissionError, ReplicaScheduler
 from .snapshot import MigrationView
@@ -57,10 +59,13 @@ class LazyViews(Sequence[ReplicaView]):
 
 class Cluster:
     def __init__(self, replicas: Sequence[ReplicaScheduler], dispatcher: Dispatcher,
-                 lengths: OutputLengthEstimate | None = None) -> None:
+                 lengths: OutputLengthEstimate | None = None,
+                 adapters: AdapterCatalog | None = None) -> None:
         self.replicas = list(replicas)
         self.dispatcher = dispatcher
         self.lengths = lengths or OutputLengthEstimate()
+        # the catalog the dispatcher, placement and migrator read (their DispatchContext's)
+        self.adapters = adapters if adapters is not None else AdapterCatalog()
         self.requests: dict[int, Request] = {}
         self.rejected: list[Request] = []
         self.num_migrations = 0
@@ -121,6 +126,14 @@ class Cluster:
         replica = self.replicas[rid]
         replica.add(request, now)
         return replica
+
+    def register_adapter(self, adapter: Adapter) -> None:
+        """Serve one more adapter (run-time loading; a live cluster's lock held): the one way
+        the dispatcher, placement, migrator and batching policies learn of it (they read the
+        catalog: `core/context.py`) and every replica's own table (sized by its policy)."""
+        self.adapters.add(adapter)
+        for rep in self.replicas:
+            rep.add_adapter(adapter)
 
     def reject(self, request: Request, now: float, reason: str) -> None:
         request.status = RequestStatus.ABORTED

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 from ..config import spec
 from ..registry import Registry
 from ..types import ClusterView, ReplicaView, Request
+from .context import DispatchContext
 
 
 class Dispatcher(Protocol):
@@ -44,7 +45,7 @@ class RoundRobin:
     """Replicas in turn, skipping dead ones. With `placement: round_robin` (the paper's RR),
     adapter k lives on replica k % n and its requests take its holders in turn."""
 
-    def __init__(self, params: Any, ctx: Any = None) -> None:
+    def __init__(self, params: Any, ctx: DispatchContext | None = None) -> None:
         self._next = 0
         self._next_of: dict[int, int] = {}
         self.placer = None
@@ -77,7 +78,7 @@ class LeastLoaded:
     """The replica with the least estimated backlog (seconds to drain its requests at full-batch
     throughput, from the profile); ties go to fewer requests, then the lower id."""
 
-    def __init__(self, params: Any, ctx: Any = None) -> None:
+    def __init__(self, params: Any, ctx: DispatchContext | None = None) -> None:
         pass
 
     def choose(self, request: Request, view: ClusterView, now: float) -> int:

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from ..registry import Registry
 from ..types import Action, ClusterView
+from .context import DispatchContext
 
 
 class Migrator(Protocol):
@@ -26,7 +27,7 @@ MIGRATORS: Registry[Migrator] = Registry("migrator")
 class NoMigration:
     interval_s: float | None = None
 
-    def __init__(self, params: Any, ctx: Any = None) -> None:
+    def __init__(self, params: Any, ctx: DispatchContext | None = None) -> None:
         pass
 
     def plan(self, view: ClusterView, now: float) -> list[Action]:

@@ -34,8 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping
 
 from ..profile import LatencyModel
 from ..types import (
@@ -48,6 +47,7 @@ from ..types import (
     StepResult,
 )
 from .batching import BatchPolicy, Plan, QueueView
+from .context import ReplicaConfig
 from .memory import MemoryPool
 from .replica_views import ReplicaViews, fcfs_key
 from .room import RoomMaker
@@ -55,13 +55,6 @@ from .stats import ReplicaStats
 from .work import WorkEstimator
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaConfig:
-    max_batch_size: int = 16
-    max_batched_tokens: int = 4096
-    preemption: str = "auto"  # recompute | swap | auto (cheaper by the profile's estimate)
 
 
 class AdmissionError(Exception):
@@ -76,7 +69,7 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         memory: MemoryPool,
         policy: BatchPolicy,
         latency: LatencyModel,
-        adapters: dict[int, Adapter],
+        adapters: Mapping[int, Adapter],
         work: WorkEstimator | None = None,
     ) -> None:
         self.id = replica_id
@@ -87,16 +80,18 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         if shape_memory is not None:
             memory = MemoryPool(shape_memory(memory.config))
         size_of = getattr(policy, "adapter_size_bytes", None)
-        if size_of is not None:
-            adapters = {i: dataclasses.replace(a, size_bytes=size_of(a)) for i, a in adapters.items()}
+        self._size_of = size_of
         self.switch_free: bool = getattr(policy, "switch_free", False)
         self.eviction_lru: bool = getattr(policy, "eviction_lru", False)
         self.reserve_output: bool = getattr(policy, "reserve_output", False)
         self.memory = memory
         self.policy = policy
         self.latency = latency
-        self.adapters = adapters
-        self.work = work or WorkEstimator(latency, config.max_batch_size)
+        # this replica's adapter table, sized as its policy counts them (grows by `add_adapter`)
+        self.adapters: dict[int, Adapter] = {}
+        for a in adapters.values():
+            self.add_adapter(a)
+        self.work = work or WorkEstimator(latency, config)
         self.running: list[Request] = []  # hold device KV, in admission order
         self.waiting: list[Request] = []  # queued or preempted (front first)
         self.merged_adapter: int | None = None
@@ -111,6 +106,12 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         self._pending_loads: list[int] = []
         self._pending_evicts: list[int] = []
         self._incoming_kv: dict[int, int] = {}  # request id -> KV tokens arriving by transfer
+
+    def add_adapter(self, adapter: Adapter) -> None:
+        """Serve one more adapter here, sized as the policy counts it (`Cluster.register_adapter`)."""
+        if self._size_of is not None:
+            adapter = dataclasses.replace(adapter, size_bytes=self._size_of(adapter))
+        self.adapters[adapter.id] = adapter
 
     # ---- queue ----
     def check_fits(self, request: Request) -> None:

@@ -28,8 +28,8 @@ from .prefix import block_hashes
 
 if TYPE_CHECKING:
     from ..profile import LatencyModel
+    from .context import ReplicaConfig
     from .memory import MemoryPool
-    from .replica import ReplicaConfig
     from .stats import ReplicaStats
     from .work import WorkEstimator
 
