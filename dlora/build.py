@@ -4,6 +4,7 @@ Both drivers call this, so `simulate` and `run` use the same scheduler objects."
 
 from __future__ import annotations
 
+from .core.baselines import PeftParams
 from .core.batching import BATCH_POLICIES
 from .core.cluster import Cluster
 from .core.context import AdapterCatalog, DispatchContext, PolicyContext, ReplicaConfig
@@ -25,8 +26,9 @@ def load_latency(scenario: Scenario) -> LatencyModel:
     profile = load_profile(resolve(scenario, scenario.model.profile))
     ref = scenario.policies.batching
     params = BATCH_POLICIES.check(ref.name, ref.params, "policies.batching")
+    static = isinstance(params, PeftParams) and params.static_batches
     return LatencyModel(profile, allow_extrapolation=scenario.model.allow_extrapolation,
-                        baseline=ref.name, static_batches=getattr(params, "static_batches", False))
+                        baseline=ref.name, static_batches=static)
 
 
 def make_adapters(scenario: Scenario, latency: LatencyModel) -> dict[int, Adapter]:
@@ -80,9 +82,7 @@ def make_cluster(scenario: Scenario, latency: LatencyModel, adapters: dict[int, 
     dispatcher = DISPATCHERS.create(p.dispatch.name, p.dispatch.params, "policies.dispatch", dctx)
     migrator = MIGRATORS.create(p.migration.name, p.migration.params, "policies.migration", dctx)
     cluster = Cluster(replicas, dispatcher, lengths, catalog)
-    bind = getattr(migrator, "bind", None)
-    if bind is not None:  # migrators that read per-request snapshots (Cluster.migration_view)
-        bind(cluster)
+    migrator.bind(cluster)  # a migrator that reads per-request snapshots keeps it
     return cluster, migrator
 
 

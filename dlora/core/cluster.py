@@ -69,7 +69,7 @@ class Cluster:
         self.requests: dict[int, Request] = {}
         self.rejected: list[Request] = []
         self.num_migrations = 0
-        self.placer = getattr(dispatcher, "placer", None)  # placement-aware dispatchers
+        self.placer = dispatcher.placer  # placement-aware dispatchers
         # requests inside a replica's iteration in flight (set by the driver); migrating one
         # waits for that iteration to end (`run_deferred`)
         self.in_flight: dict[int, tuple[int, ...]] = {}

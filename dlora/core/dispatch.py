@@ -7,15 +7,23 @@ replicas. The dLoRA dispatcher and the placement-aware baselines live in `dispat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import spec
 from ..registry import Registry
 from ..types import ClusterView, ReplicaView, Request
 from .context import DispatchContext
 
+if TYPE_CHECKING:
+    from .placement_policy import Placer
+
 
 class Dispatcher(Protocol):
+    @property
+    def placer(self) -> Placer | None:
+        """The adapter placement a placement-aware dispatcher keeps (`Cluster.place` runs it)."""
+        ...
+
     def choose(self, request: Request, view: ClusterView, now: float) -> int: ...
 
 
@@ -48,7 +56,7 @@ class RoundRobin:
     def __init__(self, params: Any, ctx: DispatchContext | None = None) -> None:
         self._next = 0
         self._next_of: dict[int, int] = {}
-        self.placer = None
+        self.placer: Placer | None = None
         if getattr(params, "placement", "none") != "none" and ctx is not None:
             from .placement_policy import PlacementParams, make_placer
 
@@ -77,6 +85,8 @@ class RoundRobin:
 class LeastLoaded:
     """The replica with the least estimated backlog (seconds to drain its requests at full-batch
     throughput, from the profile); ties go to fewer requests, then the lower id."""
+
+    placer: Placer | None = None
 
     def __init__(self, params: Any, ctx: DispatchContext | None = None) -> None:
         pass

@@ -33,7 +33,7 @@ from ..config import spec
 from ..types import BatchMode, ClusterView, ReplicaView, Request
 from .context import DispatchContext
 from .dispatch import DISPATCHERS, alive, alive_ids
-from .placement_policy import PlacementParams, make_placer
+from .placement_policy import PlacementParams, Placer, make_placer
 
 TYPICAL_CONTEXT_TOKENS = 512
 
@@ -156,6 +156,8 @@ class ConsolidateParams:
 class Consolidate:
     """Punica-style: the busiest replica that still has room; least loaded when none has."""
 
+    placer: Placer | None = None
+
     def __init__(self, params: ConsolidateParams, ctx: DispatchContext) -> None:
         self.room = params.max_requests or ctx.max_batch_size
         self.max_kv = params.max_kv_usage
@@ -171,6 +173,8 @@ class Consolidate:
 @DISPATCHERS.register("affinity")
 class Affinity:
     """A replica where the adapter is resident (least loaded of those), else the least loaded."""
+
+    placer: Placer | None = None
 
     def __init__(self, params: Any, ctx: DispatchContext | None = None) -> None:
         pass

@@ -74,16 +74,12 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
     ) -> None:
         self.id = replica_id
         self.config = config
-        # optional policy hooks (baselines.py): memory layout, adapter sizes, switch and
-        # eviction rules and admission of the system the policy models
-        shape_memory = getattr(policy, "memory_config", None)
-        if shape_memory is not None:
-            memory = MemoryPool(shape_memory(memory.config))
-        size_of = getattr(policy, "adapter_size_bytes", None)
-        self._size_of = size_of
-        self.switch_free: bool = getattr(policy, "switch_free", False)
-        self.eviction_lru: bool = getattr(policy, "eviction_lru", False)
-        self.reserve_output: bool = getattr(policy, "reserve_output", False)
+        # the policy's traits and hooks (batching.py; the baselines set them): memory layout,
+        # adapter sizes, switch and eviction rules and admission of the system it models
+        shaped = policy.memory_config(memory.config)
+        if shaped is not memory.config:
+            memory = MemoryPool(shaped)
+        self.traits = policy.traits
         self.memory = memory
         self.policy = policy
         self.latency = latency
@@ -109,8 +105,9 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
 
     def add_adapter(self, adapter: Adapter) -> None:
         """Serve one more adapter here, sized as the policy counts it (`Cluster.register_adapter`)."""
-        if self._size_of is not None:
-            adapter = dataclasses.replace(adapter, size_bytes=self._size_of(adapter))
+        size = self.policy.adapter_size_bytes(adapter)
+        if size != adapter.size_bytes:
+            adapter = dataclasses.replace(adapter, size_bytes=size)
         self.adapters[adapter.id] = adapter
 
     # ---- queue ----
@@ -237,7 +234,7 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         tokens_left = self.config.max_batched_tokens
         preempted = False
         waiting_blocked = False  # a waiting request's KV did not fit: FCFS stops admitting
-        reserved = self._reserved_tokens() if self.reserve_output else None
+        reserved = self._reserved_tokens() if self.traits.reserve_output else None
         caching = mem.config.prefix_caching
         for attempt in (plan, None):
             if attempt is None:
@@ -330,7 +327,7 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         merge = unmerge = None
         target = plan.merged_adapter if plan.mode == BatchMode.MERGED else None
         if target != self.merged_adapter:
-            if not self.switch_free:
+            if not self.traits.switch_free:
                 unmerge, merge = self.merged_adapter, target
             self.merged_adapter = target
         load_bytes = sum(self.adapters[a].size_bytes for a in loads)
