@@ -9,7 +9,7 @@ from pathlib import Path
 
 from dlora.build import load_latency, make_adapters, make_cluster
 from dlora.scenario import scenario_from_dict
-from dlora.types import Adapter, Request, RequestStatus
+from dlora.types import Adapter, MigrateMode, MigrateRequest, Request, RequestStatus, StepResult
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,3 +56,59 @@ def test_a_registered_adapter_is_sized_by_each_replicas_policy() -> None:
     model_bytes = cluster.replicas[0].latency.model.weight_bytes
     assert cluster.adapters[4].size_bytes == 1234  # the catalog keeps the adapter as it is
     assert all(rep.adapters[4].size_bytes == model_bytes for rep in cluster.replicas)
+
+
+def queued(cluster, counts):
+    """Queue `counts[i]` fresh requests on replica i (adapters cycled); their ids."""
+    ids = []
+    for i, n in enumerate(counts):
+        for _ in range(n):
+            r = Request(len(cluster.requests), len(cluster.requests) % 4, 0.0, 16, 8)
+            cluster.requests[r.id] = r
+            cluster.replicas[i].add(r, 0.0)
+            ids.append(r.id)
+    return ids
+
+
+def test_a_move_of_a_request_in_a_step_waits_for_the_step_to_end() -> None:
+    cluster, _ = build(dispatch="least_loaded")
+    queued(cluster, [3, 0, 0])
+    rep = cluster.replicas[0]
+    batch = rep.schedule(0.0)
+    assert batch is not None
+    cluster.begin_step(0, batch)
+    rid = batch.request_ids[0]
+    assert cluster.apply([MigrateRequest(rid, 0, 1, MigrateMode.RECOMPUTE)], 0.0) == [rep, cluster.replicas[1]]
+    assert cluster.requests[rid].replica == 0 and cluster.deferred[0]
+    rep.complete(batch, StepResult(0.01), 0.01)
+    cluster.end_step(0)
+    assert cluster.in_flight[0] == () and cluster.deferred[0]  # run by the driver's run_deferred
+    assert [d.id for d in cluster.run_deferred(0, 0.01)] == [1]
+    assert cluster.requests[rid].replica == 1 and not cluster.deferred
+    cluster.end_step(1)
+    other = queued(cluster, [1, 0, 0])[0]
+    cluster.apply([MigrateRequest(other, 0, 2, MigrateMode.RECOMPUTE)], 0.02)  # nothing in flight
+    assert cluster.requests[other].replica == 2 and cluster.num_migrations == 2
+
+
+def test_evacuate_moves_a_dead_replicas_requests_and_rejects_when_none_is_left() -> None:
+    cluster, _ = build(dispatch="least_loaded")
+    ids = queued(cluster, [3, 1, 0])
+    rep = cluster.replicas[0]
+    batch = rep.schedule(0.0)
+    assert batch is not None
+    cluster.begin_step(0, batch)
+    cluster.apply([MigrateRequest(ids[0], 0, 1, MigrateMode.RECOMPUTE)], 0.0)  # deferred
+    moved = cluster.evacuate(0, 0.01)
+    assert not rep.is_alive and not rep.has_work and 0 not in cluster.deferred
+    assert cluster.in_flight[0] == ()
+    assert [d.id for d in moved] == [cluster.requests[i].replica for i in ids[:3]]
+    assert all(d.id in (1, 2) for d in moved) and cluster.num_migrations == 0
+    for i in ids[:3]:
+        r = cluster.requests[i]
+        assert r.status == RequestStatus.WAITING and r.computed_tokens == 0 and r.num_migrations == 0
+    rejected = []
+    cluster.evacuate(1, 0.02)
+    assert cluster.evacuate(2, 0.03, on_rejected=rejected.append) == []
+    assert sorted(r.id for r in rejected) == sorted(r.id for r in cluster.rejected) == ids
+    assert all(r.finish_reason == "rejected: every replica failed" for r in rejected)
