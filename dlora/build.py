@@ -4,31 +4,19 @@ Both drivers call this, so `simulate` and `run` use the same scheduler objects."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .core.batching import BATCH_POLICIES, PolicyContext
+from .core.baselines import PeftParams
+from .core.batching import BATCH_POLICIES
 from .core.cluster import Cluster
+from .core.context import AdapterCatalog, DispatchContext, PolicyContext, ReplicaConfig
 from .core.dispatch import DISPATCHERS
 from .core.memory import MemoryConfig, MemoryPool
 from .core.migration import MIGRATORS, Migrator
 from .core.registries import REGISTRIES  # noqa: F401  (loads every policy)
-from .core.replica import ReplicaConfig, ReplicaScheduler
+from .core.replica import ReplicaScheduler
 from .core.work import OutputLengthEstimate, WorkEstimator
 from .profile import LatencyModel, load_profile
 from .scenario import Scenario, resolve
 from .types import Adapter
-
-
-@dataclass(frozen=True, slots=True)
-class DispatchContext:
-    latency: LatencyModel
-    adapters: dict[int, Adapter]
-    num_replicas: int
-    seed: int
-    max_batch_size: int = 16
-    max_adapter_slots: int | None = None
-    adapter_budget_bytes: int | None = None  # static split: adapters' share of the pool
-    memory_capacity_bytes: int | None = None  # per replica, KV and adapters together
 
 
 def load_latency(scenario: Scenario) -> LatencyModel:
@@ -38,8 +26,9 @@ def load_latency(scenario: Scenario) -> LatencyModel:
     profile = load_profile(resolve(scenario, scenario.model.profile))
     ref = scenario.policies.batching
     params = BATCH_POLICIES.check(ref.name, ref.params, "policies.batching")
+    static = isinstance(params, PeftParams) and params.static_batches
     return LatencyModel(profile, allow_extrapolation=scenario.model.allow_extrapolation,
-                        baseline=ref.name, static_batches=getattr(params, "static_batches", False))
+                        baseline=ref.name, static_batches=static)
 
 
 def make_adapters(scenario: Scenario, latency: LatencyModel) -> dict[int, Adapter]:
@@ -80,23 +69,20 @@ def make_cluster(scenario: Scenario, latency: LatencyModel, adapters: dict[int, 
     c = scenario.cluster
     p = scenario.policies
     lengths = OutputLengthEstimate(prior=c.expected_output_tokens)
-    ranks = {a.id: a.rank for a in adapters.values()}
+    catalog = AdapterCatalog(adapters)
     rconf = ReplicaConfig(c.max_batch_size, c.max_batched_tokens, c.preemption)
     mconf = memory_config(scenario, latency, prefix_caching)
     replicas = []
     for i in range(c.replicas):
-        ctx = PolicyContext(latency, ranks, c.max_batch_size, i)
+        ctx = PolicyContext(latency, catalog.ranks, rconf, i)
         policy = BATCH_POLICIES.create(p.batching.name, p.batching.params, "policies.batching", ctx)
-        work = WorkEstimator(latency, c.max_batch_size, lengths)
-        replicas.append(ReplicaScheduler(i, rconf, MemoryPool(mconf), policy, latency, adapters, work))
-    dctx = DispatchContext(latency, adapters, c.replicas, scenario.seed, c.max_batch_size,
-                           c.max_adapter_slots, mconf.adapter_budget_bytes, mconf.capacity_bytes)
+        work = WorkEstimator(latency, rconf, lengths)
+        replicas.append(ReplicaScheduler(i, rconf, MemoryPool(mconf), policy, latency, catalog, work))
+    dctx = DispatchContext(latency, catalog, c.replicas, scenario.seed, rconf, mconf)
     dispatcher = DISPATCHERS.create(p.dispatch.name, p.dispatch.params, "policies.dispatch", dctx)
     migrator = MIGRATORS.create(p.migration.name, p.migration.params, "policies.migration", dctx)
-    cluster = Cluster(replicas, dispatcher, lengths)
-    bind = getattr(migrator, "bind", None)
-    if bind is not None:  # migrators that read per-request snapshots (Cluster.migration_view)
-        bind(cluster)
+    cluster = Cluster(replicas, dispatcher, lengths, catalog)
+    migrator.bind(cluster)  # a migrator that reads per-request snapshots keeps it
     return cluster, migrator
 
 

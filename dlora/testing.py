@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from .core.batching import BATCH_POLICIES, PolicyContext
+from .core.batching import BATCH_POLICIES
+from .core.context import PolicyContext, ReplicaConfig
 from .core.memory import MemoryConfig, MemoryPool
 from .core.registries import REGISTRIES  # noqa: F401  (registers every policy)
-from .core.replica import ReplicaConfig, ReplicaScheduler
+from .core.replica import ReplicaScheduler
 from .profile import LatencyModel, load_profile
 from .types import Adapter, Batch, Request, StepResult
 
@@ -59,10 +60,10 @@ def make_replica(
         max_adapter_slots=max_adapter_slots, swap_capacity_bytes=swap_blocks * block_bytes,
         prefix_caching=prefix_caching,
     ))
-    ctx = PolicyContext(latency, {a.id: a.rank for a in adapters.values()}, max_batch_size, replica_id)
+    config = ReplicaConfig(max_batch_size, max_batched_tokens, preemption)
+    ctx = PolicyContext(latency, {a.id: a.rank for a in adapters.values()}, config, replica_id)
     pol = BATCH_POLICIES.create(policy, params or {}, "policy", ctx)
-    return ReplicaScheduler(replica_id, ReplicaConfig(max_batch_size, max_batched_tokens, preemption),
-                            mem, pol, latency, adapters)
+    return ReplicaScheduler(replica_id, config, mem, pol, latency, adapters)
 
 
 class ScriptedExecutor:

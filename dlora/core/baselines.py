@@ -24,11 +24,12 @@
   the KV of every admitted request at its full output length still fits when each of them
   finishes, so no request is ever preempted; its adapter is loaded once, at admission.
 
-Policies shape their replica through optional hooks that `ReplicaScheduler` consults at
-construction: `memory_config(config) -> MemoryConfig`, `adapter_size_bytes(adapter) -> int`,
-`switch_free` (changing the merged adapter costs nothing), `eviction_lru` (evict the least
-recently used adapter instead of the one with fewest outstanding requests) and `reserve_output`
-(S-LoRA's admission by whole-output reservation).
+Policies shape their replica through the traits and hooks of `batching.PolicyBase`, which
+`ReplicaScheduler` reads at construction: `memory_config(config) -> MemoryConfig`,
+`adapter_size_bytes(adapter) -> int` and `PolicyTraits`: `switch_free` (changing the merged
+adapter costs nothing), `eviction_lru` (evict the least recently used adapter instead of the one
+with fewest outstanding requests) and `reserve_output` (S-LoRA's admission by whole-output
+reservation).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .batching import (
     OldestAdapter,
     Plan,
     PolicyContext,
+    PolicyTraits,
     QueueView,
     UnmergedOnly,
 )
@@ -59,8 +61,8 @@ class Vllm(OldestAdapter):
     """One merged full model per adapter, at most `max_models` resident, LRU whole-model swaps,
     one model per iteration (module docstring)."""
 
-    switch_free = True  # each model has its own weights: selecting one merges nothing
-    eviction_lru = True
+    # each model has its own weights: selecting one merges nothing; models are swapped LRU
+    traits = PolicyTraits(switch_free=True, eviction_lru=True)
 
     def __init__(self, params: VllmParams, ctx: PolicyContext) -> None:
         super().__init__(params, ctx)
@@ -119,7 +121,7 @@ class Peft(OldestAdapter):
 class Slora(UnmergedOnly):
     """Unmerged-only FCFS with KV and adapters in one pool (module docstring)."""
 
-    reserve_output = True  # S-LoRA's admission: whole outputs fit, so nobody is preempted
+    traits = PolicyTraits(reserve_output=True)  # S-LoRA's admission: nobody is ever preempted
 
     def memory_config(self, config: MemoryConfig) -> MemoryConfig:
         return dataclasses.replace(config, adapter_budget_bytes=None)

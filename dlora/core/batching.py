@@ -3,6 +3,10 @@
 A policy sees the replica's unfinished requests in FCFS order (`QueueView`) and returns a
 `Plan`: the mode, the merged adapter, and the requests to try in priority order (the replica
 admits them subject to memory and token limits). `observe` receives every executed batch.
+A policy may also shape its replica (the baselines model other systems' rules): its
+`PolicyTraits` (switch, eviction and admission rules) and two hooks, `memory_config` (the pool's
+layout) and `adapter_size_bytes` (what an adapter costs there); `PolicyBase` gives the defaults
+(none of that), and `ReplicaScheduler` reads them once, at construction (and at `add_adapter`).
 The dLoRA credit policy lives in `credit.py`; this module holds the protocol and the simple
 policies (PAPER.md section 2, ablations; section 6, baselines).
 """
@@ -13,9 +17,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..profile import LatencyModel
 from ..registry import Registry
-from ..types import Batch, BatchMode, Request, StepResult
+from ..types import Adapter, Batch, BatchMode, Request, StepResult
+from .context import PolicyContext
+from .memory import MemoryConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,16 +42,17 @@ class Plan:
 
 
 @dataclass(frozen=True, slots=True)
-class PolicyContext:
-    """What policies may know about their replica."""
+class PolicyTraits:
+    """The replica's rules a policy changes (all off by default)."""
 
-    latency: LatencyModel
-    adapter_ranks: dict[int, int]
-    max_batch_size: int
-    replica: int = 0
+    switch_free: bool = False  # changing the merged adapter costs nothing (vllm: a model each)
+    eviction_lru: bool = False  # evict the least recently used adapter (else: fewest requests)
+    reserve_output: bool = False  # S-LoRA's admission: whole outputs fit, nobody is preempted
 
 
 class BatchPolicy(Protocol):
+    traits: PolicyTraits
+
     def plan(self, queue: QueueView, now: float) -> Plan: ...
 
     def observe(self, batch: Batch, result: StepResult) -> None: ...
@@ -63,11 +69,32 @@ class BatchPolicy(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
+    def memory_config(self, config: MemoryConfig) -> MemoryConfig:
+        """The replica's memory pool under this policy (the scenario's `config` unchanged, or a
+        copy the policy reshaped)."""
+        ...
+
+    def adapter_size_bytes(self, adapter: Adapter) -> int:
+        """Bytes the adapter takes on the replica under this policy."""
+        ...
+
 
 BATCH_POLICIES: Registry[BatchPolicy] = Registry("batching policy")
 
 
-class _Simple:
+class PolicyBase:
+    """The defaults of a policy's traits and hooks: the replica as the scenario configures it."""
+
+    traits: PolicyTraits = PolicyTraits()
+
+    def memory_config(self, config: MemoryConfig) -> MemoryConfig:
+        return config
+
+    def adapter_size_bytes(self, adapter: Adapter) -> int:
+        return adapter.size_bytes
+
+
+class _Simple(PolicyBase):
     def observe(self, batch: Batch, result: StepResult) -> None:
         return None
 

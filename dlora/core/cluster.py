@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator, Sequence
 
 from ..types import (
     Action,
+    Adapter,
+    Batch,
     ClusterView,
     DropAdapter,
     LoadAdapter,
@@ -19,6 +21,7 @@ from ..types import (
     Request,
     RequestStatus,
 )
+from .context import AdapterCatalog
 from .dispatch import Dispatcher
 from .replica import AdmissionError, ReplicaScheduler
 from .snapshot import MigrationView
@@ -57,16 +60,19 @@ class LazyViews(Sequence[ReplicaView]):
 
 class Cluster:
     def __init__(self, replicas: Sequence[ReplicaScheduler], dispatcher: Dispatcher,
-                 lengths: OutputLengthEstimate | None = None) -> None:
+                 lengths: OutputLengthEstimate | None = None,
+                 adapters: AdapterCatalog | None = None) -> None:
         self.replicas = list(replicas)
         self.dispatcher = dispatcher
         self.lengths = lengths or OutputLengthEstimate()
+        # the catalog the dispatcher, placement and migrator read (their DispatchContext's)
+        self.adapters = adapters if adapters is not None else AdapterCatalog()
         self.requests: dict[int, Request] = {}
         self.rejected: list[Request] = []
         self.num_migrations = 0
-        self.placer = getattr(dispatcher, "placer", None)  # placement-aware dispatchers
-        # requests inside a replica's iteration in flight (set by the driver); migrating one
-        # waits for that iteration to end (`run_deferred`)
+        self.placer = dispatcher.placer  # placement-aware dispatchers
+        # requests inside a replica's iteration in flight (the driver's `begin_step` /
+        # `end_step`); migrating one waits for that iteration to end (`run_deferred`)
         self.in_flight: dict[int, tuple[int, ...]] = {}
         self.deferred: dict[int, list[MigrateRequest]] = {}
         # set by a driver whose replicas can lag behind `now` (the simulator's fast path)
@@ -122,6 +128,14 @@ class Cluster:
         replica.add(request, now)
         return replica
 
+    def register_adapter(self, adapter: Adapter) -> None:
+        """Serve one more adapter (run-time loading; a live cluster's lock held): the one way
+        the dispatcher, placement, migrator and batching policies learn of it (they read the
+        catalog: `core/context.py`) and every replica's own table (sized by its policy)."""
+        self.adapters.add(adapter)
+        for rep in self.replicas:
+            rep.add_adapter(adapter)
+
     def reject(self, request: Request, now: float, reason: str) -> None:
         request.status = RequestStatus.ABORTED
         request.finish_reason = f"rejected: {reason}"
@@ -149,13 +163,23 @@ class Cluster:
                 touched.append(self.replicas[act.replica])
         return touched
 
+    def begin_step(self, replica: int, batch: Batch) -> None:
+        """`batch` goes to `replica`'s executor (a simulated jump: its first iteration's batch):
+        a migration of one of its requests waits until the step ends (`run_deferred`)."""
+        self.in_flight[replica] = batch.request_ids
+
+    def end_step(self, replica: int) -> None:
+        """`replica` runs no step now (the driver calls it before it schedules the next): its
+        requests may move again; migrations that waited run by `run_deferred`."""
+        self.in_flight[replica] = ()
+
     def run_deferred(self, replica: int, now: float) -> list[ReplicaScheduler]:
         """Carry out migrations that waited for `replica`'s iteration to end (the driver calls
         this between iterations); returns the destinations."""
         acts = self.deferred.pop(replica, None)
         if not acts:
             return []
-        self.in_flight[replica] = ()
+        self.end_step(replica)
         for act in acts:
             self.observe(act.destination, now)
             self._migrate(act, now)
@@ -170,9 +194,7 @@ class Cluster:
             self.deferred.setdefault(src.id, []).append(act)
             return
         kv_tokens = r.computed_tokens if act.mode == MigrateMode.TRANSFER else 0
-        src.remove(r)
-        r.computed_tokens = 0
-        r.status = RequestStatus.WAITING
+        self._lift(src, r)
         r.num_migrations += 1
         dst.add(r, now)
         if kv_tokens:
@@ -180,3 +202,37 @@ class Cluster:
         src.stats.migrated_out += 1
         dst.stats.migrated_in += 1
         self.num_migrations += 1
+
+    def evacuate(self, replica_id: int, now: float,
+                 on_rejected: Callable[[Request], None] | None = None) -> list[ReplicaScheduler]:
+        """Mark a replica dead and move its unfinished requests to the live replicas the
+        dispatcher chooses (recomputed there; not counted as migrations). With no live replica
+        left they are rejected, never lost (`on_rejected` is called for each, right after).
+        Migrations that waited for its step are dropped. Returns each moved request's new
+        replica, in order."""
+        rep = self.replicas[replica_id]
+        rep.is_alive = False
+        self.end_step(replica_id)
+        self.deferred.pop(replica_id, None)
+        moving = list(rep.unfinished)
+        log.error("replica %d marked dead; moving its %d requests", replica_id, len(moving))
+        moved: list[ReplicaScheduler] = []
+        for r in moving:
+            self._lift(rep, r)
+            try:
+                dst = self.dispatcher.choose(r, self.view(now), now)
+            except RuntimeError:
+                self.reject(r, now, "every replica failed")
+                if on_rejected is not None:
+                    on_rejected(r)
+                continue
+            self.replicas[dst].add(r, now)
+            moved.append(self.replicas[dst])
+        return moved
+
+    def _lift(self, src: ReplicaScheduler, r: Request) -> None:
+        """Take `r` off `src` to be queued elsewhere: its KV there is freed (recompute), it
+        waits again."""
+        src.remove(r)
+        r.computed_tokens = 0
+        r.status = RequestStatus.WAITING

@@ -111,7 +111,7 @@ from typing import Any
 from ..config import spec
 from ..errors import ConfigError
 from ..types import Batch, BatchMode, Request, StepResult
-from .batching import BATCH_POLICIES, Plan, PolicyContext, QueueView
+from .batching import BATCH_POLICIES, Plan, PolicyBase, PolicyContext, QueueView
 from .credit_aimd import AimdThresholds, Key, _Episode
 
 TRAJECTORY_LIMIT = 256
@@ -168,7 +168,7 @@ def _key_order(k: Key) -> tuple[bool, int]:
 
 
 @BATCH_POLICIES.register("credit", CreditParams)
-class CreditPolicy(AimdThresholds):
+class CreditPolicy(AimdThresholds, PolicyBase):
     """dLoRA's dynamic batching (module docstring)."""
 
     def __init__(self, params: CreditParams, ctx: PolicyContext) -> None:

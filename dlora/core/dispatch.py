@@ -7,14 +7,23 @@ replicas. The dLoRA dispatcher and the placement-aware baselines live in `dispat
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import spec
 from ..registry import Registry
 from ..types import ClusterView, ReplicaView, Request
+from .context import DispatchContext
+
+if TYPE_CHECKING:
+    from .placement_policy import Placer
 
 
 class Dispatcher(Protocol):
+    @property
+    def placer(self) -> Placer | None:
+        """The adapter placement a placement-aware dispatcher keeps (`Cluster.place` runs it)."""
+        ...
+
     def choose(self, request: Request, view: ClusterView, now: float) -> int: ...
 
 
@@ -44,10 +53,10 @@ class RoundRobin:
     """Replicas in turn, skipping dead ones. With `placement: round_robin` (the paper's RR),
     adapter k lives on replica k % n and its requests take its holders in turn."""
 
-    def __init__(self, params: Any, ctx: Any = None) -> None:
+    def __init__(self, params: Any, ctx: DispatchContext | None = None) -> None:
         self._next = 0
         self._next_of: dict[int, int] = {}
-        self.placer = None
+        self.placer: Placer | None = None
         if getattr(params, "placement", "none") != "none" and ctx is not None:
             from .placement_policy import PlacementParams, make_placer
 
@@ -77,7 +86,9 @@ class LeastLoaded:
     """The replica with the least estimated backlog (seconds to drain its requests at full-batch
     throughput, from the profile); ties go to fewer requests, then the lower id."""
 
-    def __init__(self, params: Any, ctx: Any = None) -> None:
+    placer: Placer | None = None
+
+    def __init__(self, params: Any, ctx: DispatchContext | None = None) -> None:
         pass
 
     def choose(self, request: Request, view: ClusterView, now: float) -> int:

@@ -31,8 +31,9 @@ from typing import Any
 
 from ..config import spec
 from ..types import BatchMode, ClusterView, ReplicaView, Request
+from .context import DispatchContext
 from .dispatch import DISPATCHERS, alive, alive_ids
-from .placement_policy import PlacementParams, make_placer
+from .placement_policy import PlacementParams, Placer, make_placer
 
 TYPICAL_CONTEXT_TOKENS = 512
 
@@ -40,10 +41,10 @@ TYPICAL_CONTEXT_TOKENS = 512
 class DispatchCost:
     """Seconds a replica would need before a new request of an adapter could run there."""
 
-    def __init__(self, ctx: Any, merged_discount: bool = True) -> None:
+    def __init__(self, ctx: DispatchContext, merged_discount: bool = True) -> None:
         self.latency = ctx.latency
         self.adapters = ctx.adapters
-        self.batch = int(getattr(ctx, "max_batch_size", 16))
+        self.batch = ctx.max_batch_size
         self.merged_ratio = 1.0
         if merged_discount:
             lat = self.latency
@@ -107,7 +108,7 @@ class ProactiveDispatchParams(PlacementParams):
 class DloraDispatcher:
     """Cheapest candidate by estimated seconds (module docstring), with proactive placement."""
 
-    def __init__(self, params: DloraDispatchParams | ProactiveDispatchParams, ctx: Any) -> None:
+    def __init__(self, params: DloraDispatchParams | ProactiveDispatchParams, ctx: DispatchContext) -> None:
         self.params = params
         self.placer = make_placer(params, ctx)
         self.costs = DispatchCost(ctx, params.merged_discount)
@@ -155,8 +156,10 @@ class ConsolidateParams:
 class Consolidate:
     """Punica-style: the busiest replica that still has room; least loaded when none has."""
 
-    def __init__(self, params: ConsolidateParams, ctx: Any) -> None:
-        self.room = params.max_requests or int(getattr(ctx, "max_batch_size", 16))
+    placer: Placer | None = None
+
+    def __init__(self, params: ConsolidateParams, ctx: DispatchContext) -> None:
+        self.room = params.max_requests or ctx.max_batch_size
         self.max_kv = params.max_kv_usage
 
     def choose(self, request: Request, view: ClusterView, now: float) -> int:
@@ -171,7 +174,9 @@ class Consolidate:
 class Affinity:
     """A replica where the adapter is resident (least loaded of those), else the least loaded."""
 
-    def __init__(self, params: Any, ctx: Any = None) -> None:
+    placer: Placer | None = None
+
+    def __init__(self, params: Any, ctx: DispatchContext | None = None) -> None:
         pass
 
     def choose(self, request: Request, view: ClusterView, now: float) -> int:

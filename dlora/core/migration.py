@@ -5,14 +5,23 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..registry import Registry
 from ..types import Action, ClusterView
+from .context import DispatchContext
+
+if TYPE_CHECKING:
+    from .cluster import Cluster
 
 
 class Migrator(Protocol):
     interval_s: float | None  # seconds between checks; None: never called
+
+    def bind(self, cluster: Cluster) -> None:
+        """The cluster this migrator serves (`dlora.build` calls it once): a migrator that
+        reads per-request snapshots asks it for `migration_view`."""
+        ...
 
     def plan(self, view: ClusterView, now: float) -> list[Action]: ...
 
@@ -26,8 +35,11 @@ MIGRATORS: Registry[Migrator] = Registry("migrator")
 class NoMigration:
     interval_s: float | None = None
 
-    def __init__(self, params: Any, ctx: Any = None) -> None:
+    def __init__(self, params: Any, ctx: DispatchContext | None = None) -> None:
         pass
+
+    def bind(self, cluster: Cluster) -> None:
+        return None
 
     def plan(self, view: ClusterView, now: float) -> list[Action]:
         return []

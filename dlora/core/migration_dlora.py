@@ -23,15 +23,10 @@ from typing import Any
 
 from ..config import spec
 from ..types import Action, ClusterView, ReplicaView
+from .context import DispatchContext
 from .migration import MIGRATORS
-from .migration_solver import (
-    AdapterCost,
-    CandidateRequest,
-    MigrationProblem,
-    ReplicaState,
-    choose_replicas,
-    solve_migration,
-)
+from .migration_problem import AdapterCost, CandidateRequest, MigrationProblem, ReplicaState
+from .migration_solver import choose_replicas, solve_migration
 from .preemption import recompute_s
 from .snapshot import MigrationView, RequestSnapshot
 
@@ -70,7 +65,7 @@ class DloraMigrationParams:
 
 @MIGRATORS.register("dlora", DloraMigrationParams)
 class DloraMigrator:
-    def __init__(self, params: DloraMigrationParams, ctx: Any) -> None:
+    def __init__(self, params: DloraMigrationParams, ctx: DispatchContext) -> None:
         self.params = params
         self.interval_s: float | None = params.interval_s
         self.latency = ctx.latency

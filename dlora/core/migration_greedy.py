@@ -12,12 +12,9 @@ vector of replica totals, so the makespan never grows and the loop ends.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from .migration_solver import MigrationProblem
+from .migration_problem import MigrationProblem
 
 _EPS = 1e-12
 

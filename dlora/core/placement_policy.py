@@ -22,12 +22,14 @@ Pure: reads no clock, touches no replica.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import spec
 from ..errors import ConfigError
 from ..types import Action, Adapter, ClusterView, DropAdapter, LoadAdapter
+from .context import DispatchContext
 from .placement import (
     AdapterDemand,
     DecayedRates,
@@ -67,7 +69,7 @@ class PlacementParams:
 class Placer:
     """Target placement of adapters over replicas, and the actions that realise it."""
 
-    def __init__(self, params: Any, adapters: dict[int, Adapter], num_replicas: int,
+    def __init__(self, params: Any, adapters: Mapping[int, Adapter], num_replicas: int,
                  max_adapter_slots: int | None, adapter_memory_bytes: int) -> None:
         self.params = params
         self.kind: str = params.placement
@@ -187,12 +189,12 @@ class Placer:
                 "replicated_adapters": sum(c > 1 for c in copies)}
 
 
-def make_placer(params: Any, ctx: Any) -> Placer:
+def make_placer(params: PlacementParams, ctx: DispatchContext) -> Placer:
     """A Placer from dispatcher params and the build's `DispatchContext`."""
-    budget = getattr(ctx, "adapter_budget_bytes", None)
-    capacity = getattr(ctx, "memory_capacity_bytes", None)
+    budget = ctx.adapter_budget_bytes
+    capacity = ctx.memory_capacity_bytes
     if budget is None:
         if capacity is None:
             capacity = ctx.latency.kv_capacity_bytes()
         budget = int(capacity * params.adapter_memory_fraction)
-    return Placer(params, ctx.adapters, ctx.num_replicas, getattr(ctx, "max_adapter_slots", None), budget)
+    return Placer(params, ctx.adapters, ctx.num_replicas, ctx.max_adapter_slots, budget)

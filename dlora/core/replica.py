@@ -34,8 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Hashable
-from dataclasses import dataclass
+from collections.abc import Hashable, Mapping
 
 from ..profile import LatencyModel
 from ..types import (
@@ -48,6 +47,7 @@ from ..types import (
     StepResult,
 )
 from .batching import BatchPolicy, Plan, QueueView
+from .context import ReplicaConfig
 from .memory import MemoryPool
 from .replica_views import ReplicaViews, fcfs_key
 from .room import RoomMaker
@@ -55,13 +55,6 @@ from .stats import ReplicaStats
 from .work import WorkEstimator
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicaConfig:
-    max_batch_size: int = 16
-    max_batched_tokens: int = 4096
-    preemption: str = "auto"  # recompute | swap | auto (cheaper by the profile's estimate)
 
 
 class AdmissionError(Exception):
@@ -76,27 +69,25 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         memory: MemoryPool,
         policy: BatchPolicy,
         latency: LatencyModel,
-        adapters: dict[int, Adapter],
+        adapters: Mapping[int, Adapter],
         work: WorkEstimator | None = None,
     ) -> None:
         self.id = replica_id
         self.config = config
-        # optional policy hooks (baselines.py): memory layout, adapter sizes, switch and
-        # eviction rules and admission of the system the policy models
-        shape_memory = getattr(policy, "memory_config", None)
-        if shape_memory is not None:
-            memory = MemoryPool(shape_memory(memory.config))
-        size_of = getattr(policy, "adapter_size_bytes", None)
-        if size_of is not None:
-            adapters = {i: dataclasses.replace(a, size_bytes=size_of(a)) for i, a in adapters.items()}
-        self.switch_free: bool = getattr(policy, "switch_free", False)
-        self.eviction_lru: bool = getattr(policy, "eviction_lru", False)
-        self.reserve_output: bool = getattr(policy, "reserve_output", False)
+        # the policy's traits and hooks (batching.py; the baselines set them): memory layout,
+        # adapter sizes, switch and eviction rules and admission of the system it models
+        shaped = policy.memory_config(memory.config)
+        if shaped is not memory.config:
+            memory = MemoryPool(shaped)
+        self.traits = policy.traits
         self.memory = memory
         self.policy = policy
         self.latency = latency
-        self.adapters = adapters
-        self.work = work or WorkEstimator(latency, config.max_batch_size)
+        # this replica's adapter table, sized as its policy counts them (grows by `add_adapter`)
+        self.adapters: dict[int, Adapter] = {}
+        for a in adapters.values():
+            self.add_adapter(a)
+        self.work = work or WorkEstimator(latency, config)
         self.running: list[Request] = []  # hold device KV, in admission order
         self.waiting: list[Request] = []  # queued or preempted (front first)
         self.merged_adapter: int | None = None
@@ -111,6 +102,13 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         self._pending_loads: list[int] = []
         self._pending_evicts: list[int] = []
         self._incoming_kv: dict[int, int] = {}  # request id -> KV tokens arriving by transfer
+
+    def add_adapter(self, adapter: Adapter) -> None:
+        """Serve one more adapter here, sized as the policy counts it (`Cluster.register_adapter`)."""
+        size = self.policy.adapter_size_bytes(adapter)
+        if size != adapter.size_bytes:
+            adapter = dataclasses.replace(adapter, size_bytes=size)
+        self.adapters[adapter.id] = adapter
 
     # ---- queue ----
     def check_fits(self, request: Request) -> None:
@@ -236,7 +234,7 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         tokens_left = self.config.max_batched_tokens
         preempted = False
         waiting_blocked = False  # a waiting request's KV did not fit: FCFS stops admitting
-        reserved = self._reserved_tokens() if self.reserve_output else None
+        reserved = self._reserved_tokens() if self.traits.reserve_output else None
         caching = mem.config.prefix_caching
         for attempt in (plan, None):
             if attempt is None:
@@ -329,7 +327,7 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         merge = unmerge = None
         target = plan.merged_adapter if plan.mode == BatchMode.MERGED else None
         if target != self.merged_adapter:
-            if not self.switch_free:
+            if not self.traits.switch_free:
                 unmerge, merge = self.merged_adapter, target
             self.merged_adapter = target
         load_bytes = sum(self.adapters[a].size_bytes for a in loads)

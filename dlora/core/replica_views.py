@@ -90,7 +90,7 @@ class ReplicaViews:
         if w.count <= 0:
             return 0.0
         remaining = max(w.count * w.lengths.mean_output_tokens - w.generated_tokens, w.count)
-        return w.prefill_tokens * w.prefill_s_per_token + remaining * w.decode_s_per_token(w.max_batch_size)
+        return w.prefill_tokens * w.prefill_s_per_token + remaining * w.decode_s_per_token(w.config.max_batch_size)
 
     def memory_limits(self) -> ReplicaMemory:
         c = self.memory.config

@@ -28,8 +28,9 @@ from .prefix import block_hashes
 
 if TYPE_CHECKING:
     from ..profile import LatencyModel
+    from .batching import PolicyTraits
+    from .context import ReplicaConfig
     from .memory import MemoryPool
-    from .replica import ReplicaConfig
     from .stats import ReplicaStats
     from .work import WorkEstimator
 
@@ -42,7 +43,7 @@ class RoomMaker:
     outstanding: Counter[int | None]
     running_adapters: Counter[int | None]
     adapter_last_used: dict[int, int]
-    eviction_lru: bool
+    traits: PolicyTraits
     stats: ReplicaStats
     config: ReplicaConfig
     latency: LatencyModel
@@ -101,7 +102,7 @@ class RoomMaker:
         running = self.running_adapters
         out = [a for a in self.memory.adapters if a not in keep and not running[a]]
         last = self.adapter_last_used
-        if self.eviction_lru:
+        if self.traits.eviction_lru:
             out.sort(key=lambda a: (self.outstanding[a] > 0, last.get(a, -1)))
         else:
             out.sort(key=lambda a: (self.outstanding[a] > 0, self.outstanding[a], last.get(a, -1)))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from ..profile import LatencyModel
 from ..types import BatchMode, BatchShape, Request
+from .context import ReplicaConfig
 
 
 @dataclass(slots=True)
@@ -36,10 +37,10 @@ class WorkEstimator:
 
     TYPICAL_CONTEXT = 512
 
-    def __init__(self, latency: LatencyModel, max_batch_size: int,
+    def __init__(self, latency: LatencyModel, config: ReplicaConfig,
                  lengths: OutputLengthEstimate | None = None) -> None:
         self.latency = latency
-        self.max_batch_size = max_batch_size
+        self.config = config  # the replica's: its max_batch_size is the batch of the estimate
         self.lengths = lengths or OutputLengthEstimate()
         self.prefill_tokens = 0
         self.generated_tokens = 0
@@ -66,7 +67,7 @@ class WorkEstimator:
             self.prefill_tokens -= uncomputed
 
     def decode_s_per_token(self, batch_size: int) -> float:
-        b = max(1, min(batch_size, self.max_batch_size))
+        b = max(1, min(batch_size, self.config.max_batch_size))
         t = self._decode_per_token.get(b)
         if t is None:
             lat = self.latency
@@ -86,4 +87,4 @@ class WorkEstimator:
         """Estimated seconds of one request's remaining work on a busy replica."""
         remaining = max(self.lengths.mean_output_tokens - r.generated_tokens, 1.0)
         prefill = r.uncomputed_tokens if r.uncomputed_tokens > 1 else 0
-        return prefill * self.prefill_s_per_token + remaining * self.decode_s_per_token(self.max_batch_size)
+        return prefill * self.prefill_s_per_token + remaining * self.decode_s_per_token(self.config.max_batch_size)

@@ -5,17 +5,14 @@ cluster lock held."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 from ..core.cluster import Cluster
 from ..core.replica import ReplicaScheduler
-from ..types import Action, MigrateMode, MigrateRequest, Request, RequestStatus
+from ..types import Action, MigrateMode, MigrateRequest, Request
 from .clock import Condition
 from .kv_transfer import KVMailbox
 from .stats import LiveStats
-
-log = logging.getLogger(__name__)
 
 
 class Moves:
@@ -44,29 +41,16 @@ class Moves:
         self._expect_kv(transfers)
 
     def evacuate(self, rep: ReplicaScheduler, now: float) -> None:
-        """Mark a replica dead and move its requests to live replicas (recomputed there);
-        with no live replica left they are rejected, never lost."""
-        rep.is_alive = False
+        """Mark a replica dead and move its requests to live replicas (`Cluster.evacuate`:
+        recomputed there, or rejected when none is left); KV copies on their way for them are
+        forgotten."""
         self.stats.dead_replicas.append(rep.id)
-        self.cluster.in_flight[rep.id] = ()
-        self.cluster.deferred.pop(rep.id, None)
-        moving = list(rep.unfinished)
-        log.error("replica %d marked dead; moving its %d requests", rep.id, len(moving))
-        for r in moving:
-            rep.remove(r)
-            if self.kv is not None:
+        if self.kv is not None:
+            for r in rep.unfinished:
                 self.kv.forget(r.id)
-            r.computed_tokens = 0
-            r.status = RequestStatus.WAITING
-            try:
-                dst = self.cluster.dispatcher.choose(r, self.cluster.view(now), now)
-            except RuntimeError:
-                self.cluster.reject(r, now, "every replica failed")
-                self.finished(r)
-                continue
-            self.cluster.replicas[dst].add(r, now)
+        for dst in self.cluster.evacuate(rep.id, now, on_rejected=self.finished):
             self.stats.moved_from_dead += 1
-            self.wake[dst].notify_all()
+            self.wake[dst.id].notify_all()
         self.wake[rep.id].notify_all()
 
     def _transfers(self, actions: Sequence[Action]) -> list[MigrateRequest]:

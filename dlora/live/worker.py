@@ -107,7 +107,7 @@ class ReplicaWorker:
                     live.kv.fail_exports(i)
                 return None
             now = live.clock.now()
-            live.cluster.in_flight[i] = ()
+            live.cluster.end_step(i)
             if live.cluster.deferred:  # migrations that waited for this replica's step
                 live.moves.run_deferred(i, now)
             exports = live.kv.take_exports(i) if live.kv is not None else []
@@ -116,7 +116,7 @@ class ReplicaWorker:
             live.stats.schedule_s += time.perf_counter() - t0
             live.stats.scheduler_cpu_s += time.thread_time() - c0
             if batch is not None:
-                live.cluster.in_flight[i] = batch.request_ids
+                live.cluster.begin_step(i, batch)
                 live.step_started(i, batch)
             if batch is not None or exports:
                 return batch, exports

@@ -40,11 +40,7 @@ from ..live.engine import LiveCluster
 from ..types import Adapter, Request, SamplingParams
 from .config import ServeConfig, serve_scenario
 from .metrics import ServerMetrics
-from .replicas import (
-    drop_from_devices,
-    register_in_cluster,
-    torch_serving_executors,
-)
+from .replicas import drop_from_devices, torch_serving_executors
 from .text import TextCodec
 
 log = logging.getLogger(__name__)
@@ -258,7 +254,7 @@ class ServingEngine:
             except AdapterError as exc:
                 raise ServeError(400, str(exc), param="lora_path") from None
             with self.live.lock:
-                register_in_cluster(self.live.cluster, adapter)
+                self.live.cluster.register_adapter(adapter)
             for ex in self.executors:
                 ex.register_adapter(entry.id, entry.path)
             self.adapters[name] = entry

@@ -9,9 +9,8 @@ be rebuilt with them (`restart`: a new TorchExecutor in-process, a new actor on 
 in-process rebuild shares the process: it cures a replica whose state went bad, not a sticky
 CUDA error (the process's context is lost; Ray actors are processes of their own).
 
-`register_in_cluster` adds an adapter to the scheduler's tables (the replicas' adapter maps,
-the batching policies' rank maps; dispatchers and migrators share the replicas' map); the
-caller holds the live cluster's lock."""
+The scheduler learns of a new adapter by `Cluster.register_adapter` (the caller holds the live
+cluster's lock)."""
 
 from __future__ import annotations
 
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.cluster import Cluster
-from ..types import Adapter, Batch, StepResult
+from ..types import Batch, StepResult
 
 log = logging.getLogger(__name__)
 Op = Callable[[Any], None]
@@ -92,28 +91,6 @@ class ServingExecutor:
 
     def __getattr__(self, name: str) -> Any:  # export_kv / import_kv / free_request ...
         return getattr(self.inner, name)
-
-
-def register_in_cluster(cluster: Cluster, adapter: Adapter) -> None:
-    """Make `adapter` known to every scheduler object (the live cluster's lock held)."""
-    seen: set[int] = set()
-    for rep in cluster.replicas:
-        size_of = getattr(rep.policy, "adapter_size_bytes", None)
-        if id(rep.adapters) not in seen:
-            seen.add(id(rep.adapters))
-            rep.adapters[adapter.id] = adapter
-        if size_of is not None:  # a baseline that models its own adapter layout
-            rep.adapters[adapter.id] = Adapter(adapter.id, adapter.name, adapter.rank, size_of(adapter),
-                                               adapter.target_modules, adapter.path)
-        ctx = getattr(rep.policy, "ctx", None)
-        ranks = getattr(ctx, "adapter_ranks", None)
-        if isinstance(ranks, dict):
-            ranks[adapter.id] = adapter.rank
-    for obj in (cluster.dispatcher, cluster.placer):
-        table = getattr(obj, "adapters", None)
-        if isinstance(table, dict) and id(table) not in seen:
-            seen.add(id(table))
-            table[adapter.id] = adapter
 
 
 def drop_from_devices(cluster: Cluster, adapter_id: int) -> None:

@@ -88,7 +88,7 @@ class _Sim:
         env = self.env
         cluster = self.cluster
         while True:
-            cluster.in_flight[rep.id] = ()
+            cluster.end_step(rep.id)
             if cluster.deferred:  # migrations that waited for this replica's last iteration
                 for dst in cluster.run_deferred(rep.id, env.now):
                     self._wake(dst.id)
@@ -101,7 +101,7 @@ class _Sim:
                 self.wake[rep.id] = env.event()
                 yield self.wake[rep.id]
                 continue
-            cluster.in_flight[rep.id] = batch.request_ids
+            cluster.begin_step(rep.id, batch)
             if self.batch_log is not None:
                 self.batch_log.append((rep.id, batch.step, str(batch.mode), batch.merged_adapter, batch.request_ids))
             result = executor.execute(batch)
@@ -147,7 +147,7 @@ class _Sim:
             if jump is None:
                 return
             self.jumps[rep.id] = jump
-            self.cluster.in_flight[rep.id] = jump.batch.request_ids
+            self.cluster.begin_step(rep.id, jump.batch)
             self.fast.jumps += 1
             wake = env.event()
             self.wake[rep.id] = wake
@@ -164,7 +164,7 @@ class _Sim:
             finished = self.fast.finish(jump, float(env.now))
             assert jump.done
             del self.jumps[rep.id]
-            self.cluster.in_flight[rep.id] = ()
+            self.cluster.end_step(rep.id)
             if not finished:
                 return
             # as after a stepped iteration that finished requests (the replica loop)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 
-from dlora.core.batching import BATCH_POLICIES, PolicyContext
+from dlora.core.batching import BATCH_POLICIES
+from dlora.core.context import PolicyContext, ReplicaConfig
 from dlora.core.memory import MemoryConfig, MemoryPool
-from dlora.core.replica import ReplicaConfig, ReplicaScheduler
+from dlora.core.replica import ReplicaScheduler
 from dlora.testing import (
     ScriptedExecutor,
     latency_model,
@@ -44,7 +45,7 @@ def test_slora_never_merges_and_uses_the_unified_pool() -> None:
     lat = latency_model()
     adapters = make_adapters(2)
     cfg = MemoryConfig(capacity_bytes=1 << 20, block_tokens=16, block_bytes=1024, adapter_budget_bytes=1024)
-    ctx = PolicyContext(lat, {a: 16 for a in adapters}, 8)
+    ctx = PolicyContext(lat, {a: 16 for a in adapters}, ReplicaConfig(8))
     rep2 = ReplicaScheduler(0, ReplicaConfig(), MemoryPool(cfg), BATCH_POLICIES.create("slora", {}, "p", ctx),
                             lat, adapters)
     assert rep2.memory.config.adapter_budget_bytes is None  # static split overridden
@@ -56,7 +57,7 @@ def test_vllm_models_resident_one_model_per_iteration_no_switch_cost() -> None:
     adapters = make_adapters(6)
     block_bytes = 16 * lat.kv_bytes_per_token
     cfg = MemoryConfig(capacity_bytes=lat.kv_capacity_bytes(), block_tokens=16, block_bytes=block_bytes)
-    ctx = PolicyContext(lat, {a: 16 for a in adapters}, 8)
+    ctx = PolicyContext(lat, {a: 16 for a in adapters}, ReplicaConfig(8))
     pol = BATCH_POLICIES.create("vllm", {"max_models": 2}, "p", ctx)
     rep = ReplicaScheduler(0, ReplicaConfig(8, 512), MemoryPool(cfg), pol, lat, adapters)
     assert rep.memory.capacity_bytes == cfg.capacity_bytes + model_bytes
@@ -87,7 +88,7 @@ def test_vllm_evicts_least_recently_used_model() -> None:
     lat = latency_model()
     adapters = make_adapters(3)
     cfg = MemoryConfig(capacity_bytes=lat.kv_capacity_bytes(), block_tokens=16, block_bytes=16 * lat.kv_bytes_per_token)
-    pol = BATCH_POLICIES.create("vllm", {"max_models": 2}, "p", PolicyContext(lat, {a: 16 for a in adapters}, 8))
+    pol = BATCH_POLICIES.create("vllm", {"max_models": 2}, "p", PolicyContext(lat, {a: 16 for a in adapters}, ReplicaConfig(8)))
     rep = ReplicaScheduler(0, ReplicaConfig(8, 512), MemoryPool(cfg), pol, lat, adapters)
     ex = ScriptedExecutor()
     for i, a in enumerate([0, 1]):
@@ -123,7 +124,7 @@ def test_vllm_under_tensor_parallelism_holds_whole_models_per_replica() -> None:
     whole = lat.model.adapter_bytes(16)
     assert all(a.size_bytes == whole for a in adapters.values())  # not whole // 4
     cfg = memory_config(sc, lat)
-    ctx = PolicyContext(lat, {a: 16 for a in adapters}, 16)
+    ctx = PolicyContext(lat, {a: 16 for a in adapters}, ReplicaConfig(16))
     pol = BATCH_POLICIES.create("vllm", {"max_models": 2}, "p", ctx)
     rep = ReplicaScheduler(0, ReplicaConfig(16, 4096), MemoryPool(cfg), pol, lat, adapters)
     model_bytes = lat.model.weight_bytes

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dlora.build import DispatchContext
+from dlora.core.context import DispatchContext, ReplicaConfig
 from dlora.core.dispatch import DISPATCHERS
 from dlora.core.dispatch_dlora import DispatchCost
+from dlora.core.memory import MemoryConfig
 from dlora.core.placement_policy import PlacementParams, Placer
 from dlora.profile import LatencyModel, load_profile
 from dlora.types import Adapter, ClusterView, DropAdapter, LoadAdapter, ReplicaView, Request
@@ -21,7 +22,9 @@ SIZE = 100 * 2**20
 
 def ctx(num_adapters=4, replicas=3, slots=None, budget=None):
     adapters = {k: Adapter(k, f"a{k}", 16, SIZE) for k in range(num_adapters)}
-    return DispatchContext(LATENCY, adapters, replicas, 0, 16, slots, budget, 64 * 2**30)
+    memory = MemoryConfig(64 * 2**30, 16, 16 * LATENCY.kv_bytes_per_token, max_adapter_slots=slots,
+                          adapter_budget_bytes=budget)
+    return DispatchContext(LATENCY, adapters, replicas, 0, ReplicaConfig(16), memory)
 
 
 def rv(rid, work=0.0, resident=(), per_adapter=(), slots_free=4, kv_used=0, kv_total=1000,

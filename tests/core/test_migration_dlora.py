@@ -122,7 +122,7 @@ def test_deferred_migration_waits_for_the_iteration_in_flight():
     rep = cluster.replicas[0]
     batch = rep.schedule(0.0)
     assert batch is not None
-    cluster.in_flight[0] = batch.request_ids
+    cluster.begin_step(0, batch)
     rid = batch.request_ids[0]
     cluster.apply([MigrateRequest(rid, 0, 1, MigrateMode.RECOMPUTE)], 0.0)
     assert cluster.requests[rid].replica == 0 and cluster.deferred[0]
