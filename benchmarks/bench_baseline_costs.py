@@ -38,25 +38,10 @@ import numpy as np
 import torch
 
 from dlora.exec import TorchExecutor
-from dlora.exec.demo import DEMO_ADAPTERS, demo_adapter_paths, write_demo
+from dlora.exec.demo import extra_demo_adapters, write_demo
 from dlora.types import Batch, BatchItem, BatchMode, Request, SamplingParams
 
 NUM_ADAPTERS = 5
-
-
-def _extra_adapters(demo: Path, count: int) -> dict[int, Path]:
-    """The demo adapters plus copies with fresh random weights, up to `count`."""
-    from dlora.exec.demo import _adapter
-
-    paths = demo_adapter_paths(demo)
-    specs = list(DEMO_ADAPTERS.values())
-    gen = torch.Generator().manual_seed(123)
-    for i in range(len(paths), count):
-        folder = demo / "adapters" / f"extra-{i}"
-        if not folder.exists():
-            _adapter(folder, gen, specs[i % len(specs)])
-        paths[i] = folder
-    return paths
 
 
 @dataclass
@@ -76,7 +61,7 @@ class Systems:
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
 
-        self.paths = _extra_adapters(demo, num_adapters)
+        self.paths = extra_demo_adapters(demo, num_adapters)
         self.names = [p.name for p in self.paths.values()]
         base = transformers.LlamaForCausalLM.from_pretrained(demo, dtype=torch.float32).eval()
         model = peft.PeftModel.from_pretrained(base, str(self.paths[0]), adapter_name=self.names[0])

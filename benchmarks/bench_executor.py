@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from dlora.exec import LlamaConfig, LlamaModel, LoraAdapter, LoraModule, TorchExecutor
-from dlora.exec.demo import DEMO_ADAPTERS, demo_adapter_paths, write_demo
+from dlora.exec.demo import extra_demo_adapters, write_demo
 from dlora.exec.lora_slots import MergeState
 from dlora.exec.model import TARGET_MODULES
 from dlora.types import Batch, BatchItem, BatchMode, Request, SamplingParams
@@ -72,21 +72,6 @@ def run_executor(ex: TorchExecutor, reqs: list[Request]) -> None:
         step += 1
 
 
-def _extra_adapters(demo: Path, count: int) -> dict[int, Path]:
-    """The demo adapters plus copies with fresh random weights, up to `count`."""
-    from dlora.exec.demo import _adapter
-
-    paths = demo_adapter_paths(demo)
-    specs = list(DEMO_ADAPTERS.values())
-    gen = torch.Generator().manual_seed(123)
-    for i in range(len(paths), count):
-        folder = demo / "adapters" / f"extra-{i}"
-        if not folder.exists():
-            _adapter(folder, gen, specs[i % len(specs)])
-        paths[i] = folder
-    return paths
-
-
 def bench_throughput(
     demo: Path, num_requests: int, num_adapters: int, max_new: int, rounds: int
 ) -> dict[str, float]:
@@ -94,7 +79,7 @@ def bench_throughput(
     import peft
     import transformers
 
-    paths = _extra_adapters(demo, num_adapters)
+    paths = extra_demo_adapters(demo, num_adapters)
     names = [p.name for p in paths.values()]
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 512, (16,), generator=gen).tolist() for _ in range(num_requests)]

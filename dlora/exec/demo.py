@@ -261,3 +261,17 @@ def ensure_demo(cache_dir: str | Path | None = None) -> Path:
     except OSError:  # another process won the race; use its copy
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def extra_demo_adapters(demo: Path, count: int) -> dict[int, Path]:
+    """The demo adapters in `demo` plus copies of their shapes with fresh random weights (seeded),
+    up to `count` (benchmarks that need more adapters than the demo ships)."""
+    paths = demo_adapter_paths(demo)
+    specs = list(DEMO_ADAPTERS.values())
+    gen = torch.Generator().manual_seed(123)
+    for i in range(len(paths), count):
+        folder = demo / "adapters" / f"extra-{i}"
+        if not folder.exists():
+            _adapter(folder, gen, specs[i % len(specs)])
+        paths[i] = folder
+    return paths
