@@ -34,7 +34,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
+from functools import reduce
+from operator import add
 
 from ..profile import LatencyModel
 from ..types import (
@@ -343,6 +345,39 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         self.stats.preempting_iterations += int(preempted)
         self.step += 1
         return batch
+
+    def mark_scheduled(self, batch: Batch, count: int) -> None:
+        """Count `count` more iterations of a repeated pure-decode `batch` as scheduled, as
+        `_admit` does for each (the step counter, its adapters' last use); their KV blocks are
+        the caller's to allocate (the simulator's fast path)."""
+        self.step += count
+        for it in batch.items:
+            if it.adapter_id is not None:
+                self.adapter_last_used[it.adapter_id] = self.step - 1
+
+    def complete_repeated(self, batch: Batch, times: Sequence[float]) -> None:
+        """`complete` for `len(times)` identical pure-decode iterations of `batch` (these
+        durations) that finish no request: the same counters with the same float additions in
+        the same order as one `complete` per iteration (the simulator's fast path; prefix
+        blocks are registered by the caller between iterations, as `complete` would)."""
+        done = len(times)
+        stats = self.stats
+        stats.busy_s = reduce(add, times, stats.busy_s)
+        for r in batch.requests:
+            r.executing_s = reduce(add, times, r.executing_s)
+            r.computed_tokens += done
+            r.generated_tokens += done
+        n = len(batch.requests)
+        self.work.generated_tokens += n * done
+        stats.iterations += done
+        stats.batched_requests += n * done
+        if batch.mode == BatchMode.MERGED:
+            stats.merged_iterations += done
+        else:
+            stats.unmerged_iterations += done
+        if batch.forced_by_credit:
+            stats.credit_forced_batches += done
+        self.policy.observe_repeated(batch, times)
 
     def take_pending_frees(self) -> tuple[int, ...]:
         """The requests whose KV the next iteration frees on the device (and forget them)."""

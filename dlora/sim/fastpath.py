@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
-from functools import reduce
-from operator import add
 
 import simpy
 
@@ -167,8 +165,6 @@ class FastPath:
             return  # the iteration in flight is allocated and has not ended: nothing to apply
         rep = jump.rep
         mem = rep.memory
-        reqs = jump.batch.requests
-        stats = rep.stats
         caching = mem.config.prefix_caching
         ends = jump.ends
         allocated_before = jump.allocated
@@ -187,33 +183,11 @@ class FastPath:
                 for r in jump.fills.get(i, ()):
                     after = jump.start_tokens[r.id] + i + 1
                     rep.register_blocks(r, after - 1, after)
-        if jump.allocated > allocated_before:
-            # as `_admit` does when it schedules an iteration: count the steps and stamp the
-            # batch's adapters with the last one's (an observer sees the one in flight as scheduled)
-            rep.step += jump.allocated - allocated_before
-            for it in jump.batch.items:
-                if it.adapter_id is not None:
-                    rep.adapter_last_used[it.adapter_id] = rep.step - 1
+        if jump.allocated > allocated_before:  # an observer sees the one in flight as scheduled
+            rep.mark_scheduled(jump.batch, jump.allocated - allocated_before)
         done = jump.applied - first
         if done:
-            n = len(reqs)
-            times = jump.times[first:jump.applied]
-            # the same float additions, in the same order, as one `complete` per iteration
-            stats.busy_s = reduce(add, times, stats.busy_s)
-            for r in reqs:
-                r.executing_s = reduce(add, times, r.executing_s)
-                r.computed_tokens += done
-                r.generated_tokens += done
-            rep.work.generated_tokens += n * done
-            stats.iterations += done
-            stats.batched_requests += n * done
-            if jump.batch.mode == BatchMode.MERGED:
-                stats.merged_iterations += done
-            else:
-                stats.unmerged_iterations += done
-            if jump.batch.forced_by_credit:
-                stats.credit_forced_batches += done
-            rep.policy.observe_repeated(jump.batch, times)
+            rep.complete_repeated(jump.batch, jump.times[first:jump.applied])
             self.jumped_iterations += done
 
     def cut(self, jump: Jump) -> float:
