@@ -57,7 +57,7 @@ class RoundRobin:
         self._next = 0
         self._next_of: dict[int, int] = {}
         self.placer: Placer | None = None
-        if getattr(params, "placement", "none") != "none" and ctx is not None:
+        if params.placement != "none" and ctx is not None:
             from .placement_policy import PlacementParams, make_placer
 
             self.placer = make_placer(PlacementParams(placement=params.placement), ctx)

@@ -69,7 +69,7 @@ class PlacementParams:
 class Placer:
     """Target placement of adapters over replicas, and the actions that realise it."""
 
-    def __init__(self, params: Any, adapters: Mapping[int, Adapter], num_replicas: int,
+    def __init__(self, params: PlacementParams, adapters: Mapping[int, Adapter], num_replicas: int,
                  max_adapter_slots: int | None, adapter_memory_bytes: int) -> None:
         self.params = params
         self.kind: str = params.placement
@@ -136,7 +136,7 @@ class Placer:
         not `replan_min_gain` above the current one's under today's shares. Without it every
         re-placement moved about half the slots (the greedy's ties and small share changes
         reshuffle copies), each move an adapter load and a drop."""
-        gain = float(getattr(self.params, "replan_min_gain", 0.0))
+        gain = self.params.replan_min_gain
         cur = self.placement
         if gain <= 0 or not cur.pairs or target == cur:
             return target == cur and bool(cur.pairs)
@@ -151,7 +151,7 @@ class Placer:
 
     def window_full(self) -> bool:
         """Enough arrivals since the last placement to re-place (`replan_window_requests`)."""
-        window = int(getattr(self.params, "replan_window_requests", 0))
+        window = self.params.replan_window_requests
         return window <= 0 or self.arrivals_since_plan >= window
 
     def _solve(self, view: ClusterView, shares: dict[int, float]) -> Placement:

@@ -20,7 +20,7 @@ import simpy
 from ..build import load_latency, make_adapters, make_cluster
 from ..core.replica import ReplicaScheduler
 from ..profile import LatencyModel
-from ..report import RunResult
+from ..report import RunResult, note_queue_length
 from ..scenario import Scenario
 from ..types import Executor, Request
 from ..workload import build_requests
@@ -204,10 +204,7 @@ class _Sim:
             ev.succeed()
 
     def _sample(self, rep: ReplicaScheduler) -> None:
-        samples = self.queue_samples[rep.id]
-        n = rep.num_unfinished
-        if not samples or samples[-1][1] != n:
-            samples.append((self.env.now, n))
+        note_queue_length(self.queue_samples[rep.id], self.env.now, rep.num_unfinished)
 
     def _count_done(self, n: int) -> None:
         self.done += n
