@@ -49,7 +49,7 @@ class LazyViews(Sequence[ReplicaView]):
         v = self._views[i]
         if v is None:
             c = self._cluster
-            c.observe(i, self._now)
+            c.observe(i, self._now, full=False)  # a view reads only the replica's own counters
             v = self._views[i] = c.replicas[i].view(self._now)
         return v
 
@@ -76,7 +76,7 @@ class Cluster:
         self.in_flight: dict[int, tuple[int, ...]] = {}
         self.deferred: dict[int, list[MigrateRequest]] = {}
         # set by a driver whose replicas can lag behind `now` (the simulator's fast path)
-        self.before_read: Callable[[int, float], None] | None = None
+        self.before_read: Callable[[int, float, bool], None] | None = None
 
     def place(self, now: float, initial: bool = False) -> list[ReplicaScheduler]:
         """Run the dispatcher's placement (initial layout, or a periodic re-placement) and
@@ -108,11 +108,11 @@ class Cluster:
         """Replicas where the adapter is resident (placement and jumps never hide one)."""
         return tuple(r.id for r in self.replicas if adapter in r.memory.adapters)
 
-    def observe(self, replica: int, now: float) -> None:
+    def observe(self, replica: int, now: float, full: bool = True) -> None:
         """Bring one replica up to `now` before anything reads or changes it (the driver's
         `before_read`: the simulator applies the decode iterations its fast path covered)."""
         if self.before_read is not None:
-            self.before_read(replica, now)
+            self.before_read(replica, now, full)
 
     def submit(self, request: Request, now: float) -> ReplicaScheduler | None:
         """Dispatch an arriving request; returns its replica, or None if rejected."""

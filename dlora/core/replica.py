@@ -357,16 +357,14 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
 
     def complete_repeated(self, batch: Batch, times: Sequence[float]) -> None:
         """`complete` for `len(times)` identical pure-decode iterations of `batch` (these
-        durations) that finish no request: the same counters with the same float additions in
-        the same order as one `complete` per iteration (the simulator's fast path; prefix
-        blocks are registered by the caller between iterations, as `complete` would)."""
+        durations) that finish no request, for the replica's own counters: the same counters
+        with the same float additions in the same order as one `complete` per iteration (the
+        simulator's fast path; prefix blocks are registered by the caller between iterations,
+        as `complete` would). The requests' own counters follow in `advance_requests`, which
+        must run before anything reads those requests (views read only the replica's)."""
         done = len(times)
         stats = self.stats
         stats.busy_s = reduce(add, times, stats.busy_s)
-        for r in batch.requests:
-            r.executing_s = reduce(add, times, r.executing_s)
-            r.computed_tokens += done
-            r.generated_tokens += done
         n = len(batch.requests)
         self.work.generated_tokens += n * done
         stats.iterations += done
@@ -378,6 +376,16 @@ class ReplicaScheduler(RoomMaker, ReplicaViews):
         if batch.forced_by_credit:
             stats.credit_forced_batches += done
         self.policy.observe_repeated(batch, times)
+
+    @staticmethod
+    def advance_requests(batch: Batch, times: Sequence[float]) -> None:
+        """The requests' side of `complete_repeated` for the same iterations (possibly later,
+        in pieces: the additions stay in order)."""
+        done = len(times)
+        for r in batch.requests:
+            r.executing_s = reduce(add, times, r.executing_s)
+            r.computed_tokens += done
+            r.generated_tokens += done
 
     def take_pending_frees(self) -> tuple[int, ...]:
         """The requests whose KV the next iteration frees on the device (and forget them)."""

@@ -184,12 +184,13 @@ class _Sim:
                 return
 
     # ---- helpers ----
-    def observe(self, replica: int, now: float) -> None:
-        """Bring one replica in a jump up to `now` (`Cluster.before_read`)."""
+    def observe(self, replica: int, now: float, full: bool = True) -> None:
+        """Bring one replica in a jump up to `now` (`Cluster.before_read`; `full=False`: only
+        its view is read, so the requests' own counters may wait)."""
         jump = self.jumps.get(replica)
         if jump is not None:
             assert self.fast is not None
-            self.fast.materialize(jump, now)
+            self.fast.materialize(jump, now, full)
 
     def observe_all(self, now: float) -> None:
         """Bring replicas in a jump up to `now` before anything looks at them."""

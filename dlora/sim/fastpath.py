@@ -48,7 +48,8 @@ class Jump:
     needs: dict[int, list[int]] = field(default_factory=dict)
     fills: dict[int, list[Request]] = field(default_factory=dict)
     start_tokens: dict[int, int] = field(default_factory=dict)  # request id -> computed at start
-    applied: int = 0  # iterations fully applied
+    applied: int = 0  # iterations applied (the replica's side)
+    requests_applied: int = 0  # iterations whose requests' own counters are applied
     allocated: int = 0  # iterations whose KV blocks are allocated
     cut: bool = False
     finishing: bool = False  # the last iteration finishes a request (applied by `finish`)
@@ -157,12 +158,21 @@ class FastPath:
         rep.take_pending_frees()  # the first iteration carries them, as `_admit` would
         return Jump(rep, batch, now, times, ends, needs, fills, start_tokens, finishing=k == until_finish)
 
-    def materialize(self, jump: Jump, now: float) -> None:
-        """Apply every iteration that ended by `now`; allocate the blocks of the one in flight."""
+    def materialize(self, jump: Jump, now: float, full: bool = True) -> None:
+        """Apply every iteration that ended by `now`; allocate the blocks of the one in flight.
+        `full=False` (a view is read) applies the replica's side only and leaves the requests'
+        own counters for the next full call (`ReplicaScheduler.advance_requests`)."""
         k = len(jump.times)
         first = jump.applied
-        if first >= k or (jump.allocated > first and jump.ends[first] > now):
-            return  # the iteration in flight is allocated and has not ended: nothing to apply
+        if not (first >= k or (jump.allocated > first and jump.ends[first] > now)):
+            self._apply(jump, now)
+        if full and jump.requests_applied < jump.applied:
+            jump.rep.advance_requests(jump.batch, jump.times[jump.requests_applied:jump.applied])
+            jump.requests_applied = jump.applied
+
+    def _apply(self, jump: Jump, now: float) -> None:
+        k = len(jump.times)
+        first = jump.applied
         rep = jump.rep
         mem = rep.memory
         caching = mem.config.prefix_caching
@@ -206,7 +216,7 @@ class FastPath:
         k = len(jump.times)
         if not jump.finishing or jump.applied != k - 1 or jump.ends[-1] > now:
             return []
-        assert jump.allocated == k
+        assert jump.allocated == k and jump.requests_applied == k - 1
         b = jump.batch
         last = Batch(replica=b.replica, step=b.step + k - 1, mode=b.mode, merged_adapter=b.merged_adapter,
                      items=tuple(BatchItem(r.id, r.adapter_id, r.computed_tokens, 1, True) for r in b.requests),
