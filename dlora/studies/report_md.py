@@ -17,7 +17,7 @@ GENERAL_DEVIATIONS = (
     "analytic terms whose sources are written in each profile (scripts/derive_profile.py).",
     "The Azure Functions traces (MAF1, MAF2) are not available; per-adapter Gamma streams with "
     "power-law popularity, and for Fig. 9 a MAF1 stand-in built from the trace's published "
-    "statistics (dlora/sim/maf_standin.py), stand in for them; the Azure LLM inference 2023 "
+    "statistics (dlora/studies/maf_standin.py), stand in for them; the Azure LLM inference 2023 "
     "conversation trace (with Zipf-drawn adapters) is the second workload.",
     "Baselines (vLLM 2023, PEFT, S-LoRA) are policies of this simulator that follow PAPER.md "
     "section 6, not the original code.",

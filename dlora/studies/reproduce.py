@@ -265,7 +265,7 @@ def fig9(s: Settings) -> Figure:
     f.deviations += [
         "Zipf-1 Gamma streams and a MAF1 stand-in built from the Azure Functions 2019 trace's published "
         "statistics (ATC'20: 18.6% of functions take 99.6% of invocations; log-normal invocations per "
-        "function, sigma 3.55; dlora/sim/maf_standin.py) stand in for the MAF traces, which are not available.",
+        "function, sigma 3.55; dlora/studies/maf_standin.py) stand in for the MAF traces, which are not available.",
         "vllm keeps 4 full models resident per replica for 7B and 2 for 13B and 70B (the paper's setting), "
         "counted whole per replica (a TP-4 replica holds each model across its 4 GPUs).",
         "Profiles are derived from Vidur's A100 operator measurements plus analytic terms, not measured on A800s.",
