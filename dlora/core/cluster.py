@@ -46,6 +46,7 @@ class LazyViews(Sequence[ReplicaView]):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self._views))[i]  # a negative index names the same replica
         v = self._views[i]
         if v is None:
             c = self._cluster
@@ -226,6 +227,7 @@ class Cluster:
                 if on_rejected is not None:
                     on_rejected(r)
                 continue
+            self.observe(dst, now)
             self.replicas[dst].add(r, now)
             moved.append(self.replicas[dst])
         return moved

@@ -381,6 +381,7 @@ class CreditPolicy(AimdThresholds, PolicyBase):
             return
         if times:
             self._commit_skips()
+            self._resume = d.resume  # as `observe` (a stationary plan follows no forced service)
         for _ in times:
             self._count(d)
 

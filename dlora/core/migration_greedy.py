@@ -300,7 +300,7 @@ def improve(layout: Layout) -> Layout:
             continue
         sw = _best_swap(layout, s)
         if sw is None or sw[0] >= top - _EPS:
-            return layout
+            break
         _, i, k = sw
         a, b = layout.dest[i], layout.dest[k]
         layout.move(i, b)
