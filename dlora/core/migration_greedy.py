@@ -232,7 +232,20 @@ def greedy_migration(problem: MigrationProblem) -> Layout:
     return layout
 
 
-def _best_swap(layout: Layout, s: int) -> tuple[float, int, int] | None:
+class _Static:
+    """A problem's per-request and per-replica arrays, built once per local search."""
+
+    def __init__(self, layout: Layout) -> None:
+        p = layout.problem
+        reps = p.replicas
+        self.work = np.array([q.work_s for q in p.requests])
+        self.kv = np.array([q.kv_blocks for q in p.requests])
+        self.cost = np.array([[layout.cost(i, j) for j in range(len(reps))] for i in range(len(p.requests))])
+        self.total_kv = np.array([r.kv_blocks_total for r in reps])
+        self.swap = np.array([r.swap_s_per_block for r in reps])
+
+
+def _best_swap(layout: Layout, s: int, static: _Static) -> tuple[float, int, int] | None:
     """Best exchange of a request on replica index s with one elsewhere whose adapters are
     present at both ends and neither is the last user of an adapter the layout loaded (so no
     load or unload changes): (pair total, request on s, the other)."""
@@ -251,13 +264,8 @@ def _best_swap(layout: Layout, s: int) -> tuple[float, int, int] | None:
     other = [i for i in other if movable(i)]
     if not mine or not other:
         return None
-    reps = p.replicas
-    w = np.array([q.work_s for q in p.requests])
-    kvb = np.array([q.kv_blocks for q in p.requests])
+    w, kvb, cost, total_kv, swap = static.work, static.kv, static.cost, static.total_kv, static.swap
     d = np.array([layout.dest[k] for k in other])
-    cost = np.array([[layout.cost(i, j) for j in range(len(reps))] for i in range(len(p.requests))])
-    total_kv = np.array([r.kv_blocks_total for r in reps])
-    swap = np.array([r.swap_s_per_block for r in reps])
     rows_i, cols_k = np.array(mine)[:, None], np.array(other)[None, :]
     ws = layout.work[s] - w[rows_i] - cost[rows_i, s] + w[cols_k] + cost[cols_k, s]
     kvs = layout.kv[s] - kvb[rows_i] + kvb[cols_k]
@@ -288,6 +296,7 @@ def improve(layout: Layout) -> Layout:
     its best swap (`_best_swap`), while either lowers that replica's total. Each step strictly
     decreases the sorted vector of replica totals, so the makespan never grows."""
     num_r = len(layout.problem.replicas)
+    static = _Static(layout)
     for _ in range(4 * len(layout.problem.requests) * num_r + 1):
         s = min(range(num_r), key=lambda j: (-layout.total(j), j))
         top = layout.total(s)
@@ -298,7 +307,7 @@ def improve(layout: Layout) -> Layout:
                 layout.evict(e, d)
             layout.move(i, d)
             continue
-        sw = _best_swap(layout, s)
+        sw = _best_swap(layout, s, static)
         if sw is None or sw[0] >= top - _EPS:
             break
         _, i, k = sw

@@ -1,0 +1,69 @@
+"""Repeated identical pure-decode iterations, applied at once (the simulator's fast path).
+
+A mixin of `ReplicaScheduler`, kept apart for size: the same counters, with the same float
+additions in the same order, as `_admit` and `complete` once per iteration, so the fast path
+asks the core to apply its jumped iterations instead of mirroring the core's accounting."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import reduce
+from operator import add
+from typing import TYPE_CHECKING
+
+from ..types import Batch, BatchMode
+
+if TYPE_CHECKING:
+    from .batching import BatchPolicy
+    from .stats import ReplicaStats
+    from .work import WorkEstimator
+
+
+class RepeatedDecode:
+    step: int
+    adapter_last_used: dict[int, int]
+    stats: ReplicaStats
+    work: WorkEstimator
+    policy: BatchPolicy
+
+    def mark_scheduled(self, batch: Batch, count: int) -> None:
+        """Count `count` more iterations of a repeated pure-decode `batch` as scheduled, as
+        `_admit` does for each (the step counter, its adapters' last use); their KV blocks are
+        the caller's to allocate (the simulator's fast path)."""
+        self.step += count
+        for it in batch.items:
+            if it.adapter_id is not None:
+                self.adapter_last_used[it.adapter_id] = self.step - 1
+
+    def complete_repeated(self, batch: Batch, times: Sequence[float]) -> None:
+        """`complete` for `len(times)` identical pure-decode iterations of `batch` (these
+        durations) that finish no request, for the replica's own counters: the same counters
+        with the same float additions in the same order as one `complete` per iteration (the
+        simulator's fast path; prefix blocks are registered by the caller between iterations,
+        as `complete` would). The requests' own counters follow in `advance_requests`, which
+        must run before anything reads those requests (views read only the replica's)."""
+        done = len(times)
+        stats = self.stats
+        stats.busy_s = reduce(add, times, stats.busy_s)
+        n = len(batch.requests)
+        self.work.generated_tokens += n * done
+        stats.iterations += done
+        stats.batched_requests += n * done
+        if batch.mode == BatchMode.MERGED:
+            stats.merged_iterations += done
+        else:
+            stats.unmerged_iterations += done
+        if batch.forced_by_credit:
+            stats.credit_forced_batches += done
+        self.policy.observe_repeated(batch, times)
+
+    @staticmethod
+    def advance_requests(batch: Batch, times: Sequence[float]) -> None:
+        """The requests' side of `complete_repeated` for the same iterations (possibly later,
+        in pieces: the additions stay in order)."""
+        done = len(times)
+        for r in batch.requests:
+            r.executing_s = reduce(add, times, r.executing_s)
+            r.computed_tokens += done
+            r.generated_tokens += done
+
