@@ -49,9 +49,7 @@ class LazyViews(Sequence[ReplicaView]):
         i = range(len(self._views))[i]  # a negative index names the same replica
         v = self._views[i]
         if v is None:
-            c = self._cluster
-            c.observe(i, self._now, full=False)  # a view reads only the replica's own counters
-            v = self._views[i] = c.replicas[i].view(self._now)
+            v = self._views[i] = self._cluster.view_of(i, self._now)
         return v
 
     def __iter__(self) -> Iterator[ReplicaView]:
@@ -76,8 +74,11 @@ class Cluster:
         # `end_step`); migrating one waits for that iteration to end (`run_deferred`)
         self.in_flight: dict[int, tuple[int, ...]] = {}
         self.deferred: dict[int, list[MigrateRequest]] = {}
-        # set by a driver whose replicas can lag behind `now` (the simulator's fast path)
-        self.before_read: Callable[[int, float, bool], None] | None = None
+        # set by a driver whose replicas can lag behind `now` (the simulator's fast path):
+        # `before_read` brings one up to date; `unapplied` says what a view must add without
+        # doing so (output tokens, KV blocks of the iterations that ran or are in flight)
+        self.before_read: Callable[[int, float], None] | None = None
+        self.unapplied: Callable[[int, float], tuple[int, int]] | None = None
 
     def place(self, now: float, initial: bool = False) -> list[ReplicaScheduler]:
         """Run the dispatcher's placement (initial layout, or a periodic re-placement) and
@@ -99,9 +100,9 @@ class Cluster:
         )
 
     def view(self, now: float) -> ClusterView:
-        """The cluster as decisions see it; each replica's view is built when first read (after
-        `before_read` brings that replica up to date), so a dispatcher that reads only its
-        adapter's holders costs as many views, whatever the number of replicas."""
+        """The cluster as decisions see it; each replica's view is built when first read
+        (`view_of`), so a dispatcher that reads only its adapter's holders costs as many views,
+        whatever the number of replicas."""
         return ClusterView(now, LazyViews(self, now), tuple(r.id for r in self.replicas if r.is_alive),
                            self.resident_on)
 
@@ -109,11 +110,21 @@ class Cluster:
         """Replicas where the adapter is resident (placement and jumps never hide one)."""
         return tuple(r.id for r in self.replicas if adapter in r.memory.adapters)
 
-    def observe(self, replica: int, now: float, full: bool = True) -> None:
-        """Bring one replica up to `now` before anything reads or changes it (the driver's
-        `before_read`: the simulator applies the decode iterations its fast path covered)."""
+    def observe(self, replica: int, now: float) -> None:
+        """Bring one replica up to `now` before anything reads its requests or changes it (the
+        driver's `before_read`: the simulator applies the decode iterations its fast path
+        covered)."""
         if self.before_read is not None:
-            self.before_read(replica, now, full)
+            self.before_read(replica, now)
+
+    def view_of(self, replica: int, now: float) -> ReplicaView:
+        """One replica's view at `now`. A lagging replica (the simulator's fast path) is not
+        brought up to date: its view counts the iterations not yet applied (`unapplied`), so
+        reading it costs the same whatever the replica did since it was last changed."""
+        rep = self.replicas[replica]
+        if self.unapplied is None:
+            return rep.view(now)
+        return rep.view(now, *self.unapplied(replica, now))
 
     def submit(self, request: Request, now: float) -> ReplicaScheduler | None:
         """Dispatch an arriving request; returns its replica, or None if rejected."""

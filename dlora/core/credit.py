@@ -382,8 +382,7 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         if times:
             self._commit_skips()
             self._resume = d.resume  # as `observe` (a stationary plan follows no forced service)
-        for _ in times:
-            self._count(d)
+        self._count(d, len(times))
 
     def _apply(self, d: _Decision, batch: Batch) -> None:
         for payer, payee, amount in d.transfers:

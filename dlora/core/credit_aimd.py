@@ -60,15 +60,22 @@ class AimdThresholds:
             else:
                 self.episode.fcfs_s += cost
 
-    def _count(self, d: _Decision) -> None:
+    def _count(self, d: _Decision, iterations: int = 1) -> None:
+        """The episode's counters after `iterations` iterations of decision `d` (the seconds
+        added one iteration at a time: the same float operations as one call per iteration)."""
         ep = self.episode
-        if ep is None or d.forced:
+        if ep is None or d.forced or iterations <= 0:
             return
-        ep.iterations += 1
-        ep.merged_tokens += d.merged_cf
-        ep.merged_s += self._time(d.merged_cf, 0, 0)
-        ep.fcfs_tokens += d.fcfs_n
-        ep.fcfs_s += self._time(d.fcfs_n, d.fcfs_adapters, d.fcfs_rank_tokens)
+        ep.iterations += iterations
+        ep.merged_tokens += d.merged_cf * iterations
+        ep.fcfs_tokens += d.fcfs_n * iterations
+        merged_t = self._time(d.merged_cf, 0, 0)
+        fcfs_t = self._time(d.fcfs_n, d.fcfs_adapters, d.fcfs_rank_tokens)
+        merged_s, fcfs_s = ep.merged_s, ep.fcfs_s
+        for _ in range(iterations):
+            merged_s += merged_t
+            fcfs_s += fcfs_t
+        ep.merged_s, ep.fcfs_s = merged_s, fcfs_s
 
     def _aimd(self, ep: _Episode, step: int) -> None:
         if not self.p.aimd or ep.iterations == 0:

@@ -51,7 +51,9 @@ class MemoryPool:
         self.block_bytes = config.block_bytes
         self.kv_blocks: dict[int, int] = {}  # request id -> device blocks held
         self.swapped_blocks: dict[int, int] = {}  # request id -> host blocks held
-        self.adapters: dict[int, int] = {}  # resident adapter id -> bytes
+        self.adapters: dict[int, int] = {}  # resident adapter id -> bytes (change through
+        # load_adapter / evict_adapter only)
+        self._resident: frozenset[int] | None = None
         self.kv_used_blocks = 0  # physical blocks held (a shared block counts once)
         self.adapter_bytes = 0
         self.swap_used_blocks = 0
@@ -229,12 +231,21 @@ class MemoryPool:
         assert adapter_id not in self.adapters and self.adapter_fits(num_bytes)
         self.adapters[adapter_id] = num_bytes
         self.adapter_bytes += num_bytes
+        self._resident = None
         self._reclaim()
 
     def evict_adapter(self, adapter_id: int) -> int:
         num_bytes = self.adapters.pop(adapter_id)
         self.adapter_bytes -= num_bytes
+        self._resident = None
         return num_bytes
+
+    @property
+    def resident(self) -> frozenset[int]:
+        """The resident adapters' ids (kept until one is loaded or evicted)."""
+        if self._resident is None:
+            self._resident = frozenset(self.adapters)
+        return self._resident
 
     def check(self) -> None:
         """Internal invariants (tests call this)."""

@@ -361,13 +361,14 @@ class ReplicaScheduler(RoomMaker, ReplicaViews, RepeatedDecode):
             return []
         finished: list[Request] = []
         caching = self.memory.config.prefix_caching
+        bt = self.memory.block_tokens
         token_ids = iter(result.token_ids) if result.token_ids is not None else None
         eos_flags = iter(result.eos) if result.eos is not None else None
         for item, r in zip(batch.items, batch.requests, strict=True):
             r.executing_s += result.elapsed_s
             self.work.remove(r)
             r.computed_tokens += item.new_tokens
-            if caching:
+            if caching and r.computed_tokens // bt > item.computed_tokens // bt:  # a block filled
                 self.register_blocks(r, item.computed_tokens)
             if item.samples:
                 r.generated_tokens += 1

@@ -43,21 +43,27 @@ class ReplicaViews:
         """Every request here in priority order: running (admission order), then waiting."""
         return self.running + self.waiting
 
-    def view(self, now: float) -> ReplicaView:
+    def view(self, now: float, pending_tokens: int = 0, pending_blocks: int = 0) -> ReplicaView:
+        """The replica as decisions see it at `now`. `pending_tokens` / `pending_blocks`: output
+        tokens and KV blocks of decode iterations that the driver has not applied yet but that
+        ran (or are in flight) by `now` (the simulator's fast path): the view is the one the
+        replica will show once they are applied, without applying them."""
         # a request holds device KV blocks iff it is RUNNING, host blocks iff SWAPPED
+        mem = self.memory
         running = len(self.running)
-        swapped = len(self.memory.swapped_blocks)
+        swapped = len(mem.swapped_blocks)
         waiting = len(self.waiting) - swapped
-        slots = self.memory.config.max_adapter_slots
+        slots = mem.config.max_adapter_slots
+        used = mem.kv_used_blocks + pending_blocks
         return ReplicaView(
             id=self.id, is_alive=self.is_alive, num_waiting=waiting, num_running=running,
-            num_swapped=swapped, kv_blocks_used=self.memory.kv_used_blocks,
-            kv_blocks_total=self.memory.kv_capacity_blocks,
-            resident_adapters=frozenset(self.memory.adapters), merged_adapter=self.merged_adapter,
-            queued_work_s=self.work.seconds(self.num_unfinished),
+            num_swapped=swapped, kv_blocks_used=used,
+            kv_blocks_total=used + (mem.capacity_bytes - used * mem.block_bytes - mem.adapter_bytes) // mem.block_bytes,
+            resident_adapters=mem.resident, merged_adapter=self.merged_adapter,
+            queued_work_s=self.work.seconds(self.num_unfinished, pending_tokens),
             requests_per_adapter=self._requests_per_adapter(),
-            backlog_s=self.backlog_s(),
-            adapter_slots_free=(slots - len(self.memory.adapters)) if slots is not None else 1 << 30,
+            backlog_s=self.backlog_s(pending_tokens),
+            adapter_slots_free=(slots - len(mem.adapters)) if slots is not None else 1 << 30,
         )
 
     def _requests_per_adapter(self) -> tuple[tuple[int | None, int], ...]:
@@ -84,12 +90,13 @@ class ReplicaViews:
                 r.generated_tokens, r.computed_tokens, held, self.work.seconds_for(r)))
         return tuple(out)
 
-    def backlog_s(self) -> float:
-        """Seconds to drain at full-batch throughput (`ReplicaView.backlog_s`)."""
+    def backlog_s(self, pending_tokens: int = 0) -> float:
+        """Seconds to drain at full-batch throughput (`ReplicaView.backlog_s`), `pending_tokens`
+        more output tokens generated (see `view`)."""
         w = self.work
         if w.count <= 0:
             return 0.0
-        remaining = max(w.count * w.lengths.mean_output_tokens - w.generated_tokens, w.count)
+        remaining = max(w.count * w.lengths.mean_output_tokens - (w.generated_tokens + pending_tokens), w.count)
         return w.prefill_tokens * w.prefill_s_per_token + remaining * w.decode_s_per_token(w.config.max_batch_size)
 
     def memory_limits(self) -> ReplicaMemory:

@@ -76,10 +76,13 @@ class WorkEstimator:
             self._decode_per_token[b] = t
         return t
 
-    def seconds(self, num_requests: int) -> float:
+    def seconds(self, num_requests: int, pending_tokens: int = 0) -> float:
+        """Seconds to drain, `pending_tokens` more output tokens generated than counted so far
+        (decode iterations a driver has not applied yet: `ReplicaViews.view`)."""
         if self.count <= 0:
             return 0.0
-        remaining = max(self.count * self.lengths.mean_output_tokens - self.generated_tokens, self.count)
+        remaining = max(self.count * self.lengths.mean_output_tokens - (self.generated_tokens + pending_tokens),
+                        self.count)
         return (self.prefill_tokens * self.prefill_s_per_token
                 + remaining * self.decode_s_per_token(num_requests))
 

@@ -66,6 +66,7 @@ class _Sim:
         self.jumps: dict[int, Jump] = {}
         if self.fast is not None:
             self.cluster.before_read = self.observe
+            self.cluster.unapplied = self.unapplied
 
     # ---- processes ----
     def arrivals(self):
@@ -184,13 +185,20 @@ class _Sim:
                 return
 
     # ---- helpers ----
-    def observe(self, replica: int, now: float, full: bool = True) -> None:
-        """Bring one replica in a jump up to `now` (`Cluster.before_read`; `full=False`: only
-        its view is read, so the requests' own counters may wait)."""
+    def observe(self, replica: int, now: float) -> None:
+        """Bring one replica in a jump up to `now` (`Cluster.before_read`)."""
         jump = self.jumps.get(replica)
         if jump is not None:
             assert self.fast is not None
-            self.fast.materialize(jump, now, full)
+            self.fast.materialize(jump, now)
+
+    def unapplied(self, replica: int, now: float) -> tuple[int, int]:
+        """What a view of a replica in a jump adds at `now` (`Cluster.unapplied`)."""
+        jump = self.jumps.get(replica)
+        if jump is None:
+            return 0, 0
+        assert self.fast is not None
+        return self.fast.unapplied(jump, now)
 
     def observe_all(self, now: float) -> None:
         """Bring replicas in a jump up to `now` before anything looks at them."""

@@ -14,7 +14,8 @@ normal path, so reports are identical to stepping one by one (tests/sim/test_fas
 from __future__ import annotations
 
 import heapq
-from dataclasses import dataclass, field
+from bisect import bisect_right
+from dataclasses import dataclass
 
 import simpy
 
@@ -44,12 +45,12 @@ class Jump:
     start_s: float
     times: list[float]
     ends: list[float]
-    # iteration index -> requests (ids) that need a new KV block / whose block fills in it
-    needs: dict[int, list[int]] = field(default_factory=dict)
-    fills: dict[int, list[Request]] = field(default_factory=dict)
-    start_tokens: dict[int, int] = field(default_factory=dict)  # request id -> computed at start
-    applied: int = 0  # iterations applied (the replica's side)
-    requests_applied: int = 0  # iterations whose requests' own counters are applied
+    start_tokens: list[int]  # each request's computed tokens at the start (batch order)
+    # prefix blocks are registered per stretch of iterations, not per iteration, when no block
+    # the jump fills can meet a hash already in the pool (`_bulk_safe`); else, per iteration:
+    fills: dict[int, list[tuple[Request, int]]] | None = None  # iteration -> (request, start
+    # tokens) whose block fills in it
+    applied: int = 0  # iterations applied
     allocated: int = 0  # iterations whose KV blocks are allocated
     cut: bool = False
     finishing: bool = False  # the last iteration finishes a request (applied by `finish`)
@@ -145,60 +146,98 @@ class FastPath:
         if len(times) < MIN_JUMP:
             return None
         k = len(times)
-        needs: dict[int, list[int]] = {}
-        fills: dict[int, list[Request]] = {}
-        start_tokens = {}
-        for r in reqs:  # in batch order, as the iteration-by-iteration loop visits them
-            c = r.computed_tokens
-            start_tokens[r.id] = c
-            for i in range((-c) % block, k, block):  # its computed tokens fill whole blocks
-                needs.setdefault(i, []).append(r.id)
-            for i in range((-c - 1) % block, k, block):  # a block fills in iteration i
-                fills.setdefault(i, []).append(r)
+        start_tokens = [r.computed_tokens for r in reqs]
+        fills: dict[int, list[tuple[Request, int]]] | None = None
+        if mem.config.prefix_caching and not self._bulk_safe(rep, reqs):
+            fills = {}
+            for r, c in zip(reqs, start_tokens, strict=True):  # in batch order, as stepping visits them
+                for i in range((-c - 1) % block, k, block):  # a block fills in iteration i
+                    fills.setdefault(i, []).append((r, c))
         rep.take_pending_frees()  # the first iteration carries them, as `_admit` would
-        return Jump(rep, batch, now, times, ends, needs, fills, start_tokens, finishing=k == until_finish)
+        return Jump(rep, batch, now, times, ends, start_tokens, fills, finishing=k == until_finish)
 
-    def materialize(self, jump: Jump, now: float, full: bool = True) -> None:
+    @staticmethod
+    def _bulk_safe(rep: ReplicaScheduler, reqs: tuple[Request, ...]) -> bool:
+        """Whether the blocks the jump's requests fill can be registered a stretch at a time:
+        each is a simulated request (its decode blocks hash as its own, `core/prefix.py`) that
+        never left a replica (so none of its blocks beyond the registered ones is in any pool)
+        and whose full blocks are all registered. Then registering never meets a hash already
+        present, and its order against the jump's allocations (which only drop cached blocks)
+        changes nothing."""
+        mem = rep.memory
+        bt = mem.block_tokens
+        for r in reqs:
+            if r.prompt_token_ids is not None or r.num_preemptions or r.num_migrations:
+                return False
+            if r.prefix_group is not None and r.prefix_tokens > r.computed_tokens:
+                return False
+            if mem.next_unshared(r.id) != r.computed_tokens // bt:
+                return False
+        return True
+
+    @staticmethod
+    def _progress(jump: Jump, now: float) -> tuple[int, int]:
+        """(applied, allocated) once every iteration ended by `now` is applied and the one in
+        flight allocated (a finishing last iteration is left to `finish`)."""
+        k = len(jump.times)
+        applied = bisect_right(jump.ends, now, jump.applied)
+        if jump.finishing and applied >= k:
+            applied = k - 1
+        return applied, max(jump.allocated, min(applied + 1, k))
+
+    def unapplied(self, jump: Jump, now: float) -> tuple[int, int]:
+        """Output tokens and KV blocks of the jump's iterations that ran or are in flight at
+        `now` but are not applied yet (what a view of the replica adds: `Cluster.unapplied`)."""
+        applied, allocated = self._progress(jump, now)
+        bt = jump.rep.memory.block_tokens
+        a, b = jump.allocated, allocated
+        blocks = 0
+        if b > a:
+            for c in jump.start_tokens:  # blocks to hold c + b tokens, less those for c + a
+                blocks += -(-(c + b) // bt) - -(-(c + a) // bt)
+        return len(jump.batch.requests) * (applied - jump.applied), blocks
+
+    def materialize(self, jump: Jump, now: float) -> None:
         """Apply every iteration that ended by `now`; allocate the blocks of the one in flight.
-        `full=False` (a view is read) applies the replica's side only and leaves the requests'
-        own counters for the next full call (`ReplicaScheduler.advance_requests`)."""
-        k = len(jump.times)
-        first = jump.applied
-        if not (first >= k or (jump.allocated > first and jump.ends[first] > now)):
-            self._apply(jump, now)
-        if full and jump.requests_applied < jump.applied:
-            jump.rep.advance_requests(jump.batch, jump.times[jump.requests_applied:jump.applied])
-            jump.requests_applied = jump.applied
-
-    def _apply(self, jump: Jump, now: float) -> None:
-        k = len(jump.times)
-        first = jump.applied
+        The state afterwards is the one stepping every iteration would have at `now`: blocks
+        are allocated and registered per request for the whole stretch (a request needs a
+        block when its computed tokens fill whole blocks), per iteration only where the
+        order could matter (`Jump.fills`)."""
+        first, allocated_before = jump.applied, jump.allocated
+        applied, allocated = self._progress(jump, now)
+        if applied == first and allocated == allocated_before:
+            return
         rep = jump.rep
         mem = rep.memory
-        caching = mem.config.prefix_caching
-        ends = jump.ends
-        allocated_before = jump.allocated
-        while jump.applied < k and (jump.applied == 0 or ends[jump.applied - 1] <= now):
-            i = jump.applied
-            if jump.allocated <= i:
-                # held == ceil(computed / block) for a decoding request, so a step needs a new
-                # block exactly when its computed tokens fill whole blocks (`Jump.needs`)
-                for rid in jump.needs.get(i, ()):
-                    mem.allocate(rid, 1)
-                jump.allocated = i + 1
-            if ends[i] > now or (jump.finishing and i == k - 1):
-                break  # (a finishing last iteration is left to `finish`)
-            jump.applied = i + 1
-            if caching:  # as `complete` does, before the next iteration allocates
-                for r in jump.fills.get(i, ()):
-                    after = jump.start_tokens[r.id] + i + 1
-                    rep.register_blocks(r, after - 1, after)
-        if jump.allocated > allocated_before:  # an observer sees the one in flight as scheduled
-            rep.mark_scheduled(jump.batch, jump.allocated - allocated_before)
-        done = jump.applied - first
-        if done:
-            rep.complete_repeated(jump.batch, jump.times[first:jump.applied])
-            self.jumped_iterations += done
+        bt = mem.block_tokens
+        reqs = jump.batch.requests
+        if jump.fills is None:
+            if allocated > allocated_before:
+                for r, c in zip(reqs, jump.start_tokens, strict=True):
+                    need = -(-(c + allocated) // bt) - -(-(c + allocated_before) // bt)
+                    if need:
+                        mem.allocate(r.id, need)
+            if applied > first and mem.config.prefix_caching:
+                for r, c in zip(reqs, jump.start_tokens, strict=True):
+                    if (c + applied) // bt > (c + first) // bt:  # a block filled
+                        rep.register_blocks(r, c + first, c + applied)
+        else:  # iteration by iteration, as stepping: allocate for i, then register what i filled
+            for i in range(first, allocated):
+                if i >= allocated_before:
+                    for r, c in zip(reqs, jump.start_tokens, strict=True):
+                        if (c + i) % bt == 0:
+                            mem.allocate(r.id, 1)
+                if i < applied:
+                    for r, c in jump.fills.get(i, ()):
+                        rep.register_blocks(r, c + i, c + i + 1)
+        jump.applied, jump.allocated = applied, allocated
+        if allocated > allocated_before:  # an observer sees the one in flight as scheduled
+            rep.mark_scheduled(jump.batch, allocated - allocated_before)
+        if applied > first:
+            times = jump.times[first:applied]
+            rep.complete_repeated(jump.batch, times)
+            rep.advance_requests(jump.batch, times)
+            self.jumped_iterations += applied - first
 
     def cut(self, jump: Jump) -> float:
         """Stop the jump after the iteration in flight; returns when that one ends."""
@@ -216,7 +255,7 @@ class FastPath:
         k = len(jump.times)
         if not jump.finishing or jump.applied != k - 1 or jump.ends[-1] > now:
             return []
-        assert jump.allocated == k and jump.requests_applied == k - 1
+        assert jump.allocated == k
         b = jump.batch
         last = Batch(replica=b.replica, step=b.step + k - 1, mode=b.mode, merged_adapter=b.merged_adapter,
                      items=tuple(BatchItem(r.id, r.adapter_id, r.computed_tokens, 1, True) for r in b.requests),
