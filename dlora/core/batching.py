@@ -57,14 +57,17 @@ class BatchPolicy(Protocol):
 
     def observe(self, batch: Batch, result: StepResult) -> None: ...
 
-    def observe_repeated(self, batch: Batch, times: Sequence[float]) -> None:
-        """Equivalent to `observe` once per iteration of these durations (fast path)."""
+    def observe_repeated(self, batch: Batch, times: Sequence[float], starts: Sequence[float],
+                         first: int = 0) -> None:
+        """Equivalent to `plan` (but for the first iteration of a repeat, which `plan` made) and
+        `observe` once per iteration: iterations `first ..` of a repeat of `batch`, of these
+        durations, starting at `starts` (the simulator's fast path)."""
         ...
 
-    def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
-        """True when repeating `plan` for more pure-decode iterations with the same requests
-        gives exactly the decisions `plan` would return again (enables the simulator's fast
-        path)."""
+    def repeats(self, queue: QueueView, plan: Plan, starts: Sequence[float]) -> int:
+        """Of the pure-decode iterations starting at `starts` with the queue unchanged (the
+        first is the one `plan` was just made for), how many in a row the policy would plan
+        exactly as `plan` (at least 1); the simulator's fast path covers them with one event."""
         ...
 
     def stats(self) -> dict[str, Any]: ...
@@ -98,7 +101,8 @@ class _Simple(PolicyBase):
     def observe(self, batch: Batch, result: StepResult) -> None:
         return None
 
-    def observe_repeated(self, batch: Batch, times: Sequence[float]) -> None:
+    def observe_repeated(self, batch: Batch, times: Sequence[float], starts: Sequence[float],
+                         first: int = 0) -> None:
         """`observe` for identical decode iterations of these durations (the fast path)."""
         return None
 
@@ -116,8 +120,8 @@ class UnmergedOnly(_Simple):
     def plan(self, queue: QueueView, now: float) -> Plan:
         return Plan(BatchMode.UNMERGED, None, queue.requests[: queue.max_batch_size])
 
-    def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
-        return True
+    def repeats(self, queue: QueueView, plan: Plan, starts: Sequence[float]) -> int:
+        return len(starts)  # the plan depends on the queue alone
 
 
 def first_of_adapter(requests: Sequence[Request], adapter: int | None, limit: int) -> list[Request]:
@@ -149,8 +153,8 @@ class OldestAdapter(_Simple):
             return Plan(BatchMode.UNMERGED, None, chosen)
         return Plan(BatchMode.MERGED, adapter, chosen)
 
-    def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
-        return True
+    def repeats(self, queue: QueueView, plan: Plan, starts: Sequence[float]) -> int:
+        return len(starts)  # the plan depends on the queue alone
 
 
 @BATCH_POLICIES.register("merged_only")

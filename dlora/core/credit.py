@@ -115,6 +115,7 @@ from .batching import BATCH_POLICIES, Plan, PolicyBase, PolicyContext, QueueView
 from .credit_aimd import AimdThresholds, Key, _Episode
 
 TRAJECTORY_LIMIT = 256
+REPEAT_LOOKAHEAD = 256  # iterations `repeats` runs a credit-moving plan ahead
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +164,18 @@ class _Decision:
     resume: Key = None  # forced plans: the adapter merged when service began, to stay on after it
 
 
+@dataclass(frozen=True, slots=True)
+class _QueueFacts:
+    """The queue's side of a decision (`CreditPolicy._queue_facts`)."""
+
+    fcfs: tuple[Request, ...]  # B_fcfs: the first max_batch_size requests
+    counts: Counter[Key]  # requests per adapter, the whole queue
+    in_fcfs: Counter[Key]  # requests per adapter in B_fcfs
+    by_count: tuple[int, ...]  # the queue's adapters, most requests first (ties: lowest id)
+    fcfs_adapters: int  # adapters in B_fcfs (the base model not counted)
+    rank_tokens: int  # sum of ranks over B_fcfs requests
+
+
 def _key_order(k: Key) -> tuple[bool, int]:
     return (k is None, k or 0)
 
@@ -178,6 +191,8 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         self.credits: dict[Key, float] = {a: params.credit_start for a in ctx.adapter_ranks}
         self.serving: frozenset[Key] = frozenset()
         self.benched: frozenset[Key] = frozenset()  # fell below the floor, not yet back at start
+        self._above: set[Key] = set()  # adapters whose credit is above start (`_move_credits` keeps it)
+        self._facts: tuple[Sequence[Request], int, _QueueFacts] | None = None  # `_queue_facts`' last
         self._times: dict[tuple[int, int, int], float] = {}
         b = ctx.max_batch_size
         self.t_merged = self._time(b, 0, 0)
@@ -282,25 +297,47 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         if self._skips_next:
             self.max_skip_wait_s = max(self.max_skip_wait_s, self._skips_now - min(self._skips_next.values()))
 
+    def _queue_facts(self, queue: QueueView) -> _QueueFacts:
+        """What `_decide` reads of the queue alone, kept while the same request list is planned
+        again (a repeat's iterations, `repeats`)."""
+        reqs, b = queue.requests, queue.max_batch_size
+        cached = self._facts
+        if cached is not None and cached[0] is reqs and cached[1] == b:
+            return cached[2]
+        fcfs = tuple(reqs[:b])
+        counts = Counter(r.adapter_id for r in reqs)
+        facts = _QueueFacts(
+            fcfs=fcfs, counts=counts, in_fcfs=Counter(r.adapter_id for r in fcfs),
+            by_count=tuple(sorted((k for k in counts if k is not None), key=lambda k: (-counts[k], _key_order(k)))),
+            fcfs_adapters=len({r.adapter_id for r in fcfs if r.adapter_id is not None}),
+            rank_tokens=sum(self.ranks.get(r.adapter_id, 0) for r in fcfs if r.adapter_id is not None))
+        self._facts = (reqs, b, facts)
+        return facts
+
     def _decide(self, queue: QueueView) -> tuple[Plan, _Decision]:
         reqs = queue.requests
         b = queue.max_batch_size
-        fcfs = list(reqs[:b])
-        counts: Counter[Key] = Counter(r.adapter_id for r in reqs)
-        fcfs_adapters = {r.adapter_id for r in fcfs if r.adapter_id is not None}
-        rank_tokens = sum(self.ranks.get(r.adapter_id, 0) for r in fcfs if r.adapter_id is not None)
-        eligible = [k for k in counts if k is not None and k not in self.benched
-                    and self.credit(k) >= self.p.credit_floor]
-        m = min(eligible, key=lambda k: (-counts[k], _key_order(k))) if eligible else None
+        facts = self._queue_facts(queue)
+        fcfs = list(facts.fcfs)
+        counts = facts.counts
+        rank_tokens = facts.rank_tokens
+        benched, floor = self.benched, self.p.credit_floor
+
+        def eligible(k: Key) -> bool:  # a merge candidate: queued, not benched, not below the floor
+            return k is not None and k in counts and k not in benched and self.credit(k) >= floor
+
+        # the most requested eligible adapter (ties: lowest id)
+        m = next((k for k in facts.by_count if k not in benched and self.credit(k) >= floor), None)
         a = queue.merged_adapter
         if a is None:  # right after forced service: judge staying on the adapter merged before it
             a = self._resume
-        stay = a is not None and a in eligible and counts[a] >= self.merge_left * len(fcfs)
+        stay = a is not None and eligible(a) and counts[a] >= self.merge_left * len(fcfs)
         cf_adapter = a if stay else m
         common = dict(step=queue.step, merged_cf=min(b, counts[cf_adapter]) if cf_adapter is not None else 0,
-                      merged_cf_adapter=cf_adapter, fcfs_n=len(fcfs), fcfs_adapters=len(fcfs_adapters),
+                      merged_cf_adapter=cf_adapter, fcfs_n=len(fcfs), fcfs_adapters=facts.fcfs_adapters,
                       fcfs_rank_tokens=rank_tokens)
-        fired = {k for k in counts if self.credit(k) >= self.p.credit_fire}
+        # (a credit at fire is above start: only creditors can have fired)
+        fired = {k for k in self._above if k in counts and self.credit(k) >= self.p.credit_fire}
         if fired:  # settle every creditor in one service period: fewer round trips of switches
             fired |= {k for k in counts if self.credit(k) >= self.p.credit_release}
         serving = frozenset(k for k in self.serving | fired if counts[k] > 0)
@@ -326,7 +363,7 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         if target is None:
             plan = Plan(BatchMode.UNMERGED, None, fcfs)
             return plan, _Decision(mode=BatchMode.UNMERGED, adapter=None, forced=False,
-                                   transfers=self._settle(fcfs),
+                                   transfers=self._settle(facts.in_fcfs),
                                    serving=serving, **common)  # type: ignore[arg-type]
         batch = [r for r in reqs if r.adapter_id == target][:b]
         s = self.p.credit_per_skip
@@ -335,34 +372,64 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         return plan, _Decision(mode=BatchMode.MERGED, adapter=target, forced=False, transfers=transfers,
                                serving=serving, **common)  # type: ignore[arg-type]
 
-    def _settle(self, fcfs: Sequence[Request]) -> tuple[tuple[Key, Key, float], ...]:
+    def _settle(self, in_batch: Counter[Key]) -> tuple[tuple[Key, Key, float], ...]:
         """A plain FCFS iteration's transfer: highest credit above start -> lowest below start
-        with requests in the batch, `credit_per_skip` per such request, not past start."""
+        with requests in the batch (`in_batch`: requests per adapter), `credit_per_skip` per
+        such request, not past start."""
         start = self.p.credit_start
-        in_batch = Counter(r.adapter_id for r in fcfs)
         low = min((k for k in in_batch if self.credit(k) < start),
                   key=lambda k: (self.credit(k), _key_order(k)), default=None)
-        high = min((k for k in self.credits if self.credits[k] > start),
-                   key=lambda k: (-self.credits[k], _key_order(k)), default=None)
+        high = min(self._above, key=lambda k: (-self.credits[k], _key_order(k)), default=None)
         if low is None or high is None:
             return ()
         amount = min(self.p.credit_per_skip * in_batch[low], self.credits[high] - start,
                      start - self.credit(low))
         return ((high, low, amount),)
 
-    def is_stationary(self, queue: QueueView, plan: Plan) -> bool:
-        """Repeating the plan changes no credit and crosses no episode boundary. (A stationary
-        plan skips nobody in B_fcfs: a skip moves credit, so no skip clock starts.)"""
-        d = self._memo if queue is self._memo_queue and self._memo is not None else self._decide(queue)[1]
+    def repeats(self, queue: QueueView, plan: Plan, starts: Sequence[float]) -> int:
+        """Iterations in a row (from the one `plan` was just made for, at `starts[0]`) that
+        would plan exactly `plan` again, the queue unchanged. A plan that moves no credit and
+        crosses no episode boundary repeats for ever; one that moves credit (transfers, forced
+        service) repeats while its credits stay on the same side of every threshold, which is
+        found by running the decisions ahead on a copy of the credit state (at most
+        `REPEAT_LOOKAHEAD` iterations)."""
+        d = self._memo if queue is self._memo_queue else None
+        if d is None:
+            return 1
         ep = self.episode
-        return (not d.forced and not d.transfers and ep is not None
-                and (ep.mode, ep.adapter) == (d.mode, d.adapter))
+        if not d.forced and (ep is None or (ep.mode, ep.adapter) != (d.mode, d.adapter)):
+            return 1  # its iteration ends an episode, whose verdict may move the thresholds
+        if not d.forced and not d.transfers:
+            return len(starts)  # stationary: no credit moves and no skip clock starts
+        limit = min(len(starts), REPEAT_LOOKAHEAD)
+        ids = [id(r) for r in plan.requests]
+        saved = (self.credits, self._above, self.benched, self.serving, self._resume, self._skipped_since,
+                 self._skips_next, self._skips_now, self.max_skip_wait_s)
+        self.credits, self._above = dict(self.credits), set(self._above)
+        try:
+            for j in range(1, limit):
+                self._commit_skips()  # `observe` of iteration j - 1 ...
+                self._resume = d.resume
+                self._move_credits(d)
+                now = starts[j]  # ... and `plan` of iteration j
+                p, d = self._decide_with(queue, self._overdue(queue, now))
+                if (p.mode != plan.mode or p.merged_adapter != plan.merged_adapter
+                        or p.forced_by_credit != plan.forced_by_credit or [id(r) for r in p.requests] != ids):
+                    return j
+                self._skips_next, self._skips_now = self._skip_clocks(queue, p, now), now
+            return limit
+        finally:
+            (self.credits, self._above, self.benched, self.serving, self._resume, self._skipped_since,
+             self._skips_next, self._skips_now, self.max_skip_wait_s) = saved
 
     # ---- feedback ----
     def observe(self, batch: Batch, result: StepResult) -> None:
         d = self._memo
         if d is None or d.step != batch.step or result.error is not None:
             return
+        self._observe(d, batch)
+
+    def _observe(self, d: _Decision, batch: Batch) -> None:
         self._commit_skips()
         self._resume = d.resume
         if not d.forced:  # forced service interrupts an episode, it does not end it (no AIMD verdict)
@@ -371,29 +438,59 @@ class CreditPolicy(AimdThresholds, PolicyBase):
             return  # the replica ran its fallback (nothing of the plan fitted): no credit moves
         self._apply(d, batch)
 
-    def observe_repeated(self, batch: Batch, times: Sequence[float]) -> None:
-        """`observe` for identical iterations: stationary plans move no credit, so only the
-        episode counters advance, one iteration at a time (the same float operations), and the
-        skip clocks are committed as `observe` commits them (a stationary plan skips nobody:
-        every clock stops)."""
+    def observe_repeated(self, batch: Batch, times: Sequence[float], starts: Sequence[float],
+                         first: int = 0) -> None:
+        """`plan` and `observe` for iterations `first ..` of a repeat of `batch` (`repeats`):
+        a stationary plan moves no credit, so only the episode counters advance (the same float
+        operations, one iteration at a time) and the skip clocks are committed as `observe`
+        commits them (a stationary plan skips nobody: every clock stops); otherwise each
+        iteration is planned at its start and observed, exactly as stepping does."""
         d = self._memo
-        if d is None:
+        if d is None or not times:
             return
-        if times:
+        if not d.forced and not d.transfers:
             self._commit_skips()
             self._resume = d.resume  # as `observe` (a stationary plan follows no forced service)
-        self._count(d, len(times))
+            self._count(d, len(times))
+            return
+        queue = self._memo_queue
+        assert queue is not None
+        for i in range(len(times)):
+            step = batch.step + first + i
+            if self._memo is None or self._memo.step != step:
+                self.plan(dataclasses.replace(queue, step=step), starts[i])
+            d = self._memo
+            assert d is not None
+            self._observe(d, batch)
 
-    def _apply(self, d: _Decision, batch: Batch) -> None:
-        for payer, payee, amount in d.transfers:
-            self.credits[payer] = self.credit(payer) - amount
-            self.credits[payee] = self.credit(payee) + amount
+    def _move_credits(self, d: _Decision) -> None:
+        """The credit state after the iteration of decision `d` (its transfers, the bench and
+        the adapters in service)."""
         p = self.p
-        self.benched = frozenset(k for k, c in self.credits.items()
-                                 if c < p.credit_floor or (k in self.benched and c < p.credit_start))
+        if d.transfers:
+            credits = self.credits
+            for payer, payee, amount in d.transfers:
+                credits[payer] = self.credit(payer) - amount
+                credits[payee] = self.credit(payee) + amount
+            # only the adapters whose credit moved can enter or leave the bench (for the others
+            # the rule gives what it gave last time) or the creditors
+            moved = {k for t in d.transfers for k in t[:2]}
+            benched = self.benched
+            changed = {k for k in moved if (credits[k] < p.credit_floor
+                                            or (k in benched and credits[k] < p.credit_start)) != (k in benched)}
+            if changed:
+                self.benched = benched ^ changed
+            for k in moved:
+                if credits[k] > p.credit_start:
+                    self._above.add(k)
+                else:
+                    self._above.discard(k)
         self.serving = frozenset(k for k in d.serving if self.credit(k) >= self.p.credit_release)
         if d.forced and not d.transfers:
             self.serving = frozenset()
+
+    def _apply(self, d: _Decision, batch: Batch) -> None:
+        self._move_credits(d)
         if d.forced:
             self.counts["credit_forced_batches"] += 1
         self.counts["credit_transfers"] += len(d.transfers)

@@ -35,9 +35,11 @@ class RepeatedDecode:
             if it.adapter_id is not None:
                 self.adapter_last_used[it.adapter_id] = self.step - 1
 
-    def complete_repeated(self, batch: Batch, times: Sequence[float]) -> None:
+    def complete_repeated(self, batch: Batch, times: Sequence[float], starts: Sequence[float],
+                          first: int = 0) -> None:
         """`complete` for `len(times)` identical pure-decode iterations of `batch` (these
-        durations) that finish no request, for the replica's own counters: the same counters
+        durations, starting at `starts`; iterations `first ..` of the repeat) that finish no
+        request, for the replica's own counters: the same counters
         with the same float additions in the same order as one `complete` per iteration (the
         simulator's fast path; prefix blocks are registered by the caller between iterations,
         as `complete` would). The requests' own counters follow in `advance_requests`, which
@@ -55,7 +57,7 @@ class RepeatedDecode:
             stats.unmerged_iterations += done
         if batch.forced_by_credit:
             stats.credit_forced_batches += done
-        self.policy.observe_repeated(batch, times)
+        self.policy.observe_repeated(batch, times, starts, first)
 
     @staticmethod
     def advance_requests(batch: Batch, times: Sequence[float]) -> None:

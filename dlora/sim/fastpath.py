@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import simpy
 
-from ..core.batching import QueueView
+from ..core.batching import Plan, QueueView
 from ..core.replica import ReplicaScheduler
 from ..profile import LatencyModel
 from ..types import Adapter, Batch, BatchItem, BatchMode, Request, RequestStatus, StepResult
@@ -67,10 +67,10 @@ class FastPath:
         self.jumps = 0
         self.jumped_iterations = 0
 
-    def next_decode_batch(self, rep: ReplicaScheduler, now: float) -> Batch | None:
+    def next_decode_batch(self, rep: ReplicaScheduler, now: float) -> tuple[Batch, QueueView, Plan] | None:
         """The batch the replica would run next if it is a pure decode of requests that already
-        hold their KV, with no memory action or switch pending and a plan the policy declares
-        stationary; else None."""
+        hold their KV, with no memory action or switch pending (with the queue and the policy's
+        plan it came from); else None."""
         if rep._pending_loads or rep._pending_evicts or rep._incoming_kv:
             return None  # (KV frees cost no time: the jump's first iteration takes them)
         queue = QueueView(rep.unfinished, rep.merged_adapter, rep.config.max_batch_size, rep.step)
@@ -90,16 +90,16 @@ class FastPath:
             if r.adapter_id is not None and r.adapter_id not in resident:
                 return None  # admission would have to load it (and may fail to)
             items.append(BatchItem(r.id, r.adapter_id, r.computed_tokens, 1, True))
-        if not rep.policy.is_stationary(queue, plan):
-            return None
-        return Batch(replica=rep.id, step=rep.step, mode=plan.mode, merged_adapter=merged,
-                     items=tuple(items), requests=tuple(plan.requests), forced_by_credit=plan.forced_by_credit)
+        batch = Batch(replica=rep.id, step=rep.step, mode=plan.mode, merged_adapter=merged,
+                      items=tuple(items), requests=tuple(plan.requests), forced_by_credit=plan.forced_by_credit)
+        return batch, queue, plan
 
     def plan(self, rep: ReplicaScheduler, now: float, horizon: float | None) -> Jump | None:
         """The jump of identical decode iterations starting at `now`, or None."""
-        batch = self.next_decode_batch(rep, now)
-        if batch is None:
+        found = self.next_decode_batch(rep, now)
+        if found is None:
             return None
+        batch, queue, policy_plan = found
         reqs = batch.requests
         # up to and including the iteration in which the first request finishes (that one is
         # applied by `ReplicaScheduler.complete` itself: `finish`)
@@ -145,7 +145,14 @@ class FastPath:
                 break
         if len(times) < MIN_JUMP:
             return None
-        k = len(times)
+        # the policy plans the same batch again for this many of them (its own decisions may
+        # change on the way, as a credit-moving plan's do)
+        k = rep.policy.repeats(queue, policy_plan, [now, *ends[:-1]])
+        if k < MIN_JUMP:
+            return None
+        if k < len(times):
+            del times[k:]
+            del ends[k:]
         start_tokens = [r.computed_tokens for r in reqs]
         fills: dict[int, list[tuple[Request, int]]] | None = None
         if mem.config.prefix_caching and not self._bulk_safe(rep, reqs):
@@ -235,9 +242,16 @@ class FastPath:
             rep.mark_scheduled(jump.batch, allocated - allocated_before)
         if applied > first:
             times = jump.times[first:applied]
-            rep.complete_repeated(jump.batch, times)
+            rep.complete_repeated(jump.batch, times, self.starts(jump, first, applied), first)
             rep.advance_requests(jump.batch, times)
             self.jumped_iterations += applied - first
+
+    @staticmethod
+    def starts(jump: Jump, first: int, last: int) -> list[float]:
+        """When iterations `first .. last - 1` of the jump start."""
+        if first == 0:
+            return [jump.start_s, *jump.ends[:last - 1]]
+        return jump.ends[first - 1:last - 1]
 
     def cut(self, jump: Jump) -> float:
         """Stop the jump after the iteration in flight; returns when that one ends."""
@@ -261,7 +275,7 @@ class FastPath:
                      items=tuple(BatchItem(r.id, r.adapter_id, r.computed_tokens, 1, True) for r in b.requests),
                      requests=b.requests, forced_by_credit=b.forced_by_credit)
         # the policy is told as for every iteration of the jump (its plan was not asked again)
-        jump.rep.policy.observe_repeated(b, jump.times[-1:])
+        jump.rep.policy.observe_repeated(b, jump.times[-1:], self.starts(jump, k - 1, k), k - 1)
         finished = jump.rep.complete(last, StepResult(jump.times[-1]), jump.ends[-1], observe=False)
         jump.applied = k
         self.jumped_iterations += 1

@@ -194,7 +194,7 @@ def test_plan_is_side_effect_free() -> None:
     first = pol.plan(q, 0.0)
     second = pol.plan(q, 0.0)
     assert first == second
-    assert pol.is_stationary(q, first) in (True, False)
+    assert 1 <= pol.repeats(q, first, [0.0, 0.01, 0.02]) <= 3
     assert (dict(pol.credits), pol.merge_left, pol.merge_right, pol.serving, pol.stats()) == before
 
 
@@ -249,7 +249,7 @@ def test_observe_repeated_equals_repeated_observe() -> None:
     a, b = setup(), setup()
     q = QueueView(a.unfinished, a.merged_adapter, 4, a.step)
     plan = a.policy.plan(q, 0.0)
-    assert a.policy.is_stationary(q, plan)
+    assert a.policy.repeats(q, plan, [0.0] * 5) == 5
     ex = ScriptedExecutor()
     batches = []
     for _ in range(5):
@@ -258,7 +258,7 @@ def test_observe_repeated_equals_repeated_observe() -> None:
         a.complete(bt, ex.execute(bt), 0.0)
     qb = QueueView(b.unfinished, b.merged_adapter, 4, b.step)
     b.policy.plan(qb, 0.0)
-    b.policy.observe_repeated(batches[0], [0.01] * 5)
+    b.policy.observe_repeated(batches[0], [0.01] * 5, [0.0] * 5)
     assert a.policy.stats() == b.policy.stats()
     ea, eb = a.policy.episode, b.policy.episode
     assert (ea.merged_tokens, ea.merged_s, ea.fcfs_tokens, ea.fcfs_s, ea.iterations) == \
@@ -311,3 +311,95 @@ def test_forced_service_resumes_the_merged_adapter() -> None:
     assert log[first + 1][:2] == ("merged", 0)  # resumed, not handed to adapter 1
     assert episodes[first + 1] == episodes[first - 1]  # one episode across the interruption
     assert 0.45 <= pol.stats()["max_skip_wait_s"] <= 0.5 + 0.01
+
+
+
+def _plan_key(plan):  # type: ignore[no-untyped-def]
+    return (plan.mode, plan.merged_adapter, plan.forced_by_credit, [id(r) for r in plan.requests])
+
+
+def _mixed_then_popular(params: dict, late: int):  # type: ignore[no-untyped-def]
+    """One request each of adapters 1, 2, 3, 0 running, then `late` more of adapter 0: merged
+    plans skip the others (credit moves every iteration), FCFS plans settle the debt (again
+    every iteration), and so on: plans that repeat while credits move."""
+    rep = make_replica("credit", params, num_adapters=4, max_batch_size=4, capacity_blocks=100_000)
+    for i, a in enumerate([1, 2, 3, 0]):
+        rep.add(make_request(i, a, 0.0, 8, 10_000), 0.0)
+    ex = ScriptedExecutor(step_s=0.01)
+    clock = [0.0]
+
+    def step():  # type: ignore[no-untyped-def]
+        b = rep.schedule(clock[0])
+        res = ex.execute(b)
+        clock[0] += res.elapsed_s
+        rep.complete(b, res, clock[0])
+        return b
+
+    for _ in range(3):
+        step()
+    for i in range(late):
+        rep.add(make_request(10 + i, 0, clock[0], 8, 10_000), clock[0])
+    return rep, step, clock
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(4, 12), st.floats(3.0, 12.0), st.floats(-12.0, -2.0), st.sampled_from([0.5, 1.0, 2.0]),
+       st.sampled_from([None, 0.035, 0.1]))
+def test_repeats_predicts_the_plans_that_follow(late, fire, floor, per_skip, max_skip_s) -> None:  # type: ignore[no-untyped-def]
+    """With the queue unchanged, `repeats` says exactly how many iterations in a row would be
+    planned as the current plan while credits move (transfers, service, the bench, the wait
+    trigger), changes nothing of the policy, and `observe_repeated` over those iterations
+    leaves the policy as stepping them does."""
+    params = {"credit_start": 0.0, "credit_release": 0.0, "credit_fire": fire, "credit_floor": floor,
+              "credit_per_skip": per_skip, "max_skip_s": max_skip_s}
+    horizon = 30
+    rep, step, clock = _mixed_then_popular(params, late)
+    plans, predictions, moving = [], [], 0
+    for _ in range(80):
+        pol = rep.policy
+        q = QueueView(rep.unfinished, rep.merged_adapter, 4, rep.step)
+        first = pol.plan(q, clock[0])
+        before = (dict(pol.credits), pol.benched, pol.serving, pol.stats(), dict(pol._skipped_since))
+        starts = [clock[0]]
+        for _ in range(horizon - 1):
+            starts.append(starts[-1] + 0.01)  # (the same additions as the stepping clock)
+        k = pol.repeats(q, first, starts)
+        assert (dict(pol.credits), pol.benched, pol.serving, pol.stats(), dict(pol._skipped_since)) == before
+        moving += k > 1 and bool(pol._memo.transfers or pol._memo.forced)
+        predictions.append(k)
+        plans.append(_plan_key(first))
+        step()
+    for i, k in enumerate(predictions[: len(plans) - horizon]):
+        same = 1
+        while same < horizon and plans[i + same] == plans[i]:
+            same += 1
+        # (1: the iteration ends an episode, whose verdict could move the thresholds)
+        assert k == same or k == 1, (i, k, same)
+    assert moving > 0  # credit-moving plans were repeated
+
+    # observe_repeated over a credit-moving repeat = stepping it
+    a, step_a, clock_a = _mixed_then_popular(params, late)
+    b, step_b, clock_b = _mixed_then_popular(params, late)
+    for _ in range(80):
+        qa = QueueView(a.unfinished, a.merged_adapter, 4, a.step)
+        first = a.policy.plan(qa, clock_a[0])
+        starts = [clock_a[0]]
+        for _ in range(horizon - 1):
+            starts.append(starts[-1] + 0.01)
+        k = a.policy.repeats(qa, first, starts)
+        d = a.policy._memo
+        if k > 1 and (d.transfers or d.forced):
+            break
+        step_a()
+        step_b()
+    else:
+        return
+    qb = QueueView(b.unfinished, b.merged_adapter, 4, b.step)
+    b.policy.plan(qb, clock_b[0])
+    batch = step_a()
+    for _ in range(k - 1):
+        step_a()
+    b.policy.observe_repeated(batch, [0.01] * k, starts[:k])
+    pa, pb = a.policy, b.policy
+    assert (pa.credits, pa.benched, pa.serving, pa.stats(), pa._skipped_since) == \
+        (pb.credits, pb.benched, pb.serving, pb.stats(), pb._skipped_since)
