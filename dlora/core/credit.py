@@ -193,6 +193,9 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         self.benched: frozenset[Key] = frozenset()  # fell below the floor, not yet back at start
         self._above: set[Key] = set()  # adapters whose credit is above start (`_move_credits` keeps it)
         self._facts: tuple[Sequence[Request], int, _QueueFacts] | None = None  # `_queue_facts`' last
+        # what `repeats` found for the iterations after the one planned: the queue, and per
+        # iteration its decision, skip clocks and start (`observe_repeated` takes them as planned)
+        self._ahead: tuple[QueueView, list[tuple[_Decision, dict[int, float], float]]] | None = None
         self._times: dict[tuple[int, int, int], float] = {}
         b = ctx.max_batch_size
         self.t_merged = self._time(b, 0, 0)
@@ -256,6 +259,7 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         self._memo = decision
         self._memo_queue = queue
         self._skips_next, self._skips_now = self._skip_clocks(queue, plan, now), now
+        self._ahead = None
         return plan
 
     # ---- the wait trigger (max_skip_s): small helpers around _decide ----
@@ -403,6 +407,7 @@ class CreditPolicy(AimdThresholds, PolicyBase):
             return len(starts)  # stationary: no credit moves and no skip clock starts
         limit = min(len(starts), REPEAT_LOOKAHEAD)
         ids = [id(r) for r in plan.requests]
+        ahead: list[tuple[_Decision, dict[int, float], float]] = []
         saved = (self.credits, self._above, self.benched, self.serving, self._resume, self._skipped_since,
                  self._skips_next, self._skips_now, self.max_skip_wait_s)
         self.credits, self._above = dict(self.credits), set(self._above)
@@ -417,8 +422,10 @@ class CreditPolicy(AimdThresholds, PolicyBase):
                         or p.forced_by_credit != plan.forced_by_credit or [id(r) for r in p.requests] != ids):
                     return j
                 self._skips_next, self._skips_now = self._skip_clocks(queue, p, now), now
+                ahead.append((d, self._skips_next, now))
             return limit
         finally:
+            self._ahead = (queue, ahead)  # (the state evolves as here until a new `plan`)
             (self.credits, self._above, self.benched, self.serving, self._resume, self._skipped_since,
              self._skips_next, self._skips_now, self.max_skip_wait_s) = saved
 
@@ -455,10 +462,18 @@ class CreditPolicy(AimdThresholds, PolicyBase):
             return
         queue = self._memo_queue
         assert queue is not None
+        ahead = self._ahead[1] if self._ahead is not None and self._ahead[0] is queue else []
         for i in range(len(times)):
-            step = batch.step + first + i
+            j = first + i  # the iteration of the repeat
+            step = batch.step + j
             if self._memo is None or self._memo.step != step:
-                self.plan(dataclasses.replace(queue, step=step), starts[i])
+                if 0 < j <= len(ahead) and ahead[j - 1][2] == starts[i]:
+                    # as `repeats` planned it: the same state, so the same `plan`
+                    d, self._skips_next, self._skips_now = ahead[j - 1]
+                    self._memo = dataclasses.replace(d, step=step)
+                else:
+                    self.plan(dataclasses.replace(queue, step=step), starts[i])
+                    ahead = []
             d = self._memo
             assert d is not None
             self._observe(d, batch)
