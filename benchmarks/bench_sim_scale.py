@@ -1,14 +1,17 @@
 """Simulator speed at the paper's scale (issue 13): the end-to-end setup of PAPER.md section 7
 (Llama-2-7B replicas on the derived A800 profile, 4 adapters per replica of rank 16, per-adapter
 Gamma streams with power-law shares, ShareGPT-like lengths, credit batching + dLoRA dispatch +
-co-migration every 10 s) at a fixed load per replica (1.75 req/s, as 56 req/s over 32 replicas),
-for 4, 8, 16 and 32 replicas. Prints simulated requests per wall second and per CPU second, and
-the share of CPU time per component (from cProfile, which slows the run: shares only).
+co-migration every 10 s) at a fixed load per replica (by default 1.75 req/s, as 56 req/s over 32
+replicas: about 40% of what this setup sustains under the SLO), for 4, 8, 16 and 32 replicas.
+Prints simulated requests per wall second and per CPU second, and the share of CPU time per
+component (from cProfile, which slows the run: shares only).
 
     .venv/bin/python benchmarks/bench_sim_scale.py [--replicas 4 8 16 32] [--duration-s 3600]
-                                                  [--profile-components] [--policy credit]
+        [--rate-per-replica 1.75] [--profile-components] [--policy credit]
 
-The paper setup is `--replicas 32 --duration-s 3600` (201,600 requests)."""
+The paper setup is `--replicas 32 --duration-s 3600` (201,600 requests). Near capacity (what a
+capacity search's probes around the answer cost): `--rate-per-replica 3.5` (the 7B panel of
+Fig. 9 sustains about 4 req/s per replica with dlora)."""
 
 from __future__ import annotations
 
@@ -43,7 +46,8 @@ COMPONENTS = {  # label -> (file suffix, function) whose cumulative time makes i
 }
 
 
-def scenario(replicas: int, duration_s: float, policy: str, migration: bool) -> dict:
+def scenario(replicas: int, duration_s: float, policy: str, migration: bool,
+             rate_per_replica: float = RATE_PER_REPLICA) -> dict:
     return {
         "name": f"scale-{replicas}",
         "seed": 0,
@@ -52,7 +56,7 @@ def scenario(replicas: int, duration_s: float, policy: str, migration: bool) -> 
         "adapters": {"count": 4 * replicas, "ranks": [16]},
         "workload": {
             "duration_s": duration_s,
-            "arrival": {"kind": "gamma", "rate_per_s": RATE_PER_REPLICA * replicas, "cv": 1.0},
+            "arrival": {"kind": "gamma", "rate_per_s": rate_per_replica * replicas, "cv": 1.0},
             "popularity": {"kind": "gamma_streams", "alpha": 1.0},
             "lengths": {"kind": "lognormal", "prompt_median": 340, "prompt_sigma": 0.9,
                         "output_median": 360, "output_sigma": 0.7, "min_prompt_tokens": 4,
@@ -69,8 +73,9 @@ def cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def run(replicas: int, duration_s: float, policy: str, migration: bool) -> tuple[int, float, float, dict]:
-    sc = scenario_from_dict(scenario(replicas, duration_s, policy, migration), ROOT)
+def run(replicas: int, duration_s: float, policy: str, migration: bool,
+        rate_per_replica: float = RATE_PER_REPLICA) -> tuple[int, float, float, dict]:
+    sc = scenario_from_dict(scenario(replicas, duration_s, policy, migration, rate_per_replica), ROOT)
     c0, w0 = cpu_s(), time.perf_counter()
     result = simulate(sc)
     wall, cpu = time.perf_counter() - w0, cpu_s() - c0
@@ -78,10 +83,11 @@ def run(replicas: int, duration_s: float, policy: str, migration: bool) -> tuple
     return len(result.requests), wall, cpu, report.summary
 
 
-def components(replicas: int, duration_s: float, policy: str, migration: bool) -> list[tuple[str, float]]:
+def components(replicas: int, duration_s: float, policy: str, migration: bool,
+               rate_per_replica: float) -> list[tuple[str, float]]:
     prof = cProfile.Profile()
     prof.enable()
-    run(replicas, duration_s, policy, migration)
+    run(replicas, duration_s, policy, migration, rate_per_replica)
     prof.disable()
     stats = pstats.Stats(prof)
     total = max(v[3] for v in stats.stats.values())  # type: ignore[attr-defined]
@@ -99,23 +105,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replicas", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--duration-s", type=float, default=600.0, help="simulated seconds of arrivals")
+    ap.add_argument("--rate-per-replica", type=float, default=RATE_PER_REPLICA, help="arrivals per replica (req/s)")
     ap.add_argument("--policy", default="credit")
     ap.add_argument("--no-migration", action="store_true")
     ap.add_argument("--profile-components", action="store_true", help="cProfile shares (slower)")
     args = ap.parse_args()
+    if not args.rate_per_replica > 0:
+        ap.error("--rate-per-replica must be > 0")
     console = Console()
-    table = Table(title=f"simulator speed, {args.duration_s:g} simulated s at {RATE_PER_REPLICA:g} req/s per replica")
+    rate = args.rate_per_replica
+    table = Table(title=f"simulator speed, {args.duration_s:g} simulated s at {rate:g} req/s per replica")
     for col in ("replicas", "requests", "wall s", "CPU s", "req / wall s", "req / CPU s", "completed"):
         table.add_column(col, justify="right")
     for n in args.replicas:
-        count, wall, cpu, summary = run(n, args.duration_s, args.policy, not args.no_migration)
+        count, wall, cpu, summary = run(n, args.duration_s, args.policy, not args.no_migration, rate)
         table.add_row(str(n), f"{count:,}", f"{wall:.1f}", f"{cpu:.1f}", f"{count / wall:,.0f}",
                       f"{count / cpu:,.0f}", f"{summary['completed']:,}")
         console.print(f"{n} replicas: {count:,} requests in {wall:.1f} s wall, {cpu:.1f} s CPU", highlight=False)
     console.print(table)
     if args.profile_components:
         n = args.replicas[min(1, len(args.replicas) - 1)]
-        shares = components(n, args.duration_s, args.policy, not args.no_migration)
+        shares = components(n, args.duration_s, args.policy, not args.no_migration, rate)
         t = Table(title=f"share of CPU time per component ({n} replicas, cumulative, overlapping)")
         t.add_column("component")
         t.add_column("share", justify="right")

@@ -105,7 +105,7 @@ import dataclasses
 import math
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import spec
@@ -174,6 +174,8 @@ class _QueueFacts:
     by_count: tuple[int, ...]  # the queue's adapters, most requests first (ties: lowest id)
     fcfs_adapters: int  # adapters in B_fcfs (the base model not counted)
     rank_tokens: int  # sum of ranks over B_fcfs requests
+    # merged adapter -> (its batch, the transfers of a merged iteration), filled as decided
+    merged: dict[Key, tuple[tuple[Request, ...], tuple[tuple[Key, Key, float], ...]]] = field(default_factory=dict)
 
 
 def _key_order(k: Key) -> tuple[bool, int]:
@@ -326,12 +328,13 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         counts = facts.counts
         rank_tokens = facts.rank_tokens
         benched, floor = self.benched, self.p.credit_floor
+        get, start = self.credits.get, self.p.credit_start  # (`credit`, inlined)
 
         def eligible(k: Key) -> bool:  # a merge candidate: queued, not benched, not below the floor
-            return k is not None and k in counts and k not in benched and self.credit(k) >= floor
+            return k is not None and k in counts and k not in benched and get(k, start) >= floor
 
         # the most requested eligible adapter (ties: lowest id)
-        m = next((k for k in facts.by_count if k not in benched and self.credit(k) >= floor), None)
+        m = next((k for k in facts.by_count if k not in benched and get(k, start) >= floor), None)
         a = queue.merged_adapter
         if a is None:  # right after forced service: judge staying on the adapter merged before it
             a = self._resume
@@ -341,10 +344,12 @@ class CreditPolicy(AimdThresholds, PolicyBase):
                       merged_cf_adapter=cf_adapter, fcfs_n=len(fcfs), fcfs_adapters=facts.fcfs_adapters,
                       fcfs_rank_tokens=rank_tokens)
         # (a credit at fire is above start: only creditors can have fired)
-        fired = {k for k in self._above if k in counts and self.credit(k) >= self.p.credit_fire}
+        fire = self.p.credit_fire
+        fired = {k for k in self._above if k in counts and get(k, start) >= fire}
         if fired:  # settle every creditor in one service period: fewer round trips of switches
             fired |= {k for k in counts if self.credit(k) >= self.p.credit_release}
-        serving = frozenset(k for k in self.serving | fired if counts[k] > 0)
+        serving = frozenset(k for k in self.serving | fired if counts[k] > 0) if fired or self.serving \
+            else frozenset()
         if serving:
             first = [r for r in reqs if r.adapter_id in serving][:b]
             chosen = {r.id for r in first}
@@ -369,9 +374,13 @@ class CreditPolicy(AimdThresholds, PolicyBase):
             return plan, _Decision(mode=BatchMode.UNMERGED, adapter=None, forced=False,
                                    transfers=self._settle(facts.in_fcfs),
                                    serving=serving, **common)  # type: ignore[arg-type]
-        batch = [r for r in reqs if r.adapter_id == target][:b]
-        s = self.p.credit_per_skip
-        transfers = tuple((target, r.adapter_id, s) for r in fcfs if r.adapter_id != target)
+        merged = facts.merged.get(target)
+        if merged is None:  # (the same for every plan of this queue that merges `target`)
+            s = self.p.credit_per_skip
+            merged = facts.merged[target] = (
+                tuple([r for r in reqs if r.adapter_id == target][:b]),
+                tuple((target, r.adapter_id, s) for r in fcfs if r.adapter_id != target))
+        batch, transfers = list(merged[0]), merged[1]
         plan = Plan(BatchMode.MERGED, target, batch)
         return plan, _Decision(mode=BatchMode.MERGED, adapter=target, forced=False, transfers=transfers,
                                serving=serving, **common)  # type: ignore[arg-type]
@@ -484,22 +493,26 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         p = self.p
         if d.transfers:
             credits = self.credits
-            for payer, payee, amount in d.transfers:
-                credits[payer] = self.credit(payer) - amount
-                credits[payee] = self.credit(payee) + amount
+            start, floor = p.credit_start, p.credit_floor
+            get = credits.get
+            moved = set()
+            for payer, payee, amount in d.transfers:  # (`credit`, inlined: the hottest loop)
+                credits[payer] = get(payer, start) - amount
+                credits[payee] = get(payee, start) + amount
+                moved.add(payer)
+                moved.add(payee)
             # only the adapters whose credit moved can enter or leave the bench (for the others
             # the rule gives what it gave last time) or the creditors
-            moved = {k for t in d.transfers for k in t[:2]}
             benched = self.benched
-            changed = {k for k in moved if (credits[k] < p.credit_floor
-                                            or (k in benched and credits[k] < p.credit_start)) != (k in benched)}
+            changed = [k for k in moved if (credits[k] < floor or (k in benched and credits[k] < start)) != (k in benched)]
             if changed:
-                self.benched = benched ^ changed
+                self.benched = benched.symmetric_difference(changed)
+            above = self._above
             for k in moved:
-                if credits[k] > p.credit_start:
-                    self._above.add(k)
+                if credits[k] > start:
+                    above.add(k)
                 else:
-                    self._above.discard(k)
+                    above.discard(k)
         self.serving = frozenset(k for k in d.serving if self.credit(k) >= self.p.credit_release)
         if d.forced and not d.transfers:
             self.serving = frozenset()
