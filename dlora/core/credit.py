@@ -101,7 +101,6 @@ credits and counters), so calling it twice for the same queue changes nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -113,9 +112,10 @@ from ..errors import ConfigError
 from ..types import Batch, BatchMode, Request, StepResult
 from .batching import BATCH_POLICIES, Plan, PolicyBase, PolicyContext, QueueView
 from .credit_aimd import AimdThresholds, Key, _Episode
+from .credit_repeat import CreditRepeats
+from .credit_wait import WaitTrigger
 
 TRAJECTORY_LIMIT = 256
-REPEAT_LOOKAHEAD = 256  # iterations `repeats` runs a credit-moving plan ahead
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +183,7 @@ def _key_order(k: Key) -> tuple[bool, int]:
 
 
 @BATCH_POLICIES.register("credit", CreditParams)
-class CreditPolicy(AimdThresholds, PolicyBase):
+class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
     """dLoRA's dynamic batching (module docstring)."""
 
     def __init__(self, params: CreditParams, ctx: PolicyContext) -> None:
@@ -263,45 +263,6 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         self._skips_next, self._skips_now = self._skip_clocks(queue, plan, now), now
         self._ahead = None
         return plan
-
-    # ---- the wait trigger (max_skip_s): small helpers around _decide ----
-    def _overdue(self, queue: QueueView, now: float) -> frozenset[Key]:
-        """Adapters with a request in B_fcfs skipped for `max_skip_s` seconds in a row."""
-        limit = self.p.max_skip_s
-        if limit is None or not self._skipped_since:
-            return frozenset()
-        since = self._skipped_since
-        return frozenset(r.adapter_id for r in queue.requests[: queue.max_batch_size]
-                         if r.id in since and now - since[r.id] >= limit)
-
-    def _decide_with(self, queue: QueueView, overdue: frozenset[Key]) -> tuple[Plan, _Decision]:
-        """`_decide` with the overdue adapters served for this one iteration (the plan includes
-        their overdue requests, which resets their clocks); unlike a credit that fired, no
-        hysteresis keeps them served afterwards (a long forced stretch is what costs). Pure."""
-        if not overdue:
-            return self._decide(queue)
-        saved = self.serving
-        self.serving = saved | overdue
-        try:
-            plan, d = self._decide(queue)
-        finally:
-            self.serving = saved
-        return plan, dataclasses.replace(d, serving=d.serving - (overdue - saved))
-
-    def _skip_clocks(self, queue: QueueView, plan: Plan, now: float) -> dict[int, float]:
-        """Skip clocks after `plan`: B_fcfs requests the plan leaves out keep (or start) theirs."""
-        if self.p.max_skip_s is None:
-            return {}
-        planned = {r.id for r in plan.requests}
-        since = self._skipped_since
-        return {r.id: since.get(r.id, now) for r in queue.requests[: queue.max_batch_size]
-                if r.id not in planned}
-
-    def _commit_skips(self) -> None:
-        """`observe`: the plan ran, its skip clocks hold (and the longest skip so far is noted)."""
-        self._skipped_since = self._skips_next
-        if self._skips_next:
-            self.max_skip_wait_s = max(self.max_skip_wait_s, self._skips_now - min(self._skips_next.values()))
 
     def _queue_facts(self, queue: QueueView) -> _QueueFacts:
         """What `_decide` reads of the queue alone, kept while the same request list is planned
@@ -399,45 +360,6 @@ class CreditPolicy(AimdThresholds, PolicyBase):
                      start - self.credit(low))
         return ((high, low, amount),)
 
-    def repeats(self, queue: QueueView, plan: Plan, starts: Sequence[float]) -> int:
-        """Iterations in a row (from the one `plan` was just made for, at `starts[0]`) that
-        would plan exactly `plan` again, the queue unchanged. A plan that moves no credit and
-        crosses no episode boundary repeats for ever; one that moves credit (transfers, forced
-        service) repeats while its credits stay on the same side of every threshold, which is
-        found by running the decisions ahead on a copy of the credit state (at most
-        `REPEAT_LOOKAHEAD` iterations)."""
-        d = self._memo if queue is self._memo_queue else None
-        if d is None:
-            return 1
-        ep = self.episode
-        if not d.forced and (ep is None or (ep.mode, ep.adapter) != (d.mode, d.adapter)):
-            return 1  # its iteration ends an episode, whose verdict may move the thresholds
-        if not d.forced and not d.transfers:
-            return len(starts)  # stationary: no credit moves and no skip clock starts
-        limit = min(len(starts), REPEAT_LOOKAHEAD)
-        ids = [id(r) for r in plan.requests]
-        ahead: list[tuple[_Decision, dict[int, float], float]] = []
-        saved = (self.credits, self._above, self.benched, self.serving, self._resume, self._skipped_since,
-                 self._skips_next, self._skips_now, self.max_skip_wait_s)
-        self.credits, self._above = dict(self.credits), set(self._above)
-        try:
-            for j in range(1, limit):
-                self._commit_skips()  # `observe` of iteration j - 1 ...
-                self._resume = d.resume
-                self._move_credits(d)
-                now = starts[j]  # ... and `plan` of iteration j
-                p, d = self._decide_with(queue, self._overdue(queue, now))
-                if (p.mode != plan.mode or p.merged_adapter != plan.merged_adapter
-                        or p.forced_by_credit != plan.forced_by_credit or [id(r) for r in p.requests] != ids):
-                    return j
-                self._skips_next, self._skips_now = self._skip_clocks(queue, p, now), now
-                ahead.append((d, self._skips_next, now))
-            return limit
-        finally:
-            self._ahead = (queue, ahead)  # (the state evolves as here until a new `plan`)
-            (self.credits, self._above, self.benched, self.serving, self._resume, self._skipped_since,
-             self._skips_next, self._skips_now, self.max_skip_wait_s) = saved
-
     # ---- feedback ----
     def observe(self, batch: Batch, result: StepResult) -> None:
         d = self._memo
@@ -453,39 +375,6 @@ class CreditPolicy(AimdThresholds, PolicyBase):
         if (batch.mode, batch.merged_adapter) != (d.mode, d.adapter):
             return  # the replica ran its fallback (nothing of the plan fitted): no credit moves
         self._apply(d, batch)
-
-    def observe_repeated(self, batch: Batch, times: Sequence[float], starts: Sequence[float],
-                         first: int = 0) -> None:
-        """`plan` and `observe` for iterations `first ..` of a repeat of `batch` (`repeats`):
-        a stationary plan moves no credit, so only the episode counters advance (the same float
-        operations, one iteration at a time) and the skip clocks are committed as `observe`
-        commits them (a stationary plan skips nobody: every clock stops); otherwise each
-        iteration is planned at its start and observed, exactly as stepping does."""
-        d = self._memo
-        if d is None or not times:
-            return
-        if not d.forced and not d.transfers:
-            self._commit_skips()
-            self._resume = d.resume  # as `observe` (a stationary plan follows no forced service)
-            self._count(d, len(times))
-            return
-        queue = self._memo_queue
-        assert queue is not None
-        ahead = self._ahead[1] if self._ahead is not None and self._ahead[0] is queue else []
-        for i in range(len(times)):
-            j = first + i  # the iteration of the repeat
-            step = batch.step + j
-            if self._memo is None or self._memo.step != step:
-                if 0 < j <= len(ahead) and ahead[j - 1][2] == starts[i]:
-                    # as `repeats` planned it: the same state, so the same `plan`
-                    d, self._skips_next, self._skips_now = ahead[j - 1]
-                    self._memo = dataclasses.replace(d, step=step)
-                else:
-                    self.plan(dataclasses.replace(queue, step=step), starts[i])
-                    ahead = []
-            d = self._memo
-            assert d is not None
-            self._observe(d, batch)
 
     def _move_credits(self, d: _Decision) -> None:
         """The credit state after the iteration of decision `d` (its transfers, the bench and

@@ -517,5 +517,6 @@ def reproduce(out_dir: Path, quick: bool, only: list[str] | None = None,
         figures.append(fig)
     from .report_md import write_report_md
 
-    path = write_report_md(out_dir / "REPORT.md", figures, quick, time.perf_counter() - t0)
+    path = write_report_md(out_dir / "REPORT.md", figures, quick, time.perf_counter() - t0,
+                           left_out=[k for k in FIGURES if k not in keys])
     return figures, path
