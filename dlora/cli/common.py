@@ -61,6 +61,8 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a scen
 OutOpt = Annotated[Path | None, typer.Option("--out", help="output folder (report.json, requests.csv, plots)",
                                              callback=check_out_dir)]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no table")]
+JobsOpt = Annotated[int, typer.Option("--jobs", min=1, help="capacity searches run at once, one per "
+                                     "variant, in worker processes (results unchanged)")]
 RequestsPerRateOpt = Annotated[float, typer.Option(
     "--requests-per-rate", help="requests per probe = this x rate (paper: 100); 0 keeps num_requests")]
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from .common import (
+    JobsOpt,
     OutOpt,
     RequestsPerRateOpt,
     SetOpt,
@@ -31,6 +32,7 @@ def capacity(
     requests_per_rate: RequestsPerRateOpt = 100.0,
     overrides: SetOpt = None,
     out_dir: OutOpt = None,
+    jobs: JobsOpt = 1,
 ) -> None:
     """Throughput under the SLO: the largest rate whose mean latency per token meets it, per variant."""
     from ..output import StatusLine
@@ -45,7 +47,7 @@ def capacity(
 
         with StatusLine(err, sc.run.progress) as status:
             results = capacity_by_variant(sc, low, high, tol, rate_key, requests_per_rate or None, show,
-                                          status=status)
+                                          status=status, jobs=jobs)
     out.print(capacity_table(sc.name, sc.slo.latency_per_token_s, results))
     for line in capacity_reasons(sc.name, results):
         out.print(line, highlight=False, markup=False)
@@ -92,6 +94,7 @@ def reproduce(
                                           callback=check_out_dir)] = Path("out/reproduce"),
     quick: Annotated[bool, typer.Option("--quick", help="smaller clusters and fewer points (minutes)")] = False,
     only: Annotated[str | None, typer.Option("--only", help="comma-separated figures, e.g. fig9,fig10")] = None,
+    jobs: JobsOpt = 1,
 ) -> None:
     """Run the paper's scenarios and write REPORT.md: the paper's claim beside ours, per figure."""
     import time
@@ -104,7 +107,8 @@ def reproduce(
         err.print(f"[{time.perf_counter() - t0:6.0f} s] {msg}", highlight=False, markup=False)
 
     with user_errors():
-        figures, path = run_all(out_dir, quick, [k.strip() for k in only.split(",")] if only else None, progress)
+        figures, path = run_all(out_dir, quick, [k.strip() for k in only.split(",")] if only else None, progress,
+                                jobs=jobs)
     for f in figures:
         verdict = {True: "shape matches", False: "shape differs", None: ""}[f.shape_matches]
         out.print(f"[bold]{f.key}[/bold] ({verdict}): {f.ours}", highlight=False)

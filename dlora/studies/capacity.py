@@ -267,17 +267,46 @@ def capacity_by_variant(scenario: Scenario, low: float, high: float, tol: float 
                         rate_key: str = RATE_KEY, requests_per_rate: float | None = 100.0,
                         on_probe: Callable[[str, Probe], None] | None = None,
                         rel_tol: float = 0.0,
-                        status: Callable[[str], None] | None = None) -> dict[str, CapacityResult]:
+                        status: Callable[[str], None] | None = None,
+                        jobs: int = 1) -> dict[str, CapacityResult]:
     """`max_rate_under_slo` for every policy variant of the scenario's sweep (the sweep's
     parameter is ignored: the rate is what is searched); the scenario itself without one.
-    `status` hears each probe before it runs, prefixed by the variant's name."""
-    out = {}
-    for variant, sc in variant_scenarios(scenario).items():
+    `status` hears each probe before it runs, prefixed by the variant's name. `jobs` > 1
+    searches that many variants at once in worker processes (each search is deterministic,
+    so the results are the same); `on_probe` then hears each variant's probes, in order, when
+    its search ends, and `status` when each one ends."""
+    if jobs < 1:
+        raise ConfigError(f"--jobs must be at least 1, got {jobs}")
+    variants = variant_scenarios(scenario)
+    out: dict[str, CapacityResult] = {}
+    if jobs > 1 and len(variants) > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        args = (low, high, tol, rate_key, requests_per_rate, rel_tol)
+        # spawn: a fresh interpreter per worker (no threads of the caller's are forked)
+        with ProcessPoolExecutor(min(jobs, len(variants)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {v: pool.submit(_search, sc, args) for v, sc in variants.items()}
+            for variant, fut in futures.items():  # (in the variants' order: results do not depend on it)
+                out[variant] = fut.result()
+                if status is not None:
+                    status(f"{variant or scenario.name}: done ({rate(out[variant].rate)})")
+                if on_probe is not None:
+                    for p in out[variant].path:
+                        on_probe(variant, p)
+        return out
+    for variant, sc in variants.items():
         report = (lambda p, v=variant: on_probe(v, p)) if on_probe else None
         say = None if status is None else (lambda m, v=variant or scenario.name: status(f"{v}: {m}"))
         out[variant] = max_rate_under_slo(sc, low, high, tol, rate_key, requests_per_rate,
                                           on_probe=report, rel_tol=rel_tol, status=say)
     return out
+
+
+def _search(sc: Scenario, args: tuple[float, float, float, str, float | None, float]) -> CapacityResult:
+    """One variant's search in a worker process (`capacity_by_variant`, `jobs` > 1)."""
+    low, high, tol, rate_key, requests_per_rate, rel_tol = args
+    return max_rate_under_slo(sc, low, high, tol, rate_key, requests_per_rate, rel_tol=rel_tol)
 
 
 def probe_status(scenario: Scenario, rate_per_s: float, rate_key: str = RATE_KEY,

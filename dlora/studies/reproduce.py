@@ -45,6 +45,7 @@ class Settings:
     out_dir: Path
     progress: Callable[[str], None] = lambda msg: None
     profile: str | None = None  # overrides the 7B scenarios' profile (the artifact's costs)
+    jobs: int = 1  # capacity searches at once (`capacity_by_variant`)
 
     @property
     def requests_per_rate(self) -> float:
@@ -183,7 +184,8 @@ def _fig9_caps(s: Settings, sc: Scenario, panel: str) -> dict[str, float]:
     raw["sweep"]["variants"]["vllm"].update(vllm)
     sc = scenario_from_dict(raw, Path(sc.base_dir))
     caps = capacity_by_variant(sc, low=0.1, high=2.0 * sc.cluster.replicas, tol=0.1,
-                               requests_per_rate=s.requests_per_rate, on_probe=s.on_probe, rel_tol=s.rel_tol)
+                               requests_per_rate=s.requests_per_rate, on_probe=s.on_probe, rel_tol=s.rel_tol,
+                               jobs=s.jobs)
     return {k: v.rate for k, v in caps.items()}
 
 
@@ -376,7 +378,8 @@ def fig11a(s: Settings) -> Figure:
     sc = _load("fig11a-load-balancing.yaml", sets, s)
     s.progress("fig11a: capacity search over round_robin, proactive, dlora, combined")
     caps = capacity_by_variant(sc, low=1.0, high=4.0 * sc.cluster.replicas, tol=0.25,
-                               requests_per_rate=s.requests_per_rate, on_probe=s.on_probe, rel_tol=s.rel_tol)
+                               requests_per_rate=s.requests_per_rate, on_probe=s.on_probe, rel_tol=s.rel_tol,
+                               jobs=s.jobs)
     rate = {k: v.rate for k, v in caps.items()}
     f.columns = ["system", "max rate within SLO (req/s)", "dlora / system"]
     f.rows = [{"system": k, "max rate within SLO (req/s)": rate[k],
@@ -490,14 +493,14 @@ ARTIFACT_FIGURES = ("fig9", "fig10", "fig11a", "fig11b", "fig12")  # 7B figures 
 
 def reproduce(out_dir: Path, quick: bool, only: list[str] | None = None,
               progress: Callable[[str], None] = lambda msg: None,
-              artifact: bool = True) -> tuple[list[Figure], Path]:
+              artifact: bool = True, jobs: int = 1) -> tuple[list[Figure], Path]:
     keys = only or list(FIGURES)
     unknown = [k for k in keys if k not in FIGURES]
     if unknown:
         raise ConfigError(f"--only: unknown figure {unknown[0]!r} (known: {', '.join(FIGURES)})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = Settings(quick, out_dir, progress)
-    art = Settings(quick, out_dir / "artifact", progress, profile=ARTIFACT_PROFILE)
+    settings = Settings(quick, out_dir, progress, jobs=jobs)
+    art = Settings(quick, out_dir / "artifact", progress, profile=ARTIFACT_PROFILE, jobs=jobs)
     figures = []
     t0 = time.perf_counter()
     for key in keys:

@@ -91,6 +91,18 @@ def test_capacity_by_variant_searches_each_variant():
     assert res["slow"].rate < res["fast"].rate
 
 
+def test_capacity_by_variant_in_worker_processes_gives_the_same_searches():
+    sc = tiny(variants={"fast": {}, "slow": {"slo.latency_per_token_s": 0.003}})
+    heard: list[tuple[str, float]] = []
+    one = capacity_by_variant(sc, 5.0, 20.0, tol=4.0, requests_per_rate=5)
+    two = capacity_by_variant(sc, 5.0, 20.0, tol=4.0, requests_per_rate=5, jobs=2,
+                              on_probe=lambda v, p: heard.append((v, p.rate)))
+    assert one == two  # every probe of every variant, in the same order
+    assert heard == [(v, p.rate) for v in one for p in one[v].path]
+    with pytest.raises(ConfigError, match="--jobs"):
+        capacity_by_variant(sc, 5.0, 20.0, jobs=0)
+
+
 def test_verdicts_name_the_metric_the_value_and_the_limit_with_units():
     ok = Probe(1.0, 0.013460243506045329, True, 100, 0, 100, slo_latency_per_token_s=0.5)
     assert ok.reason == "mean latency/token 13.5 ms <= 500 ms (SLO), all 100 requests finished"
