@@ -27,6 +27,7 @@ from ..report import build_report
 from ..scenario import Scenario, scenario_from_dict, sweep_points
 from ..sim.driver import simulate
 from ..types import BatchMode, Request
+from ..workload.build import trace_requests
 
 log = logging.getLogger(__name__)
 RATE_KEY = "workload.arrival.rate_per_s"
@@ -82,7 +83,7 @@ def scenario_at_rate(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
                      requests_per_rate: float | None = 100.0,
                      horizon_factor: float | None = HORIZON_FACTOR) -> Scenario:
     """The scenario with `rate_key` set to `rate` (and `workload.num_requests` to
-    `ceil(requests_per_rate * rate)` when given). With `horizon_factor` and no horizon of its
+    `ceil(requests_per_rate * rate)` when given, at most what a trace arrival holds). With `horizon_factor` and no horizon of its
     own, a probe stops at that multiple of its nominal arrival span (`requests_per_rate`
     seconds) and what is unfinished counts as a violation. By default probes run until every
     request completes (bursty traces can arrive long after the nominal span) and the `slo_lost`
@@ -90,8 +91,12 @@ def scenario_at_rate(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
     data = copy.deepcopy(_raw(scenario))
     set_path(data, rate_key.split("."), float(rate), f"capacity rate_key {rate_key}")
     if requests_per_rate is not None:
-        set_path(data, ["workload", "num_requests"], max(1, math.ceil(requests_per_rate * rate)),
-                 "capacity requests_per_rate")
+        n = max(1, math.ceil(requests_per_rate * rate))
+        held = trace_requests(scenario.workload, scenario.base_dir)
+        if held is not None and n > held:  # a trace holds no more: the probe is shorter
+            log.info("capacity: %d requests at %.4g req/s, but the trace holds %d: probing with those", n, rate, held)
+            n = held
+        set_path(data, ["workload", "num_requests"], n, "capacity requests_per_rate")
     run = {**data.get("run", {}), "progress": False}
     if horizon_factor is not None and run.get("horizon_s") is None and requests_per_rate is not None:
         run["horizon_s"] = horizon_factor * max(1.0, requests_per_rate)

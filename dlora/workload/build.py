@@ -239,6 +239,19 @@ def _function_trace_shares(
     return shares, bin_s
 
 
+def trace_requests(cfg: WorkloadConfig, base_dir: Path | str = ".") -> int | None:
+    """How many requests a trace arrival can give (after the length filters, as `_from_trace`
+    keeps them); None for generated arrivals. (Capacity probes size themselves by rate and
+    must not ask a trace for more than it holds.)"""
+    arrival, lengths = cfg.arrival, cfg.lengths
+    if arrival.kind != "trace" or arrival.path is None:
+        return None
+    trace = load_request_trace(resolve_path(base_dir, arrival.path), arrival.format)
+    if not lengths.override and lengths.has_filters:
+        return int(np.count_nonzero(lengths_mask(lengths, trace.prompt_tokens, trace.output_tokens)))
+    return len(trace.arrival_s)
+
+
 def _from_trace(
     cfg: WorkloadConfig,
     adapter_names: Sequence[str],

@@ -22,6 +22,7 @@ from dlora.studies.capacity import (
 )
 from dlora.studies.tables import capacity_reasons, capacity_table
 from dlora.types import Request
+from dlora.workload.traces import load_azure_llm_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,6 +102,21 @@ def test_capacity_by_variant_in_worker_processes_gives_the_same_searches():
     assert heard == [(v, p.rate) for v in one for p in one[v].path]
     with pytest.raises(ConfigError, match="--jobs"):
         capacity_by_variant(sc, 5.0, 20.0, jobs=0)
+
+
+def test_a_probe_asks_a_trace_for_no_more_requests_than_it_holds():
+    data = to_plain(tiny())
+    data.pop("base_dir", None)
+    data["workload"] = {"arrival": {"kind": "trace", "path": "tests/data/azure_llm_2023_small.csv",
+                                    "format": "azure_llm_2023", "rate_per_s": 1.0},
+                        "num_requests": 3}
+    data["model"]["allow_extrapolation"] = True  # (the trace's contexts are longer than the tiny profile's)
+    sc = scenario_from_dict(data, ROOT)
+    held = len(load_azure_llm_trace(ROOT / "tests/data/azure_llm_2023_small.csv").arrival_s)
+    assert scenario_at_rate(sc, 0.02, requests_per_rate=100).workload.num_requests == 2
+    big = scenario_at_rate(sc, 50.0, requests_per_rate=100)  # 5,000 asked of a small trace
+    assert big.workload.num_requests == held
+    assert probe(sc, 50.0, requests_per_rate=100).requests == held  # runs, no error
 
 
 def test_verdicts_name_the_metric_the_value_and_the_limit_with_units():
