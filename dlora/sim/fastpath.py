@@ -1,15 +1,18 @@
 """The simulator's fast path (DESIGN.md section 3): after a pure-decode iteration, cover the
-following identical decode iterations with one SimPy event.
+following decode iterations of the same batch with one SimPy event.
 
-A jump is planned over the iterations that finish no request, need no KV block the pool cannot
-give, and for which the batching policy declares its plan stationary (no arrival, completion or
-policy decision pending). Its iterations are applied lazily: when something outside the replica
-looks at it (an arrival being dispatched, a migration check), the driver first `materialize`s
-every iteration that ended by then and allocates the blocks of the one in flight, so the
-observer sees exactly the state the one-by-one loop would have. If the observer changes the
-replica (a request dispatched to it, a migration), the jump is cut after the iteration in
-flight. Each iteration is accounted with the same float operations in the same order as the
-normal path, so reports are identical to stepping one by one (tests/sim/test_fastpath.py)."""
+A jump is planned over the iterations that finish no request (but the last may), need no KV
+block the pool cannot give, and for which the batching policy would plan the same batch again
+(`BatchPolicy.repeats`: for ever for a stationary plan; while its credits stay on the same
+side of every threshold for a credit-moving one). Its iterations are applied lazily: when
+something outside the replica reads its requests or changes it (an arrival dispatched to it, a
+migration check), the driver first `materialize`s every iteration that ended by then and
+allocates the blocks of the one in flight, so the observer sees exactly the state the
+one-by-one loop would have; a view of the replica applies nothing and counts what the
+unapplied iterations add (`unapplied`). If the observer changes the replica, the jump is cut
+after the iteration in flight. Each iteration is accounted with the same float operations in
+the same order as the normal path, so reports are identical to stepping one by one
+(tests/sim/test_fastpath_random.py)."""
 
 from __future__ import annotations
 
