@@ -279,7 +279,8 @@ def capacity_by_variant(scenario: Scenario, low: float, high: float, tol: float 
     `status` hears each probe before it runs, prefixed by the variant's name. `jobs` > 1
     searches that many variants at once in worker processes (each search is deterministic,
     so the results are the same); `on_probe` then hears each variant's probes, in order, when
-    its search ends, and `status` when each one ends."""
+    its search ends, and `status` when each one ends. (Workers are spawned: a script that
+    calls this with `jobs` > 1 needs the usual `if __name__ == "__main__":` guard.)"""
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     variants = variant_scenarios(scenario)
