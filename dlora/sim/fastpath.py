@@ -41,6 +41,13 @@ def at(env: simpy.Environment, when: float) -> simpy.Event:
     return ev
 
 
+def _new_blocks(start_tokens: int, first: int, last: int, block_tokens: int) -> int:
+    """KV blocks a decoding request that held `start_tokens` at a jump's start needs for the
+    jump's iterations `first .. last - 1`: one whenever its computed tokens fill whole blocks
+    (blocks to hold start + last tokens, less those for start + first)."""
+    return -(-(start_tokens + last) // block_tokens) - -(-(start_tokens + first) // block_tokens)
+
+
 @dataclass
 class Jump:
     rep: ReplicaScheduler
@@ -200,11 +207,10 @@ class FastPath:
         `now` but are not applied yet (what a view of the replica adds: `Cluster.unapplied`)."""
         applied, allocated = self._progress(jump, now)
         bt = jump.rep.memory.block_tokens
-        a, b = jump.allocated, allocated
         blocks = 0
-        if b > a:
-            for c in jump.start_tokens:  # blocks to hold c + b tokens, less those for c + a
-                blocks += -(-(c + b) // bt) - -(-(c + a) // bt)
+        if allocated > jump.allocated:
+            for c in jump.start_tokens:
+                blocks += _new_blocks(c, jump.allocated, allocated, bt)
         return len(jump.batch.requests) * (applied - jump.applied), blocks
 
     def materialize(self, jump: Jump, now: float) -> None:
@@ -224,7 +230,7 @@ class FastPath:
         if jump.fills is None:
             if allocated > allocated_before:
                 for r, c in zip(reqs, jump.start_tokens, strict=True):
-                    need = -(-(c + allocated) // bt) - -(-(c + allocated_before) // bt)
+                    need = _new_blocks(c, allocated_before, allocated, bt)
                     if need:
                         mem.allocate(r.id, need)
             if applied > first and mem.config.prefix_caching:

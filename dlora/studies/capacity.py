@@ -12,6 +12,7 @@ the bracket upward while `high` still passes, then bisects until the bracket is 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from ..scenario import Scenario, scenario_from_dict, sweep_points
 from ..sim.driver import simulate
 from ..types import BatchMode, Request
 from ..workload.build import trace_requests
+from ..workload.config import WorkloadConfig
 
 log = logging.getLogger(__name__)
 RATE_KEY = "workload.arrival.rate_per_s"
@@ -92,7 +94,7 @@ def scenario_at_rate(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
     set_path(data, rate_key.split("."), float(rate), f"capacity rate_key {rate_key}")
     if requests_per_rate is not None:
         n = max(1, math.ceil(requests_per_rate * rate))
-        held = trace_requests(scenario.workload, scenario.base_dir)
+        held = _trace_requests(scenario.workload, str(scenario.base_dir))
         if held is not None and n > held:  # a trace holds no more: the probe is shorter
             log.info("capacity: %d requests at %.4g req/s, but the trace holds %d: probing with those", n, rate, held)
             n = held
@@ -102,6 +104,12 @@ def scenario_at_rate(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
         run["horizon_s"] = horizon_factor * max(1.0, requests_per_rate)
     data["run"] = run
     return scenario_from_dict(data, Path(scenario.base_dir))
+
+
+@functools.lru_cache(maxsize=16)
+def _trace_requests(workload: WorkloadConfig, base_dir: str) -> int | None:
+    """`trace_requests`, read once per workload (a search probes the same trace many times)."""
+    return trace_requests(workload, base_dir)
 
 
 def probe(scenario: Scenario, rate: float, rate_key: str = RATE_KEY,
