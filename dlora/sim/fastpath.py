@@ -16,7 +16,6 @@ the same order as the normal path, so reports are identical to stepping one by o
 
 from __future__ import annotations
 
-import heapq
 from bisect import bisect_right
 from dataclasses import dataclass
 
@@ -32,13 +31,23 @@ MAX_JUMP = 4096
 
 
 def at(env: simpy.Environment, when: float) -> simpy.Event:
-    """An event that fires at absolute time `when` exactly (a Timeout computes now + delay,
-    which can differ from `when` in the last bit)."""
-    ev = simpy.Event(env)
-    ev._ok = True
-    ev._value = None
-    heapq.heappush(env._queue, (when, simpy.events.NORMAL, next(env._eid), ev))
-    return ev
+    """An event that fires at absolute time `when` exactly, through SimPy's public API only.
+    A Timeout fires at `now + delay`, which is `when` exactly for `delay = when - now` whenever
+    `now >= when / 2` (Sterbenz: the difference is exact); earlier in a run the rounding may miss
+    `when` by a bit, and then a first Timeout lands half-way (at or after `when / 2`) and a
+    second one, exact from there, at `when`."""
+    now = env.now
+    delay = when - now
+    if now + delay == when:
+        return env.timeout(delay)
+    return env.process(_two_stage(env, when))
+
+
+def _two_stage(env: simpy.Environment, when: float):
+    yield env.timeout((when - env.now) / 2)
+    while env.now + (when - env.now) != when:  # (never more than once: see `at`)
+        yield env.timeout((when - env.now) / 2)
+    yield env.timeout(when - env.now)
 
 
 def _new_blocks(start_tokens: int, first: int, last: int, block_tokens: int) -> int:
