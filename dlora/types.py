@@ -299,17 +299,24 @@ class Executor(Protocol):
 # ---- views and actions used by dispatchers, placement and migrators ----
 
 
-@dataclass(frozen=True, slots=True)
 class ReplicaView:
-    """An immutable snapshot of one replica, for policies."""
+    """An immutable snapshot of one replica, for policies.
+
+    Its KV fields (`kv_blocks_used`, `kv_blocks_total`) may be computed on first read
+    (`ReplicaView.deferred`), from values taken with the view: a dispatcher that ranks by
+    backlog and residency never pays for them (the simulator builds a view per candidate per
+    arrival, and a replica in a fast-path jump must count the blocks of its unapplied
+    iterations)."""
+
+    __slots__ = ("id", "is_alive", "num_waiting", "num_running", "num_swapped", "resident_adapters",
+                 "merged_adapter", "queued_work_s", "requests_per_adapter", "adapter_slots_free",
+                 "backlog_s", "_kv")
 
     id: int
     is_alive: bool
     num_waiting: int
     num_running: int
     num_swapped: int
-    kv_blocks_used: int
-    kv_blocks_total: int
     resident_adapters: frozenset[int]
     merged_adapter: int | None
     queued_work_s: float  # estimated seconds to drain what it holds
@@ -317,7 +324,51 @@ class ReplicaView:
     adapter_slots_free: int
     # seconds to drain at full-batch throughput (pending prefill + expected decode tokens);
     # unlike queued_work_s it grows with every request, so it ranks lightly loaded replicas
-    backlog_s: float = 0.0
+    backlog_s: float
+    _kv: tuple[int, int] | Callable[[], tuple[int, int]]
+
+    def __init__(self, id: int, is_alive: bool, num_waiting: int, num_running: int, num_swapped: int,
+                 kv_blocks_used: int, kv_blocks_total: int, resident_adapters: frozenset[int],
+                 merged_adapter: int | None, queued_work_s: float,
+                 requests_per_adapter: tuple[tuple[int | None, int], ...], adapter_slots_free: int,
+                 backlog_s: float = 0.0) -> None:
+        self._set(id, is_alive, num_waiting, num_running, num_swapped, resident_adapters, merged_adapter,
+                  queued_work_s, requests_per_adapter, adapter_slots_free, backlog_s,
+                  (kv_blocks_used, kv_blocks_total))
+
+    @classmethod
+    def deferred(cls, id: int, is_alive: bool, num_waiting: int, num_running: int, num_swapped: int,
+                 resident_adapters: frozenset[int], merged_adapter: int | None, queued_work_s: float,
+                 requests_per_adapter: tuple[tuple[int | None, int], ...], adapter_slots_free: int,
+                 backlog_s: float, kv: Callable[[], tuple[int, int]]) -> ReplicaView:
+        """A view whose (kv_blocks_used, kv_blocks_total) are `kv()`, called once, on first
+        read; `kv` must compute them from values taken when the view is (a pure function)."""
+        v = cls.__new__(cls)
+        v._set(id, is_alive, num_waiting, num_running, num_swapped, resident_adapters, merged_adapter,
+               queued_work_s, requests_per_adapter, adapter_slots_free, backlog_s, kv)
+        return v
+
+    def _set(self, *values: object) -> None:
+        for name, value in zip(self.__slots__, values, strict=True):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"ReplicaView is immutable (cannot set {name})")
+
+    def _kv_pair(self) -> tuple[int, int]:
+        kv = self._kv
+        if not isinstance(kv, tuple):
+            kv = kv()
+            object.__setattr__(self, "_kv", kv)
+        return kv
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self._kv_pair()[0]
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self._kv_pair()[1]
 
     @property
     def num_requests(self) -> int:
@@ -325,7 +376,28 @@ class ReplicaView:
 
     @property
     def kv_usage(self) -> float:
-        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+        used, total = self._kv_pair()
+        return used / total if total else 0.0
+
+    def _fields(self) -> tuple[object, ...]:
+        used, total = self._kv_pair()
+        return (self.id, self.is_alive, self.num_waiting, self.num_running, self.num_swapped, used, total,
+                self.resident_adapters, self.merged_adapter, self.queued_work_s, self.requests_per_adapter,
+                self.adapter_slots_free, self.backlog_s)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ReplicaView):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        names = ("id", "is_alive", "num_waiting", "num_running", "num_swapped", "kv_blocks_used",
+                 "kv_blocks_total", "resident_adapters", "merged_adapter", "queued_work_s",
+                 "requests_per_adapter", "adapter_slots_free", "backlog_s")
+        return "ReplicaView(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=True)) + ")"
 
 
 @dataclass(frozen=True, slots=True)

@@ -76,9 +76,10 @@ class Cluster:
         self.deferred: dict[int, list[MigrateRequest]] = {}
         # set by a driver whose replicas can lag behind `now` (the simulator's fast path):
         # `before_read` brings one up to date; `unapplied` says what a view must add without
-        # doing so (output tokens, KV blocks of the iterations that ran or are in flight)
+        # doing so (output tokens, and a function giving the KV blocks, of the iterations that
+        # ran or are in flight)
         self.before_read: Callable[[int, float], None] | None = None
-        self.unapplied: Callable[[int, float], tuple[int, int]] | None = None
+        self.unapplied: Callable[[int, float], tuple[int, Callable[[], int] | None]] | None = None
 
     def place(self, now: float, initial: bool = False) -> list[ReplicaScheduler]:
         """Run the dispatcher's placement (initial layout, or a periodic re-placement) and

@@ -5,6 +5,7 @@ memory limits (for migrators), its backlog estimate and the report's summary. A 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..types import ReplicaView, Request
@@ -43,28 +44,30 @@ class ReplicaViews:
         """Every request here in priority order: running (admission order), then waiting."""
         return self.running + self.waiting
 
-    def view(self, now: float, pending_tokens: int = 0, pending_blocks: int = 0) -> ReplicaView:
-        """The replica as decisions see it at `now`. `pending_tokens` / `pending_blocks`: output
-        tokens and KV blocks of decode iterations that the driver has not applied yet but that
-        ran (or are in flight) by `now` (the simulator's fast path): the view is the one the
-        replica will show once they are applied, without applying them."""
+    def view(self, now: float, pending_tokens: int = 0,
+             pending_blocks: Callable[[], int] | None = None) -> ReplicaView:
+        """The replica as decisions see it at `now`. `pending_tokens` / `pending_blocks()`:
+        output tokens and KV blocks of decode iterations that the driver has not applied yet
+        but that ran (or are in flight) by `now` (the simulator's fast path): the view is the
+        one the replica will show once they are applied, without applying them. The blocks
+        are counted only if a decision reads the view's KV fields (`ReplicaView.deferred`)."""
         # a request holds device KV blocks iff it is RUNNING, host blocks iff SWAPPED
         mem = self.memory
         running = len(self.running)
         swapped = len(mem.swapped_blocks)
         waiting = len(self.waiting) - swapped
         slots = mem.config.max_adapter_slots
-        used = mem.kv_used_blocks + pending_blocks
-        return ReplicaView(
-            id=self.id, is_alive=self.is_alive, num_waiting=waiting, num_running=running,
-            num_swapped=swapped, kv_blocks_used=used,
-            kv_blocks_total=used + (mem.capacity_bytes - used * mem.block_bytes - mem.adapter_bytes) // mem.block_bytes,
-            resident_adapters=mem.resident, merged_adapter=self.merged_adapter,
-            queued_work_s=self.work.seconds(self.num_unfinished, pending_tokens),
-            requests_per_adapter=self._requests_per_adapter(),
-            backlog_s=self.backlog_s(pending_tokens),
-            adapter_slots_free=(slots - len(mem.adapters)) if slots is not None else 1 << 30,
-        )
+        used = mem.kv_used_blocks
+        cap, block, adapter_bytes = mem.capacity_bytes, mem.block_bytes, mem.adapter_bytes
+
+        def kv() -> tuple[int, int]:  # from values taken now (a pure function)
+            u = used + pending_blocks() if pending_blocks is not None else used
+            return u, u + (cap - u * block - adapter_bytes) // block
+
+        return ReplicaView.deferred(
+            self.id, self.is_alive, waiting, running, swapped, mem.resident, self.merged_adapter,
+            self.work.seconds(self.num_unfinished, pending_tokens), self._requests_per_adapter(),
+            (slots - len(mem.adapters)) if slots is not None else 1 << 30, self.backlog_s(pending_tokens), kv)
 
     def _requests_per_adapter(self) -> tuple[tuple[int | None, int], ...]:
         """(adapter, unfinished requests) sorted by adapter (None last); cached until a request

@@ -192,11 +192,11 @@ class _Sim:
             assert self.fast is not None
             self.fast.materialize(jump, now)
 
-    def unapplied(self, replica: int, now: float) -> tuple[int, int]:
+    def unapplied(self, replica: int, now: float) -> tuple[int, Callable[[], int] | None]:
         """What a view of a replica in a jump adds at `now` (`Cluster.unapplied`)."""
         jump = self.jumps.get(replica)
         if jump is None:
-            return 0, 0
+            return 0, None
         assert self.fast is not None
         return self.fast.unapplied(jump, now)
 

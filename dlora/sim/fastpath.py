@@ -17,6 +17,7 @@ the same order as the normal path, so reports are identical to stepping one by o
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import simpy
@@ -211,15 +212,20 @@ class FastPath:
             applied = k - 1
         return applied, max(jump.allocated, min(applied + 1, k))
 
-    def unapplied(self, jump: Jump, now: float) -> tuple[int, int]:
-        """Output tokens and KV blocks of the jump's iterations that ran or are in flight at
-        `now` but are not applied yet (what a view of the replica adds: `Cluster.unapplied`)."""
+    def unapplied(self, jump: Jump, now: float) -> tuple[int, Callable[[], int]]:
+        """Output tokens of the jump's iterations that ran by `now` but are not applied yet,
+        and a pure function giving the KV blocks of those that ran or are in flight (what a
+        view of the replica adds: `Cluster.unapplied`; the blocks cost a pass over the batch,
+        so a view counts them only when read)."""
         applied, allocated = self._progress(jump, now)
+        start_tokens, before = jump.start_tokens, jump.allocated  # (never changed in place)
         bt = jump.rep.memory.block_tokens
-        blocks = 0
-        if allocated > jump.allocated:
-            for c in jump.start_tokens:
-                blocks += _new_blocks(c, jump.allocated, allocated, bt)
+
+        def blocks() -> int:
+            if allocated <= before:
+                return 0
+            return sum(_new_blocks(c, before, allocated, bt) for c in start_tokens)
+
         return len(jump.batch.requests) * (applied - jump.applied), blocks
 
     def materialize(self, jump: Jump, now: float) -> None:

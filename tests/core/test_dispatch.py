@@ -219,3 +219,21 @@ def test_replan_keeps_the_placement_unless_the_new_one_is_better_by_the_margin()
     arrivals(p, 5, 1020.0)
     p.replan(dead, 1040.0)
     assert all(r != replicas - 1 for r, _ in p.placement.pairs)
+
+
+def test_a_deferred_view_computes_its_kv_fields_once_on_first_read_and_stays_immutable() -> None:
+    calls = []
+
+    def kv() -> tuple[int, int]:
+        calls.append(1)
+        return 30, 120
+
+    lazy = ReplicaView.deferred(3, True, 2, 5, 0, frozenset({1}), None, 1.5, ((1, 7),), 2, 0.75, kv)
+    eager = ReplicaView(3, True, 2, 5, 0, 30, 120, frozenset({1}), None, 1.5, ((1, 7),), 2, 0.75)
+    assert lazy.num_requests == 7 and lazy.backlog_s == 0.75 and not calls  # no KV read yet
+    assert lazy.kv_usage == 0.25 and lazy.kv_blocks_used == 30 and lazy.kv_blocks_total == 120
+    assert len(calls) == 1
+    assert lazy == eager and hash(lazy) == hash(eager) and repr(lazy) == repr(eager)
+    assert lazy != ReplicaView(3, True, 2, 5, 0, 31, 120, frozenset({1}), None, 1.5, ((1, 7),), 2, 0.75)
+    with pytest.raises(AttributeError, match="immutable"):
+        lazy.backlog_s = 0.0  # type: ignore[misc]
