@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..config import spec
 from ..registry import Registry
 from ..types import Adapter, Batch, BatchMode, Request, StepResult
 from .context import PolicyContext
@@ -157,7 +158,26 @@ class OldestAdapter(_Simple):
         return len(starts)  # the plan depends on the queue alone
 
 
-@BATCH_POLICIES.register("merged_only")
+@dataclass(frozen=True, slots=True)
+class MergedOnlyParams:
+    oldest: str = spec("running", choices=("running", "arrival"),
+                       doc="whose adapter is merged: the first request in the replica's priority order "
+                           "(the earliest-admitted running one, then the waiting queue), or the "
+                           "oldest unfinished request by arrival (the dLoRA artifact's merge policy, "
+                           "the paper's merged-only)")
+
+
+@BATCH_POLICIES.register("merged_only", MergedOnlyParams)
 class MergedOnly(OldestAdapter):
     """Always merged: take the oldest request's adapter and batch its queued requests.
-    Requests of the base model (no adapter) run on clean weights."""
+    Requests of the base model (no adapter) run on clean weights. `oldest: arrival` is the
+    artifact's rule (`_always_merge_schedule`: every unfinished request sorted by arrival, the
+    first one's adapter merged, its requests batched in arrival order); the default takes the
+    first of the replica's priority order, which keeps a merged adapter while it has running
+    requests (docs/findings/merged_only_skew.md)."""
+
+    def plan(self, queue: QueueView, now: float) -> Plan:
+        if self.params.oldest == "arrival":
+            queue = QueueView(sorted(queue.requests, key=lambda r: (r.arrival_s, r.id)), queue.merged_adapter,
+                              queue.max_batch_size, queue.step)
+        return OldestAdapter.plan(self, queue, now)

@@ -291,24 +291,52 @@ MARGIN = 0.9  # checks accept 90% of a stated factor
 GUARD_COST = 1.03  # the starvation guard may cost at most 3% against a dormant guard
 
 
+MERGED_RULES = {"merged_only": "", "merged_only_arrival": " (the artifact's rule: oldest by arrival)"}
+
+
 def fig10_checks(f: Figure, by_alpha: dict[Any, dict[str, float]]) -> None:
-    """The paper's Fig. 10 trends, with margins, on {alpha: {variant: mean latency per token}}."""
+    """The paper's Fig. 10 trends, with margins, on {alpha: {variant: mean latency per token}};
+    the merged-only claims for each merged_only rule present (`MERGED_RULES`)."""
     alphas = sorted(by_alpha)
     lo, hi = by_alpha[alphas[0]], by_alpha[alphas[-1]]
     f.check("unmerged_only worsens with skew (>= 5% from lowest to highest alpha)",
             hi["unmerged_only"] >= 1.05 * lo["unmerged_only"],
             f"{fmt_cell(lo['unmerged_only'])} -> {fmt_cell(hi['unmerged_only'])} s/token")
-    f.check("merged_only improves with skew (>= 5% from lowest to highest alpha)",
-            hi["merged_only"] <= 0.95 * lo["merged_only"],
-            f"{fmt_cell(lo['merged_only'])} -> {fmt_cell(hi['merged_only'])} s/token")
+    rules = [m for m in MERGED_RULES if m in lo]
+    for m in rules:
+        f.check(f"merged_only{MERGED_RULES[m]} improves with skew (>= 5% from lowest to highest alpha)",
+                hi[m] <= 0.95 * lo[m], f"{fmt_cell(lo[m])} -> {fmt_cell(hi[m])} s/token")
     for base, factor in FIG10_FACTORS.items():
-        got = [by_alpha[a][base] / by_alpha[a]["credit"] for a in alphas]
-        f.check(f"credit >= {MARGIN * factor:.3g}x better than {base} at every skew (paper >= {factor}x)",
-                min(got) >= MARGIN * factor, ", ".join(f"{fmt_cell(g)}x" for g in got))
+        for variant in ([base] if base != "merged_only" else rules):
+            got = [by_alpha[a][variant] / by_alpha[a]["credit"] for a in alphas]
+            f.check(f"credit >= {MARGIN * factor:.3g}x better than {base}{MERGED_RULES.get(variant, '')} at every "
+                    f"skew (paper >= {factor}x)", min(got) >= MARGIN * factor, ", ".join(f"{fmt_cell(g)}x" for g in got))
     if all("credit_dormant" in by_alpha[a] for a in alphas):
         cost = [by_alpha[a]["credit"] / by_alpha[a]["credit_dormant"] for a in alphas]
         f.check(f"the starvation guard costs <= {GUARD_COST - 1:.0%} against a dormant guard at every skew",
                 max(cost) <= GUARD_COST, ", ".join(f"{c - 1:+.1%}" for c in cost))
+
+
+def free_lora_profile(sc: Scenario, out_dir: Path) -> Path:
+    """A copy of the scenario's profile whose LoRA side path costs nothing (`latency.lora` at
+    zero): unmerged iterations at the merged price. unmerged_only on it is Fig. 10's price-gap
+    reference: what the merged-vs-unmerged price alone is worth, with FCFS batches and no switch."""
+    import yaml
+
+    from ..config import read_yaml_mapping
+    from ..scenario import resolve
+
+    path = resolve(sc, sc.model.profile)
+    data = read_yaml_mapping(path, "profile")
+    lora = data["latency"]["lora"]
+    for k in lora:
+        lora[k] = 0.0
+    data["provenance"] = {**data["provenance"], "notes": f"{path.name} with latency.lora at zero (dlora "
+                          "reproduce: Fig. 10's price-gap reference, not a measurement)"}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "profile-free-lora.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out.resolve()
 
 
 def fig10(s: Settings) -> Figure:
@@ -319,15 +347,22 @@ def fig10(s: Settings) -> Figure:
     sc = _load("fig10-dynamic-batching.yaml", sets, s)
     dormant = {"policies.batching": {"name": "credit", "params": {
         "credit_fire": 1e12, "credit_floor": -1e12, "max_skip_s": None}}}
-    sc = _load("fig10-dynamic-batching.yaml", [*sets, _variants(sc, credit_dormant=dormant)], s)
+    arrival = {"policies.batching": {"name": "merged_only", "params": {"oldest": "arrival"}}}
+    free = {"policies.batching.name": "unmerged_only", "model.profile": str(free_lora_profile(sc, s.out_dir / "fig10"))}
+    sc = _load("fig10-dynamic-batching.yaml",
+               [*sets, _variants(sc, credit_dormant=dormant, merged_only_arrival=arrival, unmerged_free_lora=free)], s)
     outcome = run_sweep(sc, s.out_dir / "fig10")
     f.plots += [p for p in outcome.paths if p.suffix == ".png"]
     by_alpha = sweep_table(outcome.sweep_rows, "workload.popularity.alpha", "latency_per_token_s.mean")
-    f.columns = ["alpha", "unmerged_only", "merged_only", "credit", "credit_dormant", "worse baseline / credit",
-                 "guard cost"]
+    f.columns = ["alpha", "unmerged_only", "merged_only", "merged_only_arrival", "credit", "credit_dormant",
+                 "unmerged_free_lora", "worse baseline / credit", "worse (artifact rule) / credit",
+                 "price gap (unmerged_only / unmerged_free_lora)", "guard cost"]
     for alpha, v in by_alpha.items():
         worse = max(v["unmerged_only"], v["merged_only"])
+        worse_artifact = max(v["unmerged_only"], v["merged_only_arrival"])
         f.rows.append({"alpha": alpha, **v, "worse baseline / credit": worse / v["credit"],
+                       "worse (artifact rule) / credit": worse_artifact / v["credit"],
+                       "price gap (unmerged_only / unmerged_free_lora)": v["unmerged_only"] / v["unmerged_free_lora"],
                        "guard cost": f"{v['credit'] / v['credit_dormant'] - 1:+.1%}"})
     fig10_checks(f, by_alpha)
     ratios = [r["worse baseline / credit"] for r in f.rows]
@@ -340,7 +375,15 @@ def fig10(s: Settings) -> Figure:
     f.deviations += [
         "Mean latency per token (s) in the table; the sweep's P90 is in fig10/sweep.json. credit_dormant is "
         "the credit policy with its starvation guard off (fire 1e12, no wait trigger): 'guard cost' is the "
-        "default guard's price.",
+        "default guard's price. merged_only_arrival is merged_only with `oldest: arrival`, the artifact's "
+        "merge rule (the paper's merged-only); merged_only (the default rule) merges the adapter of the "
+        "first request in the replica's priority order. unmerged_free_lora is unmerged_only on a copy of the "
+        "profile whose LoRA side path costs nothing (fig10/profile-free-lora.yaml): every batch at the merged "
+        "price, FCFS, no switch. 'price gap' is what the merged-vs-unmerged price alone is worth over "
+        "unmerged_only; credit's factor over unmerged_only beyond it comes from its order (serving an "
+        "adapter's requests together). The stated 1.9x over unmerged_only needs a price gap the modern "
+        "profile does not have (unmerged about 1.2x merged at batch 16, against 1.8x in the artifact's "
+        "costs).",
         "merged_only's inversion (issue 12: 0.208 -> 0.303 -> 0.282 s/token at alpha 0 / 1 / 3) came from the "
         "artifact's rule under overload (docs/findings/merged_only_skew.md): the adapter of the oldest request "
         "by arrival, at 4 req/s where merged_only completes 1.6, so cold adapters' requests grow oldest and "

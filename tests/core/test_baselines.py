@@ -183,3 +183,21 @@ def test_peft_by_default_batches_continuously() -> None:
     joined = any(set(b.request_ids) - set(a.request_ids) and set(b.request_ids) & set(a.request_ids)
                  for a, b in zip(ex.batches, ex.batches[1:], strict=False))
     assert joined  # continuous batching: requests join a running batch
+
+
+def test_merged_only_by_arrival_merges_the_oldest_requests_adapter_not_the_first_running_one() -> None:
+    """`oldest: arrival` is the artifact's merge rule: the adapter of the oldest unfinished
+    request by arrival, even when a later-arrived request of another adapter runs first in the
+    replica's priority order (the default rule takes that one)."""
+    from dlora.core.batching import MergedOnly, MergedOnlyParams, QueueView
+    from dlora.types import Request, RequestStatus
+
+    running = Request(1, adapter_id=3, arrival_s=5.0, prompt_tokens=8, output_tokens=4)
+    running.status = RequestStatus.RUNNING
+    old = [Request(2, adapter_id=7, arrival_s=1.0, prompt_tokens=8, output_tokens=4),
+           Request(3, adapter_id=7, arrival_s=2.0, prompt_tokens=8, output_tokens=4)]
+    queue = QueueView([running, *reversed(old)], merged_adapter=3, max_batch_size=16, step=0)
+    default = MergedOnly(MergedOnlyParams(), None).plan(queue, 0.0)  # type: ignore[arg-type]
+    artifact = MergedOnly(MergedOnlyParams(oldest="arrival"), None).plan(queue, 0.0)  # type: ignore[arg-type]
+    assert (default.merged_adapter, [r.id for r in default.requests]) == (3, [1])
+    assert (artifact.merged_adapter, [r.id for r in artifact.requests]) == (7, [2, 3])

@@ -25,7 +25,7 @@ def test_reduced_quick_reproduce_writes_a_filled_report(tmp_path):
     assert "## Deviations that apply to every figure" in text and "Quick mode" in text
     for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
         assert (tmp_path / img).read_bytes()[:4] == b"\x89PNG"
-    assert "| alpha | unmerged_only | merged_only | credit | credit_dormant |" in text
+    assert "| alpha | unmerged_only | merged_only | merged_only_arrival | credit | credit_dormant |" in text
     assert all(f.checks for f in figures) and "Checks (modern profile)" in text
 
 
@@ -68,3 +68,23 @@ def test_report_prints_no_with_the_reason(tmp_path):
     f.columns, f.rows = ["a"], [{"a": 1}]
     text = write_report_md(tmp_path / "REPORT.md", [f], True, 1.0).read_text()
     assert "| no: dlora flat within 10% (x0.5) |" in text and "- no: dlora flat within 10% (x0.5)" in text
+
+
+def test_the_price_gap_reference_profile_prices_unmerged_batches_as_merged(tmp_path):
+    """Fig. 10's `unmerged_free_lora` reference runs on a copy of the profile whose LoRA side
+    path costs nothing: an unmerged batch of many adapters then costs what a merged one does,
+    and nothing else of the profile changes (switches still cost what they did)."""
+    from dlora.profile import LatencyModel, load_profile
+    from dlora.scenario import load_scenario, resolve
+    from dlora.studies.reproduce import PAPER, free_lora_profile
+    from dlora.types import BatchMode
+
+    sc = load_scenario(PAPER / "fig10-dynamic-batching.yaml")
+    path = free_lora_profile(sc, tmp_path)
+    free, real = LatencyModel(load_profile(path)), LatencyModel(load_profile(resolve(sc, sc.model.profile)))
+    merged = real.decode_step_s(16, 512, BatchMode.MERGED)
+    assert real.decode_step_s(16, 512, BatchMode.UNMERGED, num_adapters=8) > 1.1 * merged
+    assert free.decode_step_s(16, 512, BatchMode.UNMERGED, num_adapters=8) == free.decode_step_s(16, 512, BatchMode.MERGED)
+    assert free.decode_step_s(16, 512, BatchMode.MERGED) == merged
+    assert free.switch_s(16, 16) == real.switch_s(16, 16) > 0
+    assert "latency.lora at zero" in load_profile(path).provenance.notes
