@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
-from typing import Protocol
+from typing import Any, NamedTuple, Protocol
 
 
 class RequestStatus(IntEnum):
@@ -152,9 +152,9 @@ class Request:
         return (self.finish_s - self.first_token_s) / (self.generated_tokens - 1)
 
 
-@dataclass(frozen=True, slots=True)
-class BatchItem:
-    """One request's part of a batch, frozen at scheduling time."""
+class BatchItem(NamedTuple):
+    """One request's part of a batch, frozen at scheduling time (a named tuple: immutable, and
+    built several times per simulated iteration, so cheaper than a frozen dataclass)."""
 
     request_id: int
     adapter_id: int | None
@@ -299,6 +299,10 @@ class Executor(Protocol):
 # ---- views and actions used by dispatchers, placement and migrators ----
 
 
+_VIEW_FIELDS = ("id", "is_alive", "num_waiting", "num_running", "num_swapped", "resident_adapters",
+                "merged_adapter", "queued_work_s", "requests_per_adapter", "adapter_slots_free", "backlog_s")
+
+
 class ReplicaView:
     """An immutable snapshot of one replica, for policies.
 
@@ -306,11 +310,10 @@ class ReplicaView:
     (`ReplicaView.deferred`), from values taken with the view: a dispatcher that ranks by
     backlog and residency never pays for them (the simulator builds a view per candidate per
     arrival, and a replica in a fast-path jump must count the blocks of its unapplied
-    iterations)."""
+    iterations). The other fields are kept in one tuple (read through properties): a view
+    is built in two stores, whatever its number of fields."""
 
-    __slots__ = ("id", "is_alive", "num_waiting", "num_running", "num_swapped", "resident_adapters",
-                 "merged_adapter", "queued_work_s", "requests_per_adapter", "adapter_slots_free",
-                 "backlog_s", "_kv")
+    __slots__ = ("_f", "_kv")
 
     id: int
     is_alive: bool
@@ -325,6 +328,7 @@ class ReplicaView:
     # seconds to drain at full-batch throughput (pending prefill + expected decode tokens);
     # unlike queued_work_s it grows with every request, so it ranks lightly loaded replicas
     backlog_s: float
+    _f: tuple[Any, ...]
     _kv: tuple[int, int] | Callable[[], tuple[int, int]]
 
     def __init__(self, id: int, is_alive: bool, num_waiting: int, num_running: int, num_swapped: int,
@@ -332,25 +336,22 @@ class ReplicaView:
                  merged_adapter: int | None, queued_work_s: float,
                  requests_per_adapter: tuple[tuple[int | None, int], ...], adapter_slots_free: int,
                  backlog_s: float = 0.0) -> None:
-        self._set(id, is_alive, num_waiting, num_running, num_swapped, resident_adapters, merged_adapter,
-                  queued_work_s, requests_per_adapter, adapter_slots_free, backlog_s,
-                  (kv_blocks_used, kv_blocks_total))
+        set_ = object.__setattr__
+        set_(self, "_f", (id, is_alive, num_waiting, num_running, num_swapped, resident_adapters, merged_adapter,
+                          queued_work_s, requests_per_adapter, adapter_slots_free, backlog_s))
+        set_(self, "_kv", (kv_blocks_used, kv_blocks_total))
 
     @classmethod
-    def deferred(cls, id: int, is_alive: bool, num_waiting: int, num_running: int, num_swapped: int,
-                 resident_adapters: frozenset[int], merged_adapter: int | None, queued_work_s: float,
-                 requests_per_adapter: tuple[tuple[int | None, int], ...], adapter_slots_free: int,
-                 backlog_s: float, kv: Callable[[], tuple[int, int]]) -> ReplicaView:
-        """A view whose (kv_blocks_used, kv_blocks_total) are `kv()`, called once, on first
-        read; `kv` must compute them from values taken when the view is (a pure function)."""
-        v = cls.__new__(cls)
-        v._set(id, is_alive, num_waiting, num_running, num_swapped, resident_adapters, merged_adapter,
-               queued_work_s, requests_per_adapter, adapter_slots_free, backlog_s, kv)
+    def deferred(cls, fields: tuple[Any, ...], kv: Callable[[], tuple[int, int]]) -> ReplicaView:
+        """A view of `fields` (`_VIEW_FIELDS`, in order) whose (kv_blocks_used, kv_blocks_total)
+        are `kv()`, called once, on first read; `kv` must compute them from values taken when
+        the view is (a pure function)."""
+        assert len(fields) == len(_VIEW_FIELDS)
+        v = object.__new__(cls)
+        set_ = object.__setattr__
+        set_(v, "_f", fields)
+        set_(v, "_kv", kv)
         return v
-
-    def _set(self, *values: object) -> None:
-        for name, value in zip(self.__slots__, values, strict=True):
-            object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError(f"ReplicaView is immutable (cannot set {name})")
@@ -372,7 +373,8 @@ class ReplicaView:
 
     @property
     def num_requests(self) -> int:
-        return self.num_waiting + self.num_running + self.num_swapped
+        f = self._f
+        return f[2] + f[3] + f[4]
 
     @property
     def kv_usage(self) -> float:
@@ -380,10 +382,8 @@ class ReplicaView:
         return used / total if total else 0.0
 
     def _fields(self) -> tuple[object, ...]:
-        used, total = self._kv_pair()
-        return (self.id, self.is_alive, self.num_waiting, self.num_running, self.num_swapped, used, total,
-                self.resident_adapters, self.merged_adapter, self.queued_work_s, self.requests_per_adapter,
-                self.adapter_slots_free, self.backlog_s)
+        f = self._f
+        return (*f[:5], *self._kv_pair(), *f[5:])
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ReplicaView):
@@ -394,10 +394,16 @@ class ReplicaView:
         return hash(self._fields())
 
     def __repr__(self) -> str:
-        names = ("id", "is_alive", "num_waiting", "num_running", "num_swapped", "kv_blocks_used",
-                 "kv_blocks_total", "resident_adapters", "merged_adapter", "queued_work_s",
-                 "requests_per_adapter", "adapter_slots_free", "backlog_s")
+        names = (*_VIEW_FIELDS[:5], "kv_blocks_used", "kv_blocks_total", *_VIEW_FIELDS[5:])
         return "ReplicaView(" + ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=True)) + ")"
+
+
+def _view_field(i: int) -> property:
+    return property(lambda self: self._f[i])
+
+
+for _i, _name in enumerate(_VIEW_FIELDS):  # the tuple's fields as read-only attributes
+    setattr(ReplicaView, _name, _view_field(_i))
 
 
 @dataclass(frozen=True, slots=True)

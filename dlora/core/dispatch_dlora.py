@@ -53,6 +53,9 @@ class DispatchCost:
             merged = lat.decode_step_s(b, ctx_tokens, BatchMode.MERGED)
             unmerged = lat.decode_step_s(b, ctx_tokens, BatchMode.UNMERGED, num_adapters=min(b, 4))
             self.merged_ratio = min(1.0, merged / unmerged) if unmerged > 0 else 1.0
+        # replica -> (its requests_per_adapter, the requests in full single-adapter batches);
+        # a replica keeps the same tuple until a request arrives or leaves (`queued_s`)
+        self._full: dict[int, tuple[tuple[tuple[int | None, int], ...], int]] = {}
 
     def queued_s(self, r: ReplicaView) -> float:
         """Seconds a new request waits for a batch slot: none while the replica runs fewer than
@@ -65,7 +68,14 @@ class DispatchCost:
         wait = (n + 1 - self.batch) * r.backlog_s / n
         if self.merged_ratio >= 1.0:
             return wait
-        full = sum((c // self.batch) * self.batch for a, c in r.requests_per_adapter if a is not None)
+        rpa = r.requests_per_adapter
+        memo = self._full.get(r.id)
+        if memo is not None and memo[0] is rpa:
+            full = memo[1]
+        else:
+            b = self.batch
+            full = sum((c // b) * b for a, c in rpa if a is not None)
+            self._full[r.id] = (rpa, full)
         return wait * (1.0 - (full / n) * (1.0 - self.merged_ratio))
 
     def load_s(self, adapter: int | None, r: ReplicaView) -> float:

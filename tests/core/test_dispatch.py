@@ -228,7 +228,7 @@ def test_a_deferred_view_computes_its_kv_fields_once_on_first_read_and_stays_imm
         calls.append(1)
         return 30, 120
 
-    lazy = ReplicaView.deferred(3, True, 2, 5, 0, frozenset({1}), None, 1.5, ((1, 7),), 2, 0.75, kv)
+    lazy = ReplicaView.deferred((3, True, 2, 5, 0, frozenset({1}), None, 1.5, ((1, 7),), 2, 0.75), kv)
     eager = ReplicaView(3, True, 2, 5, 0, 30, 120, frozenset({1}), None, 1.5, ((1, 7),), 2, 0.75)
     assert lazy.num_requests == 7 and lazy.backlog_s == 0.75 and not calls  # no KV read yet
     assert lazy.kv_usage == 0.25 and lazy.kv_blocks_used == 30 and lazy.kv_blocks_total == 120
