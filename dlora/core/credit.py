@@ -105,6 +105,7 @@ import math
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any
 
 from ..config import spec
@@ -176,6 +177,9 @@ class _QueueFacts:
     rank_tokens: int  # sum of ranks over B_fcfs requests
     # merged adapter -> (its batch, the transfers of a merged iteration), filled as decided
     merged: dict[Key, tuple[tuple[Request, ...], tuple[tuple[Key, Key, float], ...]]] = field(default_factory=dict)
+
+
+_adapter_of = attrgetter("adapter_id")
 
 
 def _key_order(k: Key) -> tuple[bool, int]:
@@ -272,12 +276,15 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         if cached is not None and cached[0] is reqs and cached[1] == b:
             return cached[2]
         fcfs = tuple(reqs[:b])
-        counts = Counter(r.adapter_id for r in reqs)
+        counts = Counter(map(_adapter_of, reqs))
+        in_fcfs = Counter(map(_adapter_of, fcfs))
+        by_count = sorted(k for k in counts if k is not None)  # most requested first, ties: lowest id
+        by_count.sort(key=counts.__getitem__, reverse=True)  # (a stable sort, also reversed)
+        ranks = self.ranks
         facts = _QueueFacts(
-            fcfs=fcfs, counts=counts, in_fcfs=Counter(r.adapter_id for r in fcfs),
-            by_count=tuple(sorted((k for k in counts if k is not None), key=lambda k: (-counts[k], _key_order(k)))),
-            fcfs_adapters=len({r.adapter_id for r in fcfs if r.adapter_id is not None}),
-            rank_tokens=sum(self.ranks.get(r.adapter_id, 0) for r in fcfs if r.adapter_id is not None))
+            fcfs=fcfs, counts=counts, in_fcfs=in_fcfs, by_count=tuple(by_count),
+            fcfs_adapters=len(in_fcfs) - (None in in_fcfs),
+            rank_tokens=sum(ranks.get(k, 0) * n for k, n in in_fcfs.items() if k is not None))
         self._facts = (reqs, b, facts)
         return facts
 
