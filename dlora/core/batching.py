@@ -13,6 +13,7 @@ policies (PAPER.md section 2, ablations; section 6, baselines).
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,6 +33,9 @@ class QueueView:
     merged_adapter: int | None  # adapter currently merged into the weights
     max_batch_size: int
     step: int
+    # requests per adapter in `requests` (positive counts only; read-only), when the replica
+    # keeps them: a policy need not count a long queue again (None: count `requests`)
+    counts: Counter[int | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,5 +183,5 @@ class MergedOnly(OldestAdapter):
     def plan(self, queue: QueueView, now: float) -> Plan:
         if self.params.oldest == "arrival":
             queue = QueueView(sorted(queue.requests, key=lambda r: (r.arrival_s, r.id)), queue.merged_adapter,
-                              queue.max_batch_size, queue.step)
+                              queue.max_batch_size, queue.step, queue.counts)
         return OldestAdapter.plan(self, queue, now)

@@ -195,6 +195,7 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         self.ctx = ctx
         self.ranks = ctx.adapter_ranks
         self.credits: dict[Key, float] = {a: params.credit_start for a in ctx.adapter_ranks}
+        self._parties: tuple[tuple[tuple[Key, Key, float], ...], frozenset[Key]] | None = None
         self.serving: frozenset[Key] = frozenset()
         self.benched: frozenset[Key] = frozenset()  # fell below the floor, not yet back at start
         self._above: set[Key] = set()  # adapters whose credit is above start (`_move_credits` keeps it)
@@ -276,7 +277,7 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         if cached is not None and cached[0] is reqs and cached[1] == b:
             return cached[2]
         fcfs = tuple(reqs[:b])
-        counts = Counter(map(_adapter_of, reqs))
+        counts = queue.counts if queue.counts is not None else Counter(map(_adapter_of, reqs))
         in_fcfs = Counter(map(_adapter_of, fcfs))
         by_count = sorted(k for k in counts if k is not None)  # most requested first, ties: lowest id
         by_count.sort(key=counts.__getitem__, reverse=True)  # (a stable sort, also reversed)
@@ -391,12 +392,13 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
             credits = self.credits
             start, floor = p.credit_start, p.credit_floor
             get = credits.get
-            moved = set()
             for payer, payee, amount in d.transfers:  # (`credit`, inlined: the hottest loop)
                 credits[payer] = get(payer, start) - amount
                 credits[payee] = get(payee, start) + amount
-                moved.add(payer)
-                moved.add(payee)
+            memo = self._parties  # the adapters they move (a repeat moves the same ones each time)
+            if memo is None or memo[0] is not d.transfers:
+                memo = self._parties = (d.transfers, frozenset(k for t in d.transfers for k in t[:2]))
+            moved = memo[1]
             # only the adapters whose credit moved can enter or leave the bench (for the others
             # the rule gives what it gave last time) or the creditors
             benched = self.benched

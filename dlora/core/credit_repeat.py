@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..types import Batch
 from .batching import Plan, QueueView
@@ -21,7 +21,9 @@ REPEAT_LOOKAHEAD = 256  # iterations `repeats` runs a credit-moving plan ahead
 
 class CreditRepeats:
     if TYPE_CHECKING:  # provided by CreditPolicy
+        p: Any  # CreditParams
         credits: dict[Key, float]
+        _parties: tuple[tuple[tuple[Key, Key, float], ...], frozenset[Key]] | None  # transfers, who they move
         benched: frozenset[Key]
         serving: frozenset[Key]
         episode: _Episode | None
@@ -76,8 +78,13 @@ class CreditRepeats:
             for j in range(1, limit):
                 self._commit_skips()  # `observe` of iteration j - 1 ...
                 self._resume = d.resume
-                self._move_credits(d)
                 now = starts[j]  # ... and `plan` of iteration j
+                if self._same_decision_after_move(d, queue, now):
+                    # the decision of iteration j - 1 again (`_same_decision_after_move`): its
+                    # skip clocks too (the same skipped requests, whose clocks already run)
+                    self._skips_now = now
+                    ahead.append((d, self._skips_next, now))
+                    continue
                 p, d = self._decide_with(queue, self._overdue(queue, now))
                 if (p.mode != plan.mode or p.merged_adapter != plan.merged_adapter
                         or p.forced_by_credit != plan.forced_by_credit or [id(r) for r in p.requests] != ids):
@@ -89,6 +96,39 @@ class CreditRepeats:
             self._ahead = (queue, ahead)  # (the state evolves as here until a new `plan`)
             (self.credits, self._above, self.benched, self.serving, self._resume, self._skipped_since,
              self._skips_next, self._skips_now, self.max_skip_wait_s) = saved
+
+    def _same_decision_after_move(self, d: _Decision, queue: QueueView, now: float) -> bool:
+        """Move the credits of decision `d` (`_move_credits`) and say whether the next decision
+        is `d` itself, without deciding again. Only for a merged plan that moves credit and
+        serves nobody: its transfers are fixed by the queue, and `_decide` reads the credits
+        only through their side of the thresholds (floor, start, fire, release), the bench,
+        the service set and the overdue adapters. If no adapter whose credit moved crossed a
+        threshold, the bench and the creditors stay as they were (the bench rule is
+        idempotent), nobody is in service, and no skipped request is overdue at `now`, then
+        `_decide` gives `d` again; the skip clocks too are unchanged (the same requests
+        skipped, their clocks already started)."""
+        if d.forced or not d.transfers or d.serving or self.serving or d.adapter is None:
+            self._move_credits(d)
+            return False
+        p = self.p
+        floor, start, fire, release = p.credit_floor, p.credit_start, p.credit_fire, p.credit_release
+        memo = self._parties
+        moved = memo[1] if memo is not None and memo[0] is d.transfers else \
+            frozenset(k for t in d.transfers for k in t[:2])
+        get = self.credits.get
+
+        def sides() -> list[tuple[bool, bool, bool, bool, bool]]:
+            return [(c < floor, c < start, c > start, c >= fire, c >= release)
+                    for c in (get(k, start) for k in moved)]
+
+        before = sides()
+        self._move_credits(d)
+        if self.serving or sides() != before:
+            return False
+        limit = p.max_skip_s
+        since = self._skipped_since  # (the clocks of the requests `d` skips, all started)
+        # (the earliest clock is the first overdue: subtraction is monotonic)
+        return limit is None or not since or now - min(since.values()) < limit
 
     def observe_repeated(self, batch: Batch, times: Sequence[float], starts: Sequence[float],
                          first: int = 0) -> None:

@@ -100,6 +100,7 @@ class ReplicaScheduler(RoomMaker, ReplicaViews, RepeatedDecode):
         self.stats = ReplicaStats()
         self._pending_free: list[int] = []
         self._rpa: tuple[tuple[int | None, int], ...] | None = None
+        self._queue_counts: tuple[tuple[tuple[int | None, int], ...], Counter[int | None]] | None = None
         self._pending_loads: list[int] = []
         self._pending_evicts: list[int] = []
         self._incoming_kv: dict[int, int] = {}  # request id -> KV tokens arriving by transfer
@@ -203,7 +204,8 @@ class ReplicaScheduler(RoomMaker, ReplicaViews, RepeatedDecode):
         docstring), return the batch (None when idle)."""
         if not self.running and not self.waiting:
             return None
-        queue = QueueView(self.unfinished, self.merged_adapter, self.config.max_batch_size, self.step)
+        queue = QueueView(self.unfinished, self.merged_adapter, self.config.max_batch_size, self.step,
+                          self.queue_counts())
         plan = self.policy.plan(queue, now)
         return self._admit(plan, now)
 

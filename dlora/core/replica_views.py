@@ -34,6 +34,7 @@ class ReplicaViews:
     stats: ReplicaStats
     policy: BatchPolicy
     _rpa: tuple[tuple[int | None, int], ...] | None
+    _queue_counts: tuple[tuple[tuple[int | None, int], ...], Counter[int | None]] | None
 
     @property
     def num_unfinished(self) -> int:
@@ -76,6 +77,15 @@ class ReplicaViews:
             self._rpa = tuple(sorted(((a, n) for a, n in self.outstanding.items() if n > 0),
                                      key=lambda x: (x[0] is None, x[0] or 0)))
         return self._rpa
+
+    def queue_counts(self) -> Counter[int | None]:
+        """Unfinished requests per adapter, positive counts only (`QueueView.counts`); the same
+        object until a request is added or leaves (read-only)."""
+        rpa = self._requests_per_adapter()
+        cached = self._queue_counts
+        if cached is None or cached[0] is not rpa:
+            cached = self._queue_counts = (rpa, Counter(dict(rpa)))
+        return cached[1]
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.stats.as_dict())

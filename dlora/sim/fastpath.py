@@ -93,7 +93,8 @@ class FastPath:
         plan it came from); else None."""
         if rep._pending_loads or rep._pending_evicts or rep._incoming_kv:
             return None  # (KV frees cost no time: the jump's first iteration takes them)
-        queue = QueueView(rep.unfinished, rep.merged_adapter, rep.config.max_batch_size, rep.step)
+        queue = QueueView(rep.unfinished, rep.merged_adapter, rep.config.max_batch_size, rep.step,
+                          rep.queue_counts())
         plan = rep.policy.plan(queue, now)  # the real time: time-based policy rules read it
         merged = plan.merged_adapter if plan.mode == BatchMode.MERGED else None
         if not plan.requests or merged != rep.merged_adapter:

@@ -4,6 +4,7 @@ also when its KV fields (computed on first read) are read after the replica chan
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,11 @@ def test_a_lazy_view_equals_the_view_brought_up_to_date(monkeypatch, sets) -> No
         self.observe(replica, now)  # (bringing it up to date at a read changes no result)
         # the lazy view's KV fields are computed only now, after the replica changed: they
         # must come from what was taken with the view
-        assert lazy == self.replicas[replica].view(now)
+        rep = self.replicas[replica]
+        assert lazy == rep.view(now)
+        # the per-adapter counts the replica keeps for its policy (`QueueView.counts`)
+        assert rep.queue_counts() == Counter(r.adapter_id for r in rep.unfinished)
+        assert all(n > 0 for n in rep.queue_counts().values())
         compared["n"] += 1
         return lazy
 
