@@ -129,14 +129,18 @@ class MemoryPool:
         blocks = self.kv_blocks.pop(request_id, 0)
         hashed = self.shared.pop(request_id, ())
         freed = blocks - len(hashed)
-        for h in reversed(hashed):  # a chain's tail is reclaimed before its head (as vLLM does)
-            n = self.block_refs[h] - 1
-            if n:
-                self.block_refs[h] = n
-            else:
-                del self.block_refs[h]
-                self.cached[h] = None
-                freed += 1
+        if hashed:
+            refs = self.block_refs
+            idle = []  # blocks nobody holds any more, tail first: a chain's tail is reclaimed
+            for h in reversed(hashed):  # before its head (as vLLM does)
+                n = refs[h] - 1
+                if n:
+                    refs[h] = n
+                else:
+                    del refs[h]
+                    idle.append(h)
+            self.cached.update(dict.fromkeys(idle))  # (none is cached: appended in this order)
+            freed += len(idle)
         self.kv_used_blocks -= freed
         return blocks
 
