@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..revision import git_revision
-from .reproduce import Figure, fmt_cell
+from .figure import Figure, fmt_cell
 
 GENERAL_DEVIATIONS = (
     "All numbers come from the simulator driven by latency profiles; none is a measurement on "
