@@ -105,7 +105,8 @@ import math
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from operator import attrgetter
+from functools import reduce
+from operator import add, attrgetter
 from typing import Any
 
 from ..config import spec
@@ -182,6 +183,15 @@ class _QueueFacts:
 _adapter_of = attrgetter("adapter_id")
 
 
+def _deltas(transfers: tuple[tuple[Key, Key, float], ...]) -> dict[Key, tuple[float, ...]]:
+    """Per adapter a decision's transfers move, the changes to its credit in transfer order."""
+    out: dict[Key, list[float]] = {}
+    for payer, payee, amount in transfers:
+        out.setdefault(payer, []).append(-amount)
+        out.setdefault(payee, []).append(amount)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 def _key_order(k: Key) -> tuple[bool, int]:
     return (k is None, k or 0)
 
@@ -195,7 +205,7 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         self.ctx = ctx
         self.ranks = ctx.adapter_ranks
         self.credits: dict[Key, float] = {a: params.credit_start for a in ctx.adapter_ranks}
-        self._parties: tuple[tuple[tuple[Key, Key, float], ...], frozenset[Key]] | None = None
+        self._parties: tuple[tuple[tuple[Key, Key, float], ...], dict[Key, tuple[float, ...]]] | None = None
         self.serving: frozenset[Key] = frozenset()
         self.benched: frozenset[Key] = frozenset()  # fell below the floor, not yet back at start
         self._above: set[Key] = set()  # adapters whose credit is above start (`_move_credits` keeps it)
@@ -218,6 +228,7 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         self.counts = Counter[str]()
         self._memo: _Decision | None = None
         self._memo_queue: QueueView | None = None  # the queue `_memo` was decided for
+        self._memo_step = -1  # the iteration `_memo` is for (a repeat's iterations share a decision)
         self._skipped_since: dict[int, float] = {}  # request id -> first skip of its current run
         self._skips_next: dict[int, float] = {}  # what the last plan would commit
         self._skips_now = 0.0
@@ -265,6 +276,7 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         plan, decision = self._decide_with(queue, self._overdue(queue, now))
         self._memo = decision
         self._memo_queue = queue
+        self._memo_step = queue.step
         self._skips_next, self._skips_now = self._skip_clocks(queue, plan, now), now
         self._ahead = None
         return plan
@@ -371,7 +383,7 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
     # ---- feedback ----
     def observe(self, batch: Batch, result: StepResult) -> None:
         d = self._memo
-        if d is None or d.step != batch.step or result.error is not None:
+        if d is None or self._memo_step != batch.step or result.error is not None:
             return
         self._observe(d, batch)
 
@@ -392,13 +404,14 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
             credits = self.credits
             start, floor = p.credit_start, p.credit_floor
             get = credits.get
-            for payer, payee, amount in d.transfers:  # (`credit`, inlined: the hottest loop)
-                credits[payer] = get(payer, start) - amount
-                credits[payee] = get(payee, start) + amount
-            memo = self._parties  # the adapters they move (a repeat moves the same ones each time)
-            if memo is None or memo[0] is not d.transfers:
-                memo = self._parties = (d.transfers, frozenset(k for t in d.transfers for k in t[:2]))
-            moved = memo[1]
+            memo = self._parties  # per adapter moved, its deltas in transfer order (a repeat
+            if memo is None or memo[0] is not d.transfers:  # moves the same ones each time)
+                memo = self._parties = (d.transfers, _deltas(d.transfers))
+            # each adapter's credit takes its deltas in transfer order: the float operations of
+            # one payer -= amount, payee += amount per transfer (x - a is x + (-a) exactly)
+            for k, deltas in memo[1].items():
+                credits[k] = reduce(add, deltas, get(k, start))
+            moved = memo[1].keys()
             # only the adapters whose credit moved can enter or leave the bench (for the others
             # the rule gives what it gave last time) or the creditors
             benched = self.benched

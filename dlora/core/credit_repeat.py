@@ -23,7 +23,8 @@ class CreditRepeats:
     if TYPE_CHECKING:  # provided by CreditPolicy
         p: Any  # CreditParams
         credits: dict[Key, float]
-        _parties: tuple[tuple[tuple[Key, Key, float], ...], frozenset[Key]] | None  # transfers, who they move
+        _parties: tuple[tuple[tuple[Key, Key, float], ...], dict[Key, tuple[float, ...]]] | None  # transfers,
+        # per adapter they move its deltas (`_move_credits`)
         benched: frozenset[Key]
         serving: frozenset[Key]
         episode: _Episode | None
@@ -32,6 +33,7 @@ class CreditRepeats:
         _resume: Key
         _memo: _Decision | None
         _memo_queue: QueueView | None
+        _memo_step: int
         _skipped_since: dict[int, float]
         _skips_next: dict[int, float]
         _skips_now: float
@@ -113,8 +115,8 @@ class CreditRepeats:
         p = self.p
         floor, start, fire, release = p.credit_floor, p.credit_start, p.credit_fire, p.credit_release
         memo = self._parties
-        moved = memo[1] if memo is not None and memo[0] is d.transfers else \
-            frozenset(k for t in d.transfers for k in t[:2])
+        moved = memo[1].keys() if memo is not None and memo[0] is d.transfers else \
+            {k for t in d.transfers for k in t[:2]}
         get = self.credits.get
 
         def sides() -> list[tuple[bool, bool, bool, bool, bool]]:
@@ -151,11 +153,11 @@ class CreditRepeats:
         for i in range(len(times)):
             j = first + i  # the iteration of the repeat
             step = batch.step + j
-            if self._memo is None or self._memo.step != step:
+            if self._memo is None or self._memo_step != step:
                 if 0 < j <= len(ahead) and ahead[j - 1][2] == starts[i]:
                     # as `repeats` planned it: the same state, so the same `plan`
                     d, self._skips_next, self._skips_now = ahead[j - 1]
-                    self._memo = dataclasses.replace(d, step=step)
+                    self._memo, self._memo_step = d, step
                 else:
                     self.plan(dataclasses.replace(queue, step=step), starts[i])
                     ahead = []
