@@ -181,6 +181,7 @@ class _QueueFacts:
 
 
 _adapter_of = attrgetter("adapter_id")
+_NOBODY: frozenset[Key] = frozenset()
 
 
 def _deltas(transfers: tuple[tuple[Key, Key, float], ...]) -> dict[Key, tuple[float, ...]]:
@@ -424,9 +425,10 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
                     above.add(k)
                 else:
                     above.discard(k)
-        self.serving = frozenset(k for k in d.serving if self.credit(k) >= self.p.credit_release)
-        if d.forced and not d.transfers:
-            self.serving = frozenset()
+        if d.serving and (d.transfers or not d.forced):
+            self.serving = frozenset(k for k in d.serving if self.credit(k) >= self.p.credit_release)
+        else:  # (a merged or plain plan serves nobody; a forced one without transfers ends service)
+            self.serving = _NOBODY
 
     def _apply(self, d: _Decision, batch: Batch) -> None:
         self._move_credits(d)
