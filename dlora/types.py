@@ -234,21 +234,25 @@ class Batch:
         prefill_tokens = prefill_seqs = prefill_ctx = decode_seqs = decode_ctx = 0
         adapters: set[int] = set()
         lora_tokens = lora_token_rank = pairs = longest = decode_longest = 0
-        for it in self.items:
-            longest = max(longest, it.computed_tokens + it.new_tokens)
-            if it.new_tokens == 1 and it.computed_tokens > 0:
+        unmerged = self.mode == BatchMode.UNMERGED
+        for _, adapter, computed, new, _ in self.items:  # (named tuples: unpacked, the hot loop)
+            total = computed + new
+            if total > longest:
+                longest = total
+            if new == 1 and computed > 0:
                 decode_seqs += 1
-                decode_ctx += it.computed_tokens + 1
-                decode_longest = max(decode_longest, it.computed_tokens + 1)
+                decode_ctx += total
+                if total > decode_longest:
+                    decode_longest = total
             else:
-                prefill_tokens += it.new_tokens
+                prefill_tokens += new
                 prefill_seqs += 1
-                prefill_ctx += it.computed_tokens + it.new_tokens
-                pairs += it.new_tokens * (2 * it.computed_tokens + it.new_tokens + 1) // 2
-            if self.mode == BatchMode.UNMERGED and it.adapter_id is not None:
-                adapters.add(it.adapter_id)
-                lora_tokens += it.new_tokens
-                lora_token_rank += it.new_tokens * ranks[it.adapter_id]
+                prefill_ctx += total
+                pairs += new * (2 * computed + new + 1) // 2
+            if unmerged and adapter is not None:
+                adapters.add(adapter)
+                lora_tokens += new
+                lora_token_rank += new * ranks[adapter]
         return BatchShape(
             prefill_tokens=prefill_tokens,
             prefill_seqs=prefill_seqs,
