@@ -23,6 +23,7 @@ from ..registry import Registry
 from ..types import Adapter, Batch, BatchMode, Request, StepResult
 from .context import PolicyContext
 from .memory import MemoryConfig
+from .replica_views import fcfs_key
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +183,6 @@ class MergedOnly(OldestAdapter):
 
     def plan(self, queue: QueueView, now: float) -> Plan:
         if self.params.oldest == "arrival":
-            queue = QueueView(sorted(queue.requests, key=lambda r: (r.arrival_s, r.id)), queue.merged_adapter,
+            queue = QueueView(sorted(queue.requests, key=fcfs_key), queue.merged_adapter,
                               queue.max_batch_size, queue.step, queue.counts)
         return OldestAdapter.plan(self, queue, now)

@@ -405,14 +405,12 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
             credits = self.credits
             start, floor = p.credit_start, p.credit_floor
             get = credits.get
-            memo = self._parties  # per adapter moved, its deltas in transfer order (a repeat
-            if memo is None or memo[0] is not d.transfers:  # moves the same ones each time)
-                memo = self._parties = (d.transfers, _deltas(d.transfers))
             # each adapter's credit takes its deltas in transfer order: the float operations of
             # one payer -= amount, payee += amount per transfer (x - a is x + (-a) exactly)
-            for k, deltas in memo[1].items():
+            by_adapter = self._deltas_of(d.transfers)
+            for k, deltas in by_adapter.items():
                 credits[k] = reduce(add, deltas, get(k, start))
-            moved = memo[1].keys()
+            moved = by_adapter.keys()
             # only the adapters whose credit moved can enter or leave the bench (for the others
             # the rule gives what it gave last time) or the creditors
             benched = self.benched
@@ -429,6 +427,14 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
             self.serving = frozenset(k for k in d.serving if self.credit(k) >= self.p.credit_release)
         else:  # (a merged or plain plan serves nobody; a forced one without transfers ends service)
             self.serving = _NOBODY
+
+    def _deltas_of(self, transfers: tuple[tuple[Key, Key, float], ...]) -> dict[Key, tuple[float, ...]]:
+        """`_deltas(transfers)`, kept for the last transfers seen (a repeat moves the same ones
+        every iteration)."""
+        memo = self._parties
+        if memo is None or memo[0] is not transfers:
+            memo = self._parties = (transfers, _deltas(transfers))
+        return memo[1]
 
     def _apply(self, d: _Decision, batch: Batch) -> None:
         self._move_credits(d)

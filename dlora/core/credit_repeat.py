@@ -23,8 +23,6 @@ class CreditRepeats:
     if TYPE_CHECKING:  # provided by CreditPolicy
         p: Any  # CreditParams
         credits: dict[Key, float]
-        _parties: tuple[tuple[tuple[Key, Key, float], ...], dict[Key, tuple[float, ...]]] | None  # transfers,
-        # per adapter they move its deltas (`_move_credits`)
         benched: frozenset[Key]
         serving: frozenset[Key]
         episode: _Episode | None
@@ -50,6 +48,8 @@ class CreditRepeats:
         def _commit_skips(self) -> None: ...
 
         def _move_credits(self, d: _Decision) -> None: ...
+
+        def _deltas_of(self, transfers: tuple[tuple[Key, Key, float], ...]) -> dict[Key, tuple[float, ...]]: ...
 
         def _observe(self, d: _Decision, batch: Batch) -> None: ...
 
@@ -114,9 +114,7 @@ class CreditRepeats:
             return False
         p = self.p
         floor, start, fire, release = p.credit_floor, p.credit_start, p.credit_fire, p.credit_release
-        memo = self._parties
-        moved = memo[1].keys() if memo is not None and memo[0] is d.transfers else \
-            {k for t in d.transfers for k in t[:2]}
+        moved = self._deltas_of(d.transfers).keys()
         get = self.credits.get
 
         def sides() -> list[tuple[bool, bool, bool, bool, bool]]:

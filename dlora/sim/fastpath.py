@@ -143,7 +143,7 @@ class FastPath:
         ends: list[float] = []
         end = now
         decode_ctx = shape.decode_context_tokens - n  # the loop adds n before each iteration
-        total_need = sum(-(-(c + max_iters) // block) - -(-c // block) for c in ctx)
+        total_need = sum(_new_blocks(c, 0, max_iters, block) for c in ctx)
         check_memory = total_need > free_blocks  # else every iteration's blocks fit
         for _ in range(max_iters):
             if check_memory:
