@@ -8,19 +8,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Sequence
 
-from ..types import (
-    Action,
-    Adapter,
-    Batch,
-    ClusterView,
-    DropAdapter,
-    LoadAdapter,
-    MigrateMode,
-    MigrateRequest,
-    ReplicaView,
-    Request,
-    RequestStatus,
-)
+from ..types import Adapter, Batch, MigrateMode, Request, RequestStatus
+from ..views import Action, ClusterView, DropAdapter, LoadAdapter, MigrateRequest, ReplicaView
 from .context import AdapterCatalog
 from .dispatch import Dispatcher
 from .replica import AdmissionError, ReplicaScheduler

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..config import spec
 from ..registry import Registry
-from ..types import ClusterView, ReplicaView, Request
+from ..types import Request
+from ..views import ClusterView, ReplicaView
 from .context import DispatchContext
 
 if TYPE_CHECKING:

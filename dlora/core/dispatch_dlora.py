@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import spec
-from ..types import BatchMode, ClusterView, ReplicaView, Request
+from ..types import BatchMode, Request
+from ..views import ClusterView, ReplicaView
 from .context import DispatchContext
 from .dispatch import DISPATCHERS, alive, alive_ids
 from .placement_policy import PlacementParams, Placer, make_placer

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..registry import Registry
-from ..types import Action, ClusterView
+from ..views import Action, ClusterView
 from .context import DispatchContext
 
 if TYPE_CHECKING:

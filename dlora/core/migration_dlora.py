@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import spec
-from ..types import Action, ClusterView, ReplicaView
+from ..views import Action, ClusterView, ReplicaView
 from .context import DispatchContext
 from .migration import MIGRATORS
 from .migration_problem import AdapterCost, CandidateRequest, MigrationProblem, ReplicaState

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from ..types import Action, DropAdapter, LoadAdapter, MigrateMode, MigrateRequest
+from ..types import MigrateMode
+from ..views import Action, DropAdapter, LoadAdapter, MigrateRequest
 
 
 @dataclass(frozen=True, slots=True)

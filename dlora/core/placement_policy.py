@@ -28,7 +28,8 @@ from typing import Any
 
 from ..config import spec
 from ..errors import ConfigError
-from ..types import Action, Adapter, ClusterView, DropAdapter, LoadAdapter
+from ..types import Adapter
+from ..views import Action, ClusterView, DropAdapter, LoadAdapter
 from .context import DispatchContext
 from .placement import (
     AdapterDemand,

@@ -8,7 +8,8 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..types import ReplicaView, Request
+from ..types import Request
+from ..views import ReplicaView
 from .snapshot import ReplicaMemory, RequestSnapshot
 
 if TYPE_CHECKING:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..types import ClusterView, RequestStatus
+from ..types import RequestStatus
+from ..views import ClusterView
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 
 from ..core.cluster import Cluster
 from ..core.replica import ReplicaScheduler
-from ..types import Action, MigrateMode, MigrateRequest, Request
+from ..types import MigrateMode, Request
+from ..views import Action, MigrateRequest
 from .clock import Condition
 from .kv_transfer import KVMailbox
 from .stats import LiveStats

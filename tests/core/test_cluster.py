@@ -9,7 +9,8 @@ from pathlib import Path
 
 from dlora.build import load_latency, make_adapters, make_cluster
 from dlora.scenario import scenario_from_dict
-from dlora.types import Adapter, MigrateMode, MigrateRequest, Request, RequestStatus, StepResult
+from dlora.types import Adapter, MigrateMode, Request, RequestStatus, StepResult
+from dlora.views import MigrateRequest
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -13,7 +13,8 @@ from dlora.core.dispatch_dlora import DispatchCost
 from dlora.core.memory import MemoryConfig
 from dlora.core.placement_policy import PlacementParams, Placer
 from dlora.profile import LatencyModel, load_profile
-from dlora.types import Adapter, ClusterView, DropAdapter, LoadAdapter, ReplicaView, Request
+from dlora.types import Adapter, Request
+from dlora.views import ClusterView, DropAdapter, LoadAdapter, ReplicaView
 
 ROOT = Path(__file__).resolve().parents[2]
 LATENCY = LatencyModel(load_profile(ROOT / "profiles" / "a800-llama-2-7b.yaml"))

@@ -11,15 +11,8 @@ import pytest
 from dlora.build import load_latency, make_adapters, make_cluster
 from dlora.core.migration_dlora import DloraMigrator
 from dlora.scenario import scenario_from_dict
-from dlora.types import (
-    ClusterView,
-    MigrateMode,
-    MigrateRequest,
-    ReplicaView,
-    Request,
-    RequestStatus,
-    StepResult,
-)
+from dlora.types import MigrateMode, Request, RequestStatus, StepResult
+from dlora.views import ClusterView, MigrateRequest, ReplicaView
 
 ROOT = Path(__file__).resolve().parents[2]
 

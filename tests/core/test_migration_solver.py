@@ -21,7 +21,8 @@ from dlora.core.migration_solver import (
     choose_replicas,
     solve_migration,
 )
-from dlora.types import DropAdapter, LoadAdapter, MigrateMode, MigrateRequest
+from dlora.types import MigrateMode
+from dlora.views import DropAdapter, LoadAdapter, MigrateRequest
 
 
 def replica(rid, base=0.0, resident=(), evictable=(), slots=4, memory=10_000, kv=1000, kv_base=0,

@@ -13,15 +13,8 @@ from dlora.build import load_latency, make_adapters, make_cluster
 from dlora.live import LiveCluster, VirtualClock
 from dlora.live.executors import prompt_token_ids, torch_executors
 from dlora.scenario import load_scenario
-from dlora.types import (
-    Action,
-    ClusterView,
-    MigrateMode,
-    MigrateRequest,
-    Request,
-    RequestStatus,
-    SamplingParams,
-)
+from dlora.types import MigrateMode, Request, RequestStatus, SamplingParams
+from dlora.views import Action, ClusterView, MigrateRequest
 
 pytest.importorskip("torch")
 
