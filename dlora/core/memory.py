@@ -22,6 +22,7 @@ from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from .prefix import BlockRun
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +60,13 @@ class MemoryPool:
         self.swap_used_blocks = 0
         # prefix cache: hash -> holders of a shared block; freed hashed blocks, oldest first
         self.block_refs: dict[Hashable, int] = {}
-        self.cached: OrderedDict[Hashable, None] = OrderedDict()
-        self.shared: dict[int, list[Hashable]] = {}  # request id -> its hashed blocks, in order
+        self.cached: OrderedDict[Hashable | _OwnRun, None] = OrderedDict()
+        self.shared: dict[int, list[Hashable]] = {}  # request id -> its blocks hashed by content,
+        # in order; then its own blocks (`prefix.BlockRun`), held: request id -> [lo, hi), and
+        # cached: runs in `cached` (each counts hi - lo blocks), indexed by request
+        self.own: dict[int, list[int]] = {}
+        self.cached_runs: dict[int, list[_OwnRun]] = {}
+        self.cached_blocks = 0  # blocks in `cached`
         self.prefix_query_tokens = 0
         self.prefix_hit_tokens = 0
 
@@ -113,10 +119,28 @@ class MemoryPool:
 
     def _reclaim(self) -> None:
         """Drop cached blocks (oldest first) while used and cached blocks overfill the pool."""
-        over = self.kv_used_blocks + len(self.cached) - self.total_kv_blocks_now
-        while over > 0 and self.cached:
-            self.cached.popitem(last=False)
-            over -= 1
+        over = self.kv_used_blocks + self.cached_blocks - self.total_kv_blocks_now
+        cached = self.cached
+        while over > 0 and cached:
+            oldest = next(iter(cached))
+            if type(oldest) is _OwnRun:  # a request's own blocks: its tail first
+                take = min(over, oldest.hi - oldest.lo)
+                oldest.hi -= take
+                self.cached_blocks -= take
+                over -= take
+                if oldest.hi == oldest.lo:
+                    del cached[oldest]
+                    self._forget(oldest)
+            else:
+                cached.popitem(last=False)
+                self.cached_blocks -= 1
+                over -= 1
+
+    def _forget(self, run: _OwnRun) -> None:
+        runs = self.cached_runs[run.request_id]
+        runs.remove(run)
+        if not runs:
+            del self.cached_runs[run.request_id]
 
     @property
     def total_kv_blocks_now(self) -> int:
@@ -129,6 +153,12 @@ class MemoryPool:
         blocks = self.kv_blocks.pop(request_id, 0)
         hashed = self.shared.pop(request_id, ())
         freed = blocks - len(hashed)
+        own = self.own.pop(request_id, None)
+        if own is not None:  # its own blocks (the tail of its hashed ones): cached, a run
+            run = _OwnRun(request_id, own[0], own[1])
+            self.cached[run] = None
+            self.cached_runs.setdefault(request_id, []).append(run)
+            self.cached_blocks += own[1] - own[0]
         if hashed:
             refs = self.block_refs
             idle = []  # blocks nobody holds any more, tail first: a chain's tail is reclaimed
@@ -140,61 +170,128 @@ class MemoryPool:
                     del refs[h]
                     idle.append(h)
             self.cached.update(dict.fromkeys(idle))  # (none is cached: appended in this order)
+            self.cached_blocks += len(idle)
             freed += len(idle)
         self.kv_used_blocks -= freed
         return blocks
 
     # ---- prefix cache ----
+    def _own_present(self, request_id: int, lo: int, hi: int) -> tuple[int, int]:
+        """(blocks of the request's own `lo .. hi - 1` present, a leading run; of them, how many
+        are cached but unheld)."""
+        i, idle = lo, 0
+        held = self.own.get(request_id)
+        runs = self.cached_runs.get(request_id, ())
+        while i < hi:
+            if held is not None and held[0] <= i < held[1]:
+                i = min(held[1], hi)
+                continue
+            for run in runs:
+                if run.lo <= i < run.hi:
+                    step = min(run.hi, hi) - i
+                    i += step
+                    idle += step
+                    break
+            else:
+                break
+        return i - lo, idle
+
     def cached_prefix_blocks(self, hashes: Sequence[Hashable]) -> tuple[int, int]:
-        """(blocks of `hashes` present, leading run; of them, how many are cached but unheld and
-        so take free room when claimed)."""
+        """(blocks of `hashes` (from block 0) present, leading run; of them, how many are cached
+        but unheld and so take free room when claimed)."""
         if not self.config.prefix_caching:
             return 0, 0
+        run = BlockRun.of(hashes)
         n = idle = 0
-        for h in hashes:
+        for h in run.head:
             if h in self.block_refs:
                 n += 1
             elif h in self.cached:
                 n += 1
                 idle += 1
             else:
-                break
-        return n, idle
+                return n, idle
+        own, own_idle = self._own_present(run.request_id, run.lo, run.hi)
+        return n + own, idle + own_idle
 
     def claim_prefix(self, request_id: int, hashes: Sequence[Hashable]) -> None:
-        """Give a request without blocks the cached blocks of `hashes` (all present)."""
-        assert request_id not in self.kv_blocks and hashes
-        for h in hashes:
+        """Give a request without blocks the cached blocks of `hashes` (from block 0; all
+        present)."""
+        run = BlockRun.of(hashes)
+        assert request_id not in self.kv_blocks and len(run)
+        for h in run.head:
             if h in self.block_refs:
                 self.block_refs[h] += 1
             else:
                 del self.cached[h]
+                self.cached_blocks -= 1
                 self.block_refs[h] = 1
                 self.kv_used_blocks += 1
-        self.kv_blocks[request_id] = len(hashes)
-        self.shared[request_id] = list(hashes)
+        if run.hi > run.lo:  # its own blocks, cached (it holds none): each run's leading part
+            assert run.request_id == request_id
+            claimed = 0
+            for c in list(self.cached_runs.get(request_id, ())):
+                lo, hi = max(c.lo, run.lo), min(c.hi, run.hi)
+                if lo < hi:
+                    assert lo == c.lo
+                    c.lo = hi
+                    claimed += hi - lo
+                    if c.lo == c.hi:
+                        del self.cached[c]
+                        self._forget(c)
+            assert claimed == run.hi - run.lo
+            self.cached_blocks -= claimed
+            self.kv_used_blocks += claimed
+            self.own[request_id] = [run.lo, run.hi]
+        self.kv_blocks[request_id] = len(run)
+        if run.head:
+            self.shared[request_id] = list(run.head)
 
     def next_unshared(self, request_id: int) -> int:
         """Index of the request's first block not yet registered as shareable."""
-        return len(self.shared.get(request_id, ()))
+        own = self.own.get(request_id)
+        return len(self.shared.get(request_id, ())) + (own[1] - own[0] if own is not None else 0)
 
     def register(self, request_id: int, hashes: Sequence[Hashable], start: int = 0) -> None:
         """The request's blocks `start .. start + len(hashes) - 1` are full and computed (their
         hashes, in order): make them shareable. `start` is at most `next_unshared` (blocks
         already registered are skipped); a block whose hash another holder registered first
-        stays private (and so does every block after it)."""
+        stays private (and so does every block after it), and so does a block hashed by
+        content after one of the request's own."""
         if not self.config.prefix_caching:
             return
-        mine = self.shared.setdefault(request_id, [])
-        assert start <= len(mine), (start, len(mine))
-        for i in range(len(mine) - start, len(hashes)):
-            h = hashes[i]
-            if h in self.block_refs or h in self.cached:
-                break
-            self.block_refs[h] = 1
-            mine.append(h)
-        if not mine:
-            del self.shared[request_id]
+        run = BlockRun.of(hashes, start)
+        head = self.shared.get(request_id)
+        own = self.own.get(request_id)
+        i = self.next_unshared(request_id)
+        assert run.start <= i, (run.start, i)
+        if i < run.lo:  # blocks hashed by content
+            if own is not None:
+                return
+            mine = head if head is not None else []
+            refs, cached = self.block_refs, self.cached
+            for h in run.head[i - run.start:]:
+                if h in refs or h in cached:
+                    break
+                refs[h] = 1
+                mine.append(h)
+                i += 1
+            if mine and head is None:
+                self.shared[request_id] = mine
+            if i < run.lo:
+                return
+        if i < run.hi:  # its own blocks: up to the first one still cached from before
+            assert run.request_id == request_id
+            stop = run.hi
+            for c in self.cached_runs.get(request_id, ()):
+                if c.lo <= i < c.hi:
+                    return
+                if i < c.lo < stop:
+                    stop = c.lo
+            if own is not None:
+                own[1] = stop
+            else:
+                self.own[request_id] = [i, stop]
 
     def can_swap_out(self, blocks: int) -> bool:
         return self.swap_used_blocks + blocks <= self.swap_capacity_blocks
@@ -255,10 +352,31 @@ class MemoryPool:
         """Internal invariants (tests call this)."""
         shared = {h for hs in self.shared.values() for h in hs}
         assert shared == set(self.block_refs)
-        private = sum(self.kv_blocks.values()) - sum(len(hs) for hs in self.shared.values())
-        assert 0 <= self.kv_used_blocks == private + len(self.block_refs)
+        own = sum(hi - lo for lo, hi in self.own.values())
+        assert all(lo < hi for lo, hi in self.own.values())
+        hashed = sum(len(hs) for hs in self.shared.values()) + own
+        private = sum(self.kv_blocks.values()) - hashed
+        assert 0 <= self.kv_used_blocks == private + len(self.block_refs) + own
         assert not (set(self.cached) & set(self.block_refs))
-        assert self.kv_used_blocks + len(self.cached) <= self.total_kv_blocks_now
+        runs = [k for k in self.cached if type(k) is _OwnRun]
+        assert all(r.lo < r.hi and r in self.cached_runs[r.request_id] for r in runs)
+        assert sum(len(v) for v in self.cached_runs.values()) == len(runs)
+        assert self.cached_blocks == len(self.cached) - len(runs) + sum(r.hi - r.lo for r in runs)
+        assert self.kv_used_blocks + self.cached_blocks <= self.total_kv_blocks_now
         assert 0 <= self.adapter_bytes == sum(self.adapters.values())
         assert 0 <= self.used_bytes <= self.capacity_bytes
         assert 0 <= self.swap_used_blocks <= max(self.swap_capacity_blocks, 0)
+
+
+class _OwnRun:
+    """Cached own blocks `lo .. hi - 1` of one request (`prefix.BlockRun`), released together;
+    reclaimed tail first, claimed head first (so they stay one stretch). A key of
+    `MemoryPool.cached` (by identity)."""
+
+    __slots__ = ("request_id", "lo", "hi")
+
+    def __init__(self, request_id: int, lo: int, hi: int) -> None:
+        self.request_id, self.lo, self.hi = request_id, lo, hi
+
+    def __repr__(self) -> str:
+        return f"own({self.request_id}: {self.lo}..{self.hi})"

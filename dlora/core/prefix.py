@@ -13,7 +13,7 @@ prompt and output again while they are cached. The live executor registers the s
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 
 from ..types import Request
 
@@ -26,6 +26,11 @@ def prompt_block_hashes(r: Request, block_tokens: int) -> tuple[Hashable, ...]:
 def block_hashes(r: Request, block_tokens: int, tokens: int, start: int = 0) -> tuple[Hashable, ...]:
     """Hashes of the full blocks among the request's first `tokens` context tokens, in order
     (with token ids: as far as the ids are known), from block `start` on."""
+    return tuple(block_hash_run(r, block_tokens, tokens, start))
+
+
+def block_hash_run(r: Request, block_tokens: int, tokens: int, start: int = 0) -> BlockRun:
+    """`block_hashes` as a `BlockRun` (the request's own blocks by index, not one by one)."""
     salt = -1 if r.adapter_id is None else r.adapter_id
     full = min(tokens, r.prompt_tokens + r.output_tokens) // block_tokens
     if r.prompt_token_ids is not None:
@@ -41,7 +46,80 @@ def block_hashes(r: Request, block_tokens: int, tokens: int, start: int = 0) -> 
                 out.append(h)
         # output whose ids are not known (a scripted executor, or the simulator replaying a live
         # request): the request's own blocks, as for simulated requests
-        out += [("r", r.id, i) for i in range(max(known, start), full)]
-        return tuple(out)
-    shared = r.prefix_tokens // block_tokens if r.prefix_group is not None else 0
-    return tuple(("g", salt, r.prefix_group, i) if i < shared else ("r", r.id, i) for i in range(start, full))
+        return BlockRun(start, tuple(out), r.id, full)
+    shared = min(r.prefix_tokens // block_tokens if r.prefix_group is not None else 0, full)
+    return BlockRun(start, tuple(("g", salt, r.prefix_group, i) for i in range(start, shared)), r.id, full)
+
+
+class BlockRun(Sequence[Hashable]):
+    """The hashes of a request's consecutive blocks `start ..`, kept symbolic where they are
+    the request's own (`MemoryPool` counts those by index, never block by block): `head`, the
+    hashes by content of blocks `start .. lo - 1` (a prefix group's or chained over token ids),
+    then the request's own blocks `lo .. hi - 1`, whose hashes are `("r", request_id, i)`.
+    As a sequence it is those hashes in order (`block_hashes` gives them as a tuple)."""
+
+    __slots__ = ("start", "head", "request_id", "lo", "hi")
+
+    def __init__(self, start: int, head: tuple[Hashable, ...], request_id: int, hi: int) -> None:
+        self.start = start
+        self.head = head
+        self.request_id = request_id
+        self.lo = start + len(head)
+        self.hi = max(hi, self.lo)
+
+    @classmethod
+    def of(cls, hashes: Sequence[Hashable], start: int = 0) -> BlockRun:
+        """`hashes` (of blocks `start ..`, in order) as a run: as far as they are hashes by
+        content followed by one request's own blocks in index order (the form `block_hash_run`
+        gives); a hash by content after an own block, or a gap, ends it."""
+        if isinstance(hashes, BlockRun):
+            return hashes
+        head: list[Hashable] = []
+        rid, hi = -1, start
+        for k, h in enumerate(hashes):
+            own = h if type(h) is tuple and len(h) == 3 and h[0] == "r" else None
+            if rid < 0 and own is None:
+                head.append(h)
+                hi += 1
+                continue
+            if own is None or own[2] != start + k or (rid >= 0 and own[1] != rid):
+                break
+            rid = own[1]
+            hi += 1
+        return cls(start, tuple(head), rid, hi)
+
+    def __len__(self) -> int:
+        return self.hi - self.start
+
+    def __getitem__(self, i):
+        n = self.hi - self.start
+        if isinstance(i, slice):
+            lo, stop, step = i.indices(n)
+            if lo == 0 and step == 1:  # a leading part stays a run
+                stop = max(stop, 0)
+                return BlockRun(self.start, self.head[:stop], self.request_id, self.start + stop)
+            return tuple(self)[i]
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(i)
+        if i < len(self.head):
+            return self.head[i]
+        return ("r", self.request_id, self.start + i)
+
+    def __iter__(self):
+        yield from self.head
+        rid = self.request_id
+        for i in range(self.lo, self.hi):
+            yield ("r", rid, i)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (BlockRun, tuple, list)):
+            return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"BlockRun(start={self.start}, head={self.head!r}, own={self.request_id}:{self.lo}..{self.hi})"

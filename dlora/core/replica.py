@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 
 from ..profile import LatencyModel
 from ..types import (
@@ -254,7 +254,7 @@ class ReplicaScheduler(RoomMaker, ReplicaViews, RepeatedDecode):
                 if waiting and (preempted or waiting_blocked):
                     continue  # a preempting iteration admits nothing new; FCFS stops at a KV shortage
                 computed = r.computed_tokens
-                hits: tuple[Hashable, ...] = ()
+                hits: Sequence[Hashable] = ()
                 idle_hits = 0
                 if caching and r.status == RequestStatus.WAITING and not computed \
                         and r.id not in mem.kv_blocks and r.id not in self._incoming_kv:

@@ -19,12 +19,12 @@ A mixin of `ReplicaScheduler`, kept apart for size."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
 from ..types import PreemptMode, Request, RequestStatus
 from .preemption import choose_preempt_mode
-from .prefix import block_hashes
+from .prefix import BlockRun, block_hash_run
 
 if TYPE_CHECKING:
     from ..profile import LatencyModel
@@ -150,11 +150,11 @@ class RoomMaker:
         self.running_adapters[r.adapter_id] -= 1
 
     # ---- prefix caching (memory.py, prefix.py) ----
-    def _hashes_of(self, r: Request, tokens: int) -> tuple[Hashable, ...]:
+    def _hashes_of(self, r: Request, tokens: int) -> BlockRun:
         """Hashes of the full blocks of the request's first `tokens` context tokens."""
-        return block_hashes(r, self.memory.block_tokens, tokens)
+        return block_hash_run(r, self.memory.block_tokens, tokens)
 
-    def _prefix_hits(self, r: Request) -> tuple[tuple[Hashable, ...], int]:
+    def _prefix_hits(self, r: Request) -> tuple[Sequence[Hashable], int]:
         """The cached leading blocks of a request's context (at least one token is left to
         compute, as vLLM does) and how many of them are unheld (they take free room)."""
         hashes = self._hashes_of(r, r.prompt_tokens + r.generated_tokens - 1)
@@ -174,7 +174,7 @@ class RoomMaker:
         if full > computed_before // bt:
             start = self.memory.next_unshared(r.id)
             if start < full:
-                self.memory.register(r.id, block_hashes(r, bt, full * bt, start), start)
+                self.memory.register(r.id, block_hash_run(r, bt, full * bt, start), start)
 
     def _evictable_bytes(self, keep: set[int], adapter: int | None = None) -> int:
         order = self._eviction_order(keep if adapter is None else keep | {adapter})

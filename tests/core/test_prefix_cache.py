@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dlora.core.memory import MemoryConfig, MemoryPool
-from dlora.core.prefix import prompt_block_hashes
+from dlora.core.prefix import BlockRun, prompt_block_hashes
 from dlora.testing import make_adapters, make_replica, make_request, run_replica
 from dlora.types import RequestStatus, StepResult
 
@@ -138,3 +138,135 @@ def test_memory_invariants_hold_with_prefix_caching(spec, policy, blocks, preemp
     run_replica(rep, reqs, max_steps=50_000, check_memory=True)
     assert all(r.status == RequestStatus.FINISHED and r.generated_tokens == r.output_tokens for r in reqs)
     assert rep.memory.kv_used_blocks == 0 and not rep.memory.block_refs
+
+
+class PerBlockPool:
+    """The prefix cache block by block (every hash a dict entry, own blocks included): the
+    reference `MemoryPool`'s runs of a request's own blocks must count exactly like."""
+
+    def __init__(self, blocks: int) -> None:
+        self.total, self.adapter_blocks, self.used = blocks, 0, 0
+        self.kv: dict[int, int] = {}
+        self.refs: dict[object, int] = {}
+        self.cached: dict[object, None] = {}  # insertion-ordered, oldest first
+        self.shared: dict[int, list[object]] = {}
+
+    def free_blocks(self) -> int:
+        return self.total - self.adapter_blocks - self.used
+
+    def reclaim(self) -> None:
+        over = self.used + len(self.cached) - (self.total - self.adapter_blocks)
+        while over > 0 and self.cached:
+            del self.cached[next(iter(self.cached))]
+            over -= 1
+
+    def allocate(self, rid: int, n: int) -> None:
+        self.kv[rid] = self.kv.get(rid, 0) + n
+        self.used += n
+        self.reclaim()
+
+    def release(self, rid: int) -> None:
+        blocks, hashed = self.kv.pop(rid, 0), self.shared.pop(rid, [])
+        freed = blocks - len(hashed)
+        for h in reversed(hashed):
+            self.refs[h] -= 1
+            if not self.refs[h]:
+                del self.refs[h]
+                self.cached[h] = None
+                freed += 1
+        self.used -= freed
+
+    def present(self, hashes) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+        n = idle = 0
+        for h in hashes:
+            if h in self.refs:
+                n += 1
+            elif h in self.cached:
+                n, idle = n + 1, idle + 1
+            else:
+                break
+        return n, idle
+
+    def claim(self, rid: int, hashes) -> None:  # type: ignore[no-untyped-def]
+        for h in hashes:
+            if h in self.refs:
+                self.refs[h] += 1
+            else:
+                del self.cached[h]
+                self.refs[h] = 1
+                self.used += 1
+        self.kv[rid], self.shared[rid] = len(hashes), list(hashes)
+
+    def register(self, rid: int, hashes, start: int) -> None:  # type: ignore[no-untyped-def]
+        mine = self.shared.setdefault(rid, [])
+        for h in hashes[len(mine) - start:]:
+            if h in self.refs or h in self.cached:
+                break
+            self.refs[h] = 1
+            mine.append(h)
+        if not mine:
+            del self.shared[rid]
+
+
+def _hashes(rid: int, group: int | None, group_blocks: int, blocks: int) -> tuple[object, ...]:
+    """A simulated request's block hashes (`prefix.block_hashes`): its prefix group's, then its own."""
+    return tuple(("g", 0, group, i) if group is not None and i < group_blocks else ("r", rid, i)
+                 for i in range(blocks))
+
+
+op_st = st.tuples(st.sampled_from(["compute", "compute", "release", "admit", "adapter"]),
+                  st.integers(0, 5), st.integers(1, 12))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.lists(op_st, max_size=60), st.lists(st.sampled_from([None, 0, 1]), min_size=6, max_size=6),
+       st.integers(1, 4), st.integers(8, 40))
+def test_runs_of_own_blocks_count_exactly_as_block_by_block(ops, groups, group_blocks, blocks) -> None:  # type: ignore[no-untyped-def]
+    """Random allocations, registrations (as `RoomMaker.register_blocks` does), releases,
+    prefix claims (as admission does) and adapter loads that shrink the pool: the pool, which
+    keeps a request's own blocks as runs (`prefix.BlockRun`), shows at every step the same
+    used, free and cached blocks, the same registered prefix per request and the same cache
+    hits as the block-by-block reference."""
+    m = pool(blocks)
+    ref = PerBlockPool(blocks)
+    sizes = [14] * 6
+    adapters: list[int] = []
+    for kind, rid, n in ops:
+        full = _hashes(rid, groups[rid], group_blocks, sizes[rid])
+        if kind == "compute":  # grow its KV by up to n blocks, then register what is full
+            grow = min(n, m.free_blocks, sizes[rid] - m.held(rid))
+            if grow > 0:
+                m.allocate(rid, grow)
+                ref.allocate(rid, grow)
+            start = m.next_unshared(rid)
+            upto = m.held(rid)
+            if start < upto:
+                run = BlockRun.of(full[start:upto], start)
+                m.register(rid, run, start)
+                ref.register(rid, full[start:upto], start)
+        elif kind == "release":
+            m.release(rid)
+            ref.release(rid)
+        elif kind == "admit" and rid not in m.kv_blocks:
+            hits, idle = m.cached_prefix_blocks(BlockRun.of(full[:n]))
+            assert (hits, idle) == ref.present(full[:n])
+            if hits and idle <= m.free_blocks:
+                m.claim_prefix(rid, BlockRun.of(full[:hits]))
+                ref.claim(rid, full[:hits])
+        elif kind == "adapter":
+            if adapters and n % 2:
+                m.evict_adapter(adapters.pop())
+                ref.adapter_blocks -= 1
+            elif m.adapter_fits(1024):
+                adapters.append(len(adapters) + 100)
+                m.load_adapter(adapters[-1], 1024)
+                ref.adapter_blocks += 1
+                ref.reclaim()
+        m.check()
+        assert (m.kv_used_blocks, m.free_blocks, m.cached_blocks) == (ref.used, ref.free_blocks(), len(ref.cached))
+        assert m.block_refs == {h: c for h, c in ref.refs.items() if h[0] != "r"}
+        for r in range(6):
+            hashes = _hashes(r, groups[r], group_blocks, sizes[r])
+            assert m.next_unshared(r) == len(ref.shared.get(r, ()))
+            assert m.cached_prefix_blocks(hashes) == ref.present(hashes)
+            assert m.cached_prefix_blocks(BlockRun.of(hashes)) == ref.present(hashes)
