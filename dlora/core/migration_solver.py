@@ -37,11 +37,15 @@ exists only as an opt-in safety cap: when it binds, plans depend on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import sys
+import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,7 +239,9 @@ def _model(problem: MigrationProblem) -> _Model:
 def _run_highs(model: _Model, relax: bool, time_limit_s: float | None, mip_rel_gap: float,
                node_limit: int | None) -> Any:
     options = _highs_options(time_limit_s, mip_rel_gap, node_limit)
-    with warnings.catch_warnings():  # scipy warns that it passes threads etc. to HiGHS verbatim
+    with warnings.catch_warnings(), quiet_stdout():  # scipy warns that it passes threads etc. to
+        # HiGHS verbatim; HiGHS prints some debugging lines to the process's stdout whatever its
+        # options say (scipy 1.17: "HighsMipSolverData::transformNewIntegerFeasibleSolution ...")
         warnings.filterwarnings("ignore", "Unrecognized options", RuntimeWarning)
         return milp(
             model.cost,
@@ -244,6 +250,32 @@ def _run_highs(model: _Model, relax: bool, time_limit_s: float | None, mip_rel_g
             constraints=model.constraints,
             options=options,
         )
+
+
+@contextlib.contextmanager
+def quiet_stdout() -> Iterator[None]:
+    """File descriptor 1 points to /dev/null inside the block (what C code prints there is
+    lost), on the main thread only: a server's other threads (uvicorn's access log) print to
+    stdout, and a migration check on a worker thread keeps the process's stdout as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):  # no stdout to protect
+        yield
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 1)
+        finally:
+            os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _solve_milp(

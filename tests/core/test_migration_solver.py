@@ -285,3 +285,24 @@ def test_node_limit_is_deterministic_and_highs_is_silent(capfd):
     check_plan(p, plans[0])
     captured = capfd.readouterr()
     assert captured.out == "" and captured.err == ""
+
+
+def test_what_highs_prints_to_the_process_stdout_is_dropped(monkeypatch, capfd):
+    """HiGHS prints some debugging lines straight to file descriptor 1 whatever its options
+    (scipy 1.17: "HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();"):
+    a solve drops them, and stdout works again after it."""
+    import os
+
+    real_milp = migration_solver.milp
+
+    def noisy_milp(*a, **k):  # type: ignore[no-untyped-def]
+        os.write(1, b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+        return real_milp(*a, **k)
+
+    monkeypatch.setattr(migration_solver, "milp", noisy_milp)
+    p = MigrationProblem((replica(0, resident=[0]), replica(1, resident=[0])),
+                         tuple(request(i, 0) for i in range(4)), adapters(1))
+    plan = solve_migration(p, time_limit_s=10.0, mip_rel_gap=0.0)
+    check_plan(p, plan)
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"
