@@ -48,6 +48,8 @@ def block_hash_run(r: Request, block_tokens: int, tokens: int, start: int = 0) -
         # request): the request's own blocks, as for simulated requests
         return BlockRun(start, tuple(out), r.id, full)
     shared = min(r.prefix_tokens // block_tokens if r.prefix_group is not None else 0, full)
+    if shared <= start:  # only its own blocks (the common case: no generator to run)
+        return BlockRun(start, (), r.id, full)
     return BlockRun(start, tuple(("g", salt, r.prefix_group, i) for i in range(start, shared)), r.id, full)
 
 
