@@ -347,6 +347,12 @@ class ReplicaScheduler(RoomMaker, ReplicaViews, RepeatedDecode):
         self.step += 1
         return batch
 
+    @property
+    def memory_actions_pending(self) -> bool:
+        """Whether the next iteration carries adapter loads or evictions, or KV arriving by
+        transfer (a migration), that `schedule` must put in its batch."""
+        return bool(self._pending_loads or self._pending_evicts or self._incoming_kv)
+
     def take_pending_frees(self) -> tuple[int, ...]:
         """The requests whose KV the next iteration frees on the device (and forget them)."""
         free = tuple(self._pending_free)

@@ -11,7 +11,7 @@ from functools import reduce
 from operator import add
 from typing import TYPE_CHECKING
 
-from ..types import Batch, BatchMode
+from ..types import Batch
 
 if TYPE_CHECKING:
     from .batching import BatchPolicy
@@ -39,24 +39,13 @@ class RepeatedDecode:
                           first: int = 0) -> None:
         """`complete` for `len(times)` identical pure-decode iterations of `batch` (these
         durations, starting at `starts`; iterations `first ..` of the repeat) that finish no
-        request, for the replica's own counters: the same counters
-        with the same float additions in the same order as one `complete` per iteration (the
-        simulator's fast path; prefix blocks are registered by the caller between iterations,
-        as `complete` would). The requests' own counters follow in `advance_requests`, which
-        must run before anything reads those requests (views read only the replica's)."""
-        done = len(times)
-        stats = self.stats
-        stats.busy_s = reduce(add, times, stats.busy_s)
-        n = len(batch.requests)
-        self.work.generated_tokens += n * done
-        stats.iterations += done
-        stats.batched_requests += n * done
-        if batch.mode == BatchMode.MERGED:
-            stats.merged_iterations += done
-        else:
-            stats.unmerged_iterations += done
-        if batch.forced_by_credit:
-            stats.credit_forced_batches += done
+        request, for the replica's own counters: those of `complete`, through the same function
+        (`ReplicaStats.record_iterations`), for the simulator's fast path (prefix blocks are
+        registered by the caller between iterations, as `complete` would). The requests' own
+        counters follow in `advance_requests`, which must run before anything reads those
+        requests (views read only the replica's)."""
+        self.stats.record_iterations(batch, times)
+        self.work.generated_tokens += len(batch.requests) * len(times)
         self.policy.observe_repeated(batch, times, starts, first)
 
     @staticmethod

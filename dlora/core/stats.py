@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from functools import reduce
+from operator import add
 
 from ..types import Batch, BatchMode, StepResult
 
@@ -31,21 +34,30 @@ class ReplicaStats:
     migrated_in: int = 0
     migrated_out: int = 0
 
-    def record_step(self, batch: Batch, result: StepResult, repeat: int = 1) -> None:
-        self.iterations += repeat
-        if batch.mode == BatchMode.MERGED:
-            self.merged_iterations += repeat
-        else:
-            self.unmerged_iterations += repeat
+    def record_step(self, batch: Batch, result: StepResult) -> None:
+        """The counters of one executed iteration."""
+        self.record_iterations(batch, (result.elapsed_s,))
         self.switches += int(batch.is_switch)
-        self.credit_forced_batches += int(batch.forced_by_credit)
-        self.busy_s += result.elapsed_s
         self.switch_s += result.switch_s
         self.load_s += result.load_s
         self.swap_s += result.swap_s
         self.adapter_loads += len(batch.load_adapters)
-        self.batched_requests += len(batch.items) * repeat
         self.failed_steps += int(result.error is not None)
+
+    def record_iterations(self, batch: Batch, elapsed_s: Sequence[float]) -> None:
+        """The counters every iteration of `batch` moves, for `len(elapsed_s)` of them that
+        took these seconds (added in order): one from `record_step`, or the repeated
+        pure-decode iterations of a fast-path jump (`RepeatedDecode.complete_repeated`), which
+        so count exactly as stepping them."""
+        n = len(elapsed_s)
+        self.iterations += n
+        if batch.mode == BatchMode.MERGED:
+            self.merged_iterations += n
+        else:
+            self.unmerged_iterations += n
+        self.credit_forced_batches += n * int(batch.forced_by_credit)
+        self.busy_s = reduce(add, elapsed_s, self.busy_s)
+        self.batched_requests += len(batch.items) * n
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)

@@ -91,7 +91,7 @@ class FastPath:
         """The batch the replica would run next if it is a pure decode of requests that already
         hold their KV, with no memory action or switch pending (with the queue and the policy's
         plan it came from); else None."""
-        if rep._pending_loads or rep._pending_evicts or rep._incoming_kv:
+        if rep.memory_actions_pending:
             return None  # (KV frees cost no time: the jump's first iteration takes them)
         queue = QueueView(rep.unfinished, rep.merged_adapter, rep.config.max_batch_size, rep.step,
                           rep.queue_counts())
