@@ -215,6 +215,7 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         # iteration its decision, skip clocks and start (`observe_repeated` takes them as planned)
         self._ahead: tuple[QueueView, list[tuple[_Decision, dict[int, float], float]]] | None = None
         self._times: dict[tuple[int, int, int], float] = {}
+        self._nets: tuple[tuple[tuple[Key, Key, float], ...], dict[Key, tuple[float, float]] | None] | None = None
         b = ctx.max_batch_size
         self.t_merged = self._time(b, 0, 0)
         ranks = sorted(self.ranks.values()) or [16]

@@ -6,6 +6,7 @@ them. A mixin of `CreditPolicy`, kept apart for size."""
 from __future__ import annotations
 
 import dataclasses
+from bisect import bisect_left
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,7 @@ if TYPE_CHECKING:
     from .credit_aimd import Key, _Episode
 
 REPEAT_LOOKAHEAD = 256  # iterations `repeats` runs a credit-moving plan ahead
+_EXACT = 2.0 ** 52  # whole numbers below this add up exactly in floats
 
 
 class CreditRepeats:
@@ -36,6 +38,8 @@ class CreditRepeats:
         _skips_next: dict[int, float]
         _skips_now: float
         _ahead: tuple[QueueView, list[tuple[_Decision, dict[int, float], float]]] | None
+        _nets: tuple[tuple[tuple[Key, Key, float], ...], dict[Key, tuple[float, float]] | None] | None
+        counts: Any  # Counter[str]
 
         def plan(self, queue: QueueView, now: float) -> Plan: ...
 
@@ -54,6 +58,8 @@ class CreditRepeats:
         def _observe(self, d: _Decision, batch: Batch) -> None: ...
 
         def _count(self, d: _Decision, iterations: int = 1) -> None: ...
+
+        def _boundary(self, batch: Batch) -> None: ...
 
     def repeats(self, queue: QueueView, plan: Plan, starts: Sequence[float]) -> int:
         """Iterations in a row (from the one `plan` was just made for, at `starts[0]`) that
@@ -77,7 +83,13 @@ class CreditRepeats:
                  self._skips_next, self._skips_now, self.max_skip_wait_s)
         self.credits, self._above = dict(self.credits), set(self._above)
         try:
-            for j in range(1, limit):
+            j = 1
+            while j < limit:
+                run = self._same_run(d, starts, j, limit)
+                if run:  # iterations j .. j + run - 1 decide `d` again, found at once
+                    ahead.extend([(d, self._skips_next, starts[i]) for i in range(j, j + run)])
+                    j += run
+                    continue
                 self._commit_skips()  # `observe` of iteration j - 1 ...
                 self._resume = d.resume
                 now = starts[j]  # ... and `plan` of iteration j
@@ -86,6 +98,7 @@ class CreditRepeats:
                     # skip clocks too (the same skipped requests, whose clocks already run)
                     self._skips_now = now
                     ahead.append((d, self._skips_next, now))
+                    j += 1
                     continue
                 p, d = self._decide_with(queue, self._overdue(queue, now))
                 if (p.mode != plan.mode or p.merged_adapter != plan.merged_adapter
@@ -93,11 +106,91 @@ class CreditRepeats:
                     return j
                 self._skips_next, self._skips_now = self._skip_clocks(queue, p, now), now
                 ahead.append((d, self._skips_next, now))
+                j += 1
             return limit
         finally:
             self._ahead = (queue, ahead)  # (the state evolves as here until a new `plan`)
             (self.credits, self._above, self.benched, self.serving, self._resume, self._skipped_since,
              self._skips_next, self._skips_now, self.max_skip_wait_s) = saved
+
+    def _nets_of(self, transfers: tuple[tuple[Key, Key, float], ...]) -> dict[Key, tuple[float, float]] | None:
+        """Per adapter the transfers move, (the net change to its credit, the sum of the
+        changes' sizes), when every change is a whole number (else None); kept for the last
+        transfers seen."""
+        memo = self._nets
+        if memo is None or memo[0] is not transfers:
+            deltas = self._deltas_of(transfers)
+            whole = all(float(x).is_integer() for ds in deltas.values() for x in ds)
+            memo = self._nets = (transfers, {k: (sum(ds), sum(map(abs, ds))) for k, ds in deltas.items()}
+                                 if whole else None)
+        return memo[1]
+
+    def _exact_moves(self, d: _Decision, moves: int) -> dict[Key, float] | None:
+        """The net change per iteration of each credit `d` moves, when `moves` iterations of
+        it add up exactly: every credit it moves and every change a whole number, far from
+        2**52, so that each partial sum is exact and `moves` iterations give `credit + moves *
+        net` (the float of adding the changes one by one, as `_move_credits` does). Else None."""
+        nets = self._nets_of(d.transfers)
+        if nets is None:
+            return None
+        get, start = self.credits.get, self.p.credit_start
+        for k, (_, size) in nets.items():
+            c = get(k, start)
+            if not (float(c).is_integer() and abs(c) + size * moves < _EXACT):
+                return None
+        return {k: net for k, (net, _) in nets.items()}
+
+    def _same_run(self, d: _Decision, starts: Sequence[float], j: int, limit: int) -> int:
+        """How many of iterations `j .. limit - 1` in a row `_same_decision_after_move` would
+        find to decide `d` again, found at once when the credits move exactly (`_exact_moves`):
+        iteration `j + i` does iff, after `i + 1` moves, no moved credit is on another side of a
+        threshold (each side is monotone in the number of moves: a binary search) and no
+        skipped request is overdue at `starts[j + i]`. The state is then left as after those
+        iterations (their skip clocks committed, their credits moved). 0 when it cannot tell
+        (the iterations are then checked one by one)."""
+        if d.forced or not d.transfers or d.serving or self.serving or d.adapter is None:
+            return 0
+        run = limit - j
+        nets = self._exact_moves(d, run)
+        if nets is None:
+            return 0
+        p = self.p
+        floor, start, fire, release = p.credit_floor, p.credit_start, p.credit_fire, p.credit_release
+
+        def sides(c: float) -> tuple[bool, bool, bool, bool, bool]:
+            return (c < floor, c < start, c > start, c >= fire, c >= release)
+
+        credits = self.credits
+        before = {k: credits.get(k, start) for k in nets}
+        for k, net in nets.items():
+            c = before[k]
+            same = sides(c)
+            if net == 0 or sides(c + run * net) == same:
+                continue
+            lo, hi = 1, run  # the first number of moves that changes a side: in 1 .. run
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if sides(c + mid * net) != same:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            run = lo - 1
+            if run == 0:
+                return 0
+        limit_s, since = p.max_skip_s, self._skips_next  # (the clocks the next commit keeps)
+        if limit_s is not None and since:
+            first = min(since.values())
+            run = bisect_left(starts, True, j, j + run, key=lambda t: t - first >= limit_s) - j
+            if run == 0:
+                return 0
+        if run >= 2:
+            self._skips_now = starts[j + run - 2]  # the last commit's (the longest skip)
+        self._commit_skips()
+        self._resume = d.resume
+        for k, net in nets.items():
+            credits[k] = before[k] + run * net
+        self._skips_now = starts[j + run - 1]
+        return run
 
     def _same_decision_after_move(self, d: _Decision, queue: QueueView, now: float) -> bool:
         """Move the credits of decision `d` (`_move_credits`) and say whether the next decision
@@ -148,12 +241,17 @@ class CreditRepeats:
         queue = self._memo_queue
         assert queue is not None
         ahead = self._ahead[1] if self._ahead is not None and self._ahead[0] is queue else []
-        for i in range(len(times)):
+        i = 0
+        while i < len(times):
             j = first + i  # the iteration of the repeat
             step = batch.step + j
             if self._memo is None or self._memo_step != step:
                 if 0 < j <= len(ahead) and ahead[j - 1][2] == starts[i]:
                     # as `repeats` planned it: the same state, so the same `plan`
+                    run = self._observe_run(batch, ahead, j, starts, i, len(times) - i)
+                    if run:
+                        i += run
+                        continue
                     d, self._skips_next, self._skips_now = ahead[j - 1]
                     self._memo, self._memo_step = d, step
                 else:
@@ -162,3 +260,39 @@ class CreditRepeats:
             d = self._memo
             assert d is not None
             self._observe(d, batch)
+            i += 1
+
+    def _observe_run(self, batch: Batch, ahead: list[tuple[_Decision, dict[int, float], float]], j: int,
+                     starts: Sequence[float], i: int, most: int) -> int:
+        """Iterations `j ..` of the repeat (`starts[i] ..`), as `repeats` planned them, observed
+        at once where they are one decision again and again that moves credit exactly
+        (`_exact_moves`): the skip clocks committed once (the same clocks, the latest commit
+        the longest skip), the episode counted for all, each credit moved by the number of
+        iterations times its net change but the last move, which `_move_credits` makes (it
+        alone can cross a threshold: `repeats` found the ones before it to change no side).
+        Returns how many it observed (0: none, they go one by one)."""
+        d, skips, _ = ahead[j - 1]
+        if (d.forced or not d.transfers or d.serving or self.serving or d.adapter is None
+                or (batch.mode, batch.merged_adapter) != (d.mode, d.adapter)):
+            return 0
+        run = 1
+        while (run < most and j + run <= len(ahead) and ahead[j + run - 1][0] is d
+               and ahead[j + run - 1][1] is skips and ahead[j + run - 1][2] == starts[i + run]):
+            run += 1
+        if run < 2:
+            return 0
+        nets = self._exact_moves(d, run)
+        if nets is None:
+            return 0
+        self._skips_next, self._skips_now = skips, starts[i + run - 1]
+        self._memo, self._memo_step = d, batch.step + j + run - 1
+        self._commit_skips()
+        self._resume = d.resume
+        self._boundary(batch)
+        credits, get, start = self.credits, self.credits.get, self.p.credit_start
+        for k, net in nets.items():
+            credits[k] = get(k, start) + (run - 1) * net
+        self._move_credits(d)
+        self.counts["credit_transfers"] += len(d.transfers) * run
+        self._count(d, run)
+        return run

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -32,8 +33,8 @@ case_st = st.fixed_dictionaries({
     "slots": st.sampled_from(["null", "1", "2"]),
     "adapter_memory": st.sampled_from(["unified", "static"]),
     "preemption": st.sampled_from(["recompute", "swap", "auto"]),
-    "batching": st.sampled_from(["unmerged_only", "merged_only", "credit", "credit_guard", "vllm", "peft",
-                                 "slora"]),
+    "batching": st.sampled_from(["unmerged_only", "merged_only", "credit", "credit_guard", "credit_live",
+                                 "credit_frac", "vllm", "peft", "slora"]),
     "dispatch": st.sampled_from(["round_robin", "least_loaded", "dlora", "proactive"]),
     "migration": st.sampled_from(["none", "dlora"]),
     "prefix": st.sampled_from(["none", "per_adapter", "groups"]),
@@ -59,6 +60,13 @@ def _overrides(c: dict) -> list[str]:
         out.append("workload.prefix={kind: groups, tokens: 40, groups: 2}")
     if c["batching"] == "credit_guard":  # the starvation guard firing often (seconds-based clocks)
         out.append("policies.batching={name: credit, params: {max_skip_s: 0.05}}")
+    elif c["batching"] == "credit_live":  # credits that reach every threshold (whole numbers:
+        # repeats found and applied at once, `CreditRepeats._same_run`)
+        out.append("policies.batching={name: credit, params: {credit_fire: 6, credit_release: 2, "
+                   "credit_floor: -5, max_skip_s: 0.2}}")
+    elif c["batching"] == "credit_frac":  # credits that are not whole numbers: one by one
+        out.append("policies.batching={name: credit, params: {credit_per_skip: 0.3, credit_fire: 2.5, "
+                   "credit_floor: -1.7, credit_release: 0.4}}")
     else:
         out.append(f"policies.batching={c['batching']}")
     if c["adapter_memory"] == "static":
@@ -79,3 +87,27 @@ def _report(overrides: list[str], fast: bool) -> str:
 def test_fast_path_report_equals_stepping(case: dict) -> None:
     overrides = _overrides(case)
     assert _report(overrides, True) == _report(overrides, False), overrides
+
+
+PAPER_SHAPE = [  # 4 replicas of the paper's end-to-end setup (benchmarks/bench_sim_scale.py), 15 s
+    "model.profile=../profiles/a800-llama-2-7b.yaml", "cluster.replicas=4", "cluster.max_batch_size=16",
+    "cluster.max_batched_tokens=4096", "adapters.count=16", "adapters.ranks=[16]", "workload.num_requests=null",
+    "workload.duration_s=15", "workload.arrival={kind: gamma, rate_per_s: 16, cv: 1.0}",
+    "workload.popularity={kind: gamma_streams, alpha: 1.0}",
+    "workload.lengths={kind: lognormal, prompt_median: 340, prompt_sigma: 0.9, output_median: 360, "
+    "output_sigma: 0.7, min_prompt_tokens: 4, max_prompt_tokens: 1024, min_output_tokens: 4, max_total_tokens: 2048}",
+    "policies.dispatch=dlora", "policies.migration={name: dlora, params: {interval_s: 5}}", "run.progress=false",
+]
+
+
+@pytest.mark.parametrize("credit", [
+    "{credit_fire: 6, credit_release: 2, credit_floor: -5}",
+    "{credit_fire: 20, credit_floor: -30, max_skip_s: 2.0}",
+    "{credit_per_skip: 0.3, credit_fire: 2.5, credit_floor: -1.7, credit_release: 0.4}",
+])
+def test_long_credit_moving_repeats_equal_stepping(credit: str) -> None:
+    """Merged runs of a hundred iterations and more whose credits cross every threshold (the
+    bench, service, the wait trigger), with whole-number credits (the repeats found and applied
+    at once: `CreditRepeats._same_run`, `_observe_run`) and not (one by one)."""
+    overrides = [*PAPER_SHAPE, f"policies.batching={{name: credit, params: {credit}}}"]
+    assert _report(overrides, True) == _report(overrides, False)
