@@ -349,9 +349,10 @@ class ReplicaScheduler(RoomMaker, ReplicaViews, RepeatedDecode):
 
     @property
     def memory_actions_pending(self) -> bool:
-        """Whether the next iteration carries adapter loads or evictions, or KV arriving by
-        transfer (a migration), that `schedule` must put in its batch."""
-        return bool(self._pending_loads or self._pending_evicts or self._incoming_kv)
+        """Whether the next iteration carries adapter loads or evictions (`schedule` puts them
+        in whatever batch it forms). KV arriving by transfer (a migration) is not one: it is
+        charged in the batch that admits its request, which waits until then."""
+        return bool(self._pending_loads or self._pending_evicts)
 
     def take_pending_frees(self) -> tuple[int, ...]:
         """The requests whose KV the next iteration frees on the device (and forget them)."""

@@ -92,7 +92,8 @@ class FastPath:
         hold their KV, with no memory action or switch pending (with the queue and the policy's
         plan it came from); else None."""
         if rep.memory_actions_pending:
-            return None  # (KV frees cost no time: the jump's first iteration takes them)
+            return None  # (KV frees cost no time: the jump's first iteration takes them; KV
+            # arriving by transfer comes with its waiting request, never in a pure decode)
         queue = QueueView(rep.unfinished, rep.merged_adapter, rep.config.max_batch_size, rep.step,
                           rep.queue_counts())
         plan = rep.policy.plan(queue, now)  # the real time: time-based policy rules read it
