@@ -4,7 +4,6 @@ served for one iteration. A mixin of `CreditPolicy`, kept apart for size."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from .batching import Plan, QueueView
@@ -46,7 +45,7 @@ class WaitTrigger:
             plan, d = self._decide(queue)
         finally:
             self.serving = saved
-        return plan, dataclasses.replace(d, serving=d.serving - (overdue - saved))
+        return plan, d._replace(serving=d.serving - (overdue - saved))
 
     def _skip_clocks(self, queue: QueueView, plan: Plan, now: float) -> dict[int, float]:
         """Skip clocks after `plan`: B_fcfs requests the plan leaves out keep (or start) theirs."""
