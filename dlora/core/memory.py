@@ -252,6 +252,18 @@ class MemoryPool:
         own = self.own.get(request_id)
         return len(self.shared.get(request_id, ())) + (own[1] - own[0] if own is not None else 0)
 
+    def extend_own(self, request_id: int, hi: int) -> bool:
+        """`register` of the request's own blocks up to block `hi`, when what it registered
+        already ends in its own blocks and none of them is cached from before (then nothing
+        can stop them: only this request ever holds its own blocks). False when that is not
+        so (and nothing changed): call `register`."""
+        own = self.own.get(request_id)
+        if own is None or request_id in self.cached_runs:
+            return False
+        if hi > own[1]:
+            own[1] = hi
+        return True
+
     def register(self, request_id: int, hashes: Sequence[Hashable], start: int = 0) -> None:
         """The request's blocks `start .. start + len(hashes) - 1` are full and computed (their
         hashes, in order): make them shareable. `start` is at most `next_unshared` (blocks

@@ -172,6 +172,8 @@ class RoomMaker:
         bt = self.memory.block_tokens
         full = (r.computed_tokens if computed_after is None else computed_after) // bt
         if full > computed_before // bt:
+            if r.prompt_token_ids is None and self.memory.extend_own(r.id, full):
+                return  # (a simulated request's blocks after its prefix group's are its own)
             start = self.memory.next_unshared(r.id)
             if start < full:
                 self.memory.register(r.id, block_hash_run(r, bt, full * bt, start), start)
