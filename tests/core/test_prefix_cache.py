@@ -270,3 +270,28 @@ def test_runs_of_own_blocks_count_exactly_as_block_by_block(ops, groups, group_b
             assert m.next_unshared(r) == len(ref.shared.get(r, ()))
             assert m.cached_prefix_blocks(hashes) == ref.present(hashes)
             assert m.cached_prefix_blocks(BlockRun.of(hashes)) == ref.present(hashes)
+
+
+def test_own_blocks_still_cached_from_before_stay_private_when_computed_again():
+    """A request released with 6 own blocks cached, back with 3 of them claimed: computing
+    blocks 3 and 4 again finds them still cached (its old copies), so they stay private, as
+    block by block; the shortcut (`extend_own`) declines."""
+    m, ref = pool(16), PerBlockPool(16)
+    hashes = _hashes(0, None, 0, 8)
+    for p in (m, ref):
+        p.allocate(0, 6)
+    m.register(0, BlockRun.of(hashes[:6]))
+    ref.register(0, hashes[:6], 0)
+    m.release(0)
+    ref.release(0)
+    assert m.cached_prefix_blocks(BlockRun.of(hashes[:3])) == ref.present(hashes[:3]) == (3, 3)
+    m.claim_prefix(0, BlockRun.of(hashes[:3]))
+    ref.claim(0, hashes[:3])
+    for p in (m, ref):
+        p.allocate(0, 2)
+    assert not m.extend_own(0, 5)
+    m.register(0, BlockRun.of(hashes[3:5], 3), 3)
+    ref.register(0, hashes[3:5], 3)
+    assert m.next_unshared(0) == len(ref.shared[0]) == 3
+    assert (m.kv_used_blocks, m.cached_blocks) == (ref.used, len(ref.cached)) == (5, 3)
+    m.check()
