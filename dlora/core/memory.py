@@ -12,7 +12,11 @@ prompt is registered under a hash chained over its tokens and salted by the adap
 reference count; when the last holder releases one it stays cached as an evictable block,
 counted as free (any allocation may take it back, least recently freed first) until a request
 with the same prefix claims it again. So recomputing a preempted request's prompt, or a system
-prompt many requests share, costs only the blocks that were evicted meanwhile.
+prompt many requests share, costs only the blocks that were evicted meanwhile. A request's own
+blocks (hashed by request and index, `prefix.BlockRun`: only it can ever hold them) are kept as
+index ranges, held and cached, so registering, releasing and reclaiming them costs the same
+whatever their number; they count exactly as one entry per block would
+(tests/core/test_prefix_cache.py compares the two).
 """
 
 from __future__ import annotations
