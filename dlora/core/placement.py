@@ -160,10 +160,32 @@ class _State:
         self.mem = np.array([r.adapter_memory_bytes for r in self.replicas], dtype=float)
         self.slots = np.array([r.max_adapters for r in self.replicas], dtype=int)
         self.x = np.zeros((len(self.adapters), len(self.replicas)), dtype=bool)
-        cur = problem.current.pairs if problem.current else frozenset()
-        self.kept = np.array(
-            [[(r.id, a.id) in cur for r in self.replicas] for a in self.adapters], dtype=bool
-        ).reshape(self.x.shape)
+        self.kept = np.zeros(self.x.shape, dtype=bool)  # the current placement's pairs
+        if problem.current:
+            rid = {r.id: j for j, r in enumerate(self.replicas)}
+            kid = {a.id: k for k, a in enumerate(self.adapters)}
+            for r, a in problem.current.pairs:
+                if r in rid and a in kid:
+                    self.kept[kid[a], rid[r]] = True
+        # what depends on `x` alone, computed once per layout (the greedy scores many candidates
+        # against one): copies and adapter bytes per replica, copies per adapter, loads, x as floats
+        self._of_x: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def add(self, k: int, j: int) -> None:
+        """A copy of adapter `k` on replica `j` (every change of `x` goes through here or `clear`)."""
+        self.x[k, j] = True
+        self._of_x = None
+
+    def clear(self) -> None:
+        self.x[:] = False
+        self._of_x = None
+
+    def _layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        if self._of_x is None:
+            x = self.x
+            n = np.maximum(x.sum(axis=1), 1)
+            self._of_x = (x.sum(axis=0), self.size @ x, n, x.T.astype(float) @ (self.share / n), x.astype(float))
+        return self._of_x
 
     def fits(self, k: int, j: int) -> bool:
         return (
@@ -174,39 +196,43 @@ class _State:
 
     def fits_all(self, k: int) -> np.ndarray:
         """`fits(k, j)` for every replica j (sizes are whole bytes: the sums are exact)."""
-        return (~self.x[k] & (self.x.sum(axis=0) < self.slots)
-                & (self.size @ self.x + self.size[k] <= self.mem))
+        copies, used, *_ = self._layout()
+        return ~self.x[k] & (copies < self.slots) & (used + self.size[k] <= self.mem)
 
     def pick(self, k: int, weight: float) -> int | None:
         """Replica with room for `k` whose relative load after adding `weight` is lowest."""
         best, best_score = None, math.inf
-        load = self.load()
-        fits = self.fits_all(k)
-        for j in range(len(self.replicas)):
+        # Python floats: the same IEEE operations as numpy's scalars, without their overhead
+        load, cap, kept = self.load().tolist(), self.cap.tolist(), self.kept[k].tolist()
+        fits = self.fits_all(k).tolist()
+        weight = float(weight)
+        for j in range(len(load)):
             if not fits[j]:
                 continue
-            score = (load[j] + weight) / self.cap[j]
+            score = (load[j] + weight) / cap[j]
             tie = abs(score - best_score) <= _TIE * max(abs(best_score), 1e-300)
             if (
                 best is None
                 or (score < best_score and not tie)
-                or (tie and self.kept[k, j] and not self.kept[k, best])
+                or (tie and kept[j] and not kept[best])
             ):
                 best, best_score = j, score
         return best
 
     def load(self, x: np.ndarray | None = None) -> np.ndarray:
-        x = self.x if x is None else x
+        if x is None:
+            return self._layout()[3]
         n = np.maximum(x.sum(axis=1), 1)
         return x.T.astype(float) @ (self.share / n)
 
     def ratios(self, x: np.ndarray | None = None) -> np.ndarray:
         """ratio_k for adapters with a positive share (module docstring)."""
-        x = self.x if x is None else x
-        load = self.load(x)
+        if x is None:
+            x, (_, _, n, load, _) = self.x, self._layout()
+        else:
+            load, n = self.load(x), np.maximum(x.sum(axis=1), 1)
         with np.errstate(divide="ignore"):
             inv = np.where(load > 0, self.cap / np.where(load > 0, load, 1.0), np.inf)
-        n = np.maximum(x.sum(axis=1), 1)
         served = np.where(x, inv[None, :], 0.0).sum(axis=1)  # inf only off the holders
         return (served / n)[self.share > 0]
 
@@ -215,19 +241,19 @@ class _State:
         replica), for all of them at once: only the loads of k's holders and of the new one
         change, and each adapter's served capacity is a sum over its holders."""
         x = self.x
-        n = np.maximum(x.sum(axis=1), 1)
+        _, _, n, load0, xf = self._layout()
         holders = x[k]
         old_per = self.share[k] / n[k] if holders.any() else 0.0
         n_new = x[k].sum() + 1
         new_per = self.share[k] / n_new
         rows = np.arange(len(js))
-        load = np.repeat(self.load()[None, :], len(js), axis=0)
+        load = np.repeat(load0[None, :], len(js), axis=0)
         load[:, holders] += new_per - old_per
         load[rows, js] += new_per
         with np.errstate(divide="ignore"):
             inv = np.where(load > 0, self.cap[None, :] / np.where(load > 0, load, 1.0), np.inf)
         finite = np.where(np.isfinite(inv), inv, 0.0)  # inf only off the holders
-        served = (x.astype(float) @ finite.T).T  # (rows, adapters)
+        served = (xf @ finite.T).T  # (rows, adapters)
         served[:, k] += finite[rows, js]
         counts = np.repeat(n[None, :].astype(float), len(js), axis=0)
         counts[:, k] = n_new
@@ -264,7 +290,7 @@ def _cover(st: _State, order: list[int], planned: np.ndarray) -> list[int]:
         if j is None:
             missing.append(k)
         else:
-            st.x[k, j] = True
+            st.add(k, j)
     return missing
 
 
@@ -293,7 +319,7 @@ def place_adapters(problem: PlacementProblem) -> Placement:
     planned = np.clip(np.ceil(st.share / frac - 1e-9), 1, max_copies)
     order = sorted(range(num_k), key=lambda k: (-st.share[k] / planned[k], st.adapters[k].id))
     if _cover(st, order, planned):
-        st.x[:] = False
+        st.clear()
         by_size = sorted(range(num_k), key=lambda k: (-st.size[k], -st.share[k], st.adapters[k].id))
         missing = _cover(st, by_size, planned)
         if missing:
@@ -306,7 +332,7 @@ def place_adapters(problem: PlacementProblem) -> Placement:
     for k, _ in sorted(extra, key=lambda kc: (-st.share[kc[0]] / planned[kc[0]], kc[1])):
         j = st.pick(k, st.share[k] / planned[k])
         if j is not None:
-            st.x[k, j] = True
+            st.add(k, j)
     _replicate(st, problem, max_copies)
     return Placement(
         frozenset(
@@ -334,7 +360,7 @@ def _replicate(st: _State, problem: PlacementProblem, max_copies: int) -> None:
             best = _best_copy(st, problem, rest, old)
         if best is None:
             return
-        st.x[best] = True
+        st.add(*best)
 
 
 def _best_copy(st: _State, problem: PlacementProblem, cands: set[int],
@@ -373,7 +399,7 @@ def placement_ratios(problem: PlacementProblem, placement: Placement) -> dict[in
     rid = {r.id: j for j, r in enumerate(st.replicas)}
     kid = {a.id: k for k, a in enumerate(st.adapters)}
     for r, a in placement.pairs:
-        st.x[kid[a], rid[r]] = True
+        st.add(kid[a], rid[r])
     ids = [a.id for k, a in enumerate(st.adapters) if st.share[k] > 0]
     return dict(zip(ids, st.ratios().tolist(), strict=True))
 
