@@ -35,7 +35,8 @@ class LazyViews(Sequence[ReplicaView]):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        i = range(len(self._views))[i]  # a negative index names the same replica
+        if i < 0:
+            i = range(len(self._views))[i]  # a negative index names the same replica
         v = self._views[i]
         if v is None:
             v = self._views[i] = self._cluster.view_of(i, self._now)

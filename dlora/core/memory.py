@@ -121,6 +121,17 @@ class MemoryPool:
             self.kv_used_blocks += blocks
             self._reclaim()
 
+    def allocate_each(self, needs: list[tuple[int, int]]) -> None:
+        """`allocate(request, blocks)` for each pair in turn, cached blocks taken back once at
+        the end (the same ones: reclaiming takes the oldest first until the pool fits)."""
+        total = sum(n for _, n in needs)
+        assert 0 <= total <= self.free_blocks, (total, self.free_blocks)
+        kv = self.kv_blocks
+        for rid, n in needs:
+            kv[rid] = kv.get(rid, 0) + n
+        self.kv_used_blocks += total
+        self._reclaim()
+
     def _reclaim(self) -> None:
         """Drop cached blocks (oldest first) while used and cached blocks overfill the pool."""
         over = self.kv_used_blocks + self.cached_blocks - self.total_kv_blocks_now

@@ -246,10 +246,10 @@ class FastPath:
         reqs = jump.batch.requests
         if jump.fills is None:
             if allocated > allocated_before:
-                for r, c in zip(reqs, jump.start_tokens, strict=True):
-                    need = _new_blocks(c, allocated_before, allocated, bt)
-                    if need:
-                        mem.allocate(r.id, need)
+                needs = [(r.id, n) for r, c in zip(reqs, jump.start_tokens, strict=True)
+                         if (n := _new_blocks(c, allocated_before, allocated, bt))]
+                if needs:
+                    mem.allocate_each(needs)
             if applied > first and mem.config.prefix_caching:
                 for r, c in zip(reqs, jump.start_tokens, strict=True):
                     if (c + applied) // bt > (c + first) // bt:  # a block filled

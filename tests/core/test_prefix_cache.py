@@ -295,3 +295,21 @@ def test_own_blocks_still_cached_from_before_stay_private_when_computed_again():
     assert m.next_unshared(0) == len(ref.shared[0]) == 3
     assert (m.kv_used_blocks, m.cached_blocks) == (ref.used, len(ref.cached)) == (5, 3)
     m.check()
+
+
+def test_allocate_each_takes_back_the_same_cached_blocks_as_one_by_one():
+    one, each = pool(8), pool(8)
+    for m in (one, each):
+        m.allocate(1, 4)
+        m.register(1, ["a", "b", "c"])
+        m.allocate(2, 2)
+        m.register(2, BlockRun.of([("r", 2, 0), ("r", 2, 1)]))
+        m.release(1)
+        m.release(2)  # cached, oldest first: c, b, a, then request 2's two own blocks
+    for rid, n in ((3, 3), (4, 2), (5, 1)):
+        one.allocate(rid, n)
+    each.allocate_each([(3, 3), (4, 2), (5, 1)])
+    # 6 blocks taken, 8 in the pool: the three oldest cached go (c, b, a), request 2's stay
+    assert list(map(repr, each.cached)) == list(map(repr, one.cached)) == ["own(2: 0..2)"]
+    assert (each.kv_used_blocks, each.cached_blocks, each.kv_blocks) == (one.kv_used_blocks, one.cached_blocks, one.kv_blocks)
+    each.check()
