@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from bisect import bisect_left
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,10 @@ class CreditRepeats:
 
         def _move_credits(self, d: _Decision) -> None: ...
 
+        def _settle(self, in_batch: Counter[Key]) -> tuple[tuple[Key, Key, float], ...]: ...
+
+        def _queue_facts(self, queue: QueueView) -> Any: ...
+
         def _deltas_of(self, transfers: tuple[tuple[Key, Key, float], ...]) -> dict[Key, tuple[float, ...]]: ...
 
         def _observe(self, d: _Decision, batch: Batch) -> None: ...
@@ -93,9 +98,11 @@ class CreditRepeats:
                 self._commit_skips()  # `observe` of iteration j - 1 ...
                 self._resume = d.resume
                 now = starts[j]  # ... and `plan` of iteration j
-                if self._same_decision_after_move(d, queue, now):
+                again = self._same_decision_after_move(d, queue, now)
+                if again is not None:
                     # the decision of iteration j - 1 again (`_same_decision_after_move`): its
                     # skip clocks too (the same skipped requests, whose clocks already run)
+                    d = again
                     self._skips_now = now
                     ahead.append((d, self._skips_next, now))
                     j += 1
@@ -192,19 +199,21 @@ class CreditRepeats:
         self._skips_now = starts[j + run - 1]
         return run
 
-    def _same_decision_after_move(self, d: _Decision, queue: QueueView, now: float) -> bool:
-        """Move the credits of decision `d` (`_move_credits`) and say whether the next decision
-        is `d` itself, without deciding again. Only for a merged plan that moves credit and
-        serves nobody: its transfers are fixed by the queue, and `_decide` reads the credits
-        only through their side of the thresholds (floor, start, fire, release), the bench,
-        the service set and the overdue adapters. If no adapter whose credit moved crossed a
-        threshold, the bench and the creditors stay as they were (the bench rule is
-        idempotent), nobody is in service, and no skipped request is overdue at `now`, then
-        `_decide` gives `d` again; the skip clocks too are unchanged (the same requests
-        skipped, their clocks already started)."""
-        if d.forced or not d.transfers or d.serving or self.serving or d.adapter is None:
+    def _same_decision_after_move(self, d: _Decision, queue: QueueView, now: float) -> _Decision | None:
+        """Move the credits of decision `d` (`_move_credits`) and give the next decision when
+        it is `d` again up to its transfers, without deciding again (else None). For a plan
+        that serves nobody, merged or plain FCFS: `_decide` reads the credits only through
+        their side of the thresholds (floor, start, fire, release), the bench, the service set
+        and the overdue adapters. If no adapter whose credit moved crossed a threshold, the
+        bench and the creditors stay as they were (the bench rule is idempotent), nobody is in
+        service, and no skipped request is overdue at `now`, then `_decide` makes the same
+        plan: a merged plan with the same transfers (fixed by the queue), so `d` itself; a
+        plain FCFS plan with the transfers that settle debts now (`_settle`, which reads the
+        credits' values). The skip clocks are unchanged too (the same requests skipped, their
+        clocks already started; FCFS skips nobody)."""
+        if d.forced or d.serving or self.serving or (d.adapter is not None and not d.transfers):
             self._move_credits(d)
-            return False
+            return None
         p = self.p
         floor, start, fire, release = p.credit_floor, p.credit_start, p.credit_fire, p.credit_release
         moved = self._deltas_of(d.transfers).keys()
@@ -217,11 +226,16 @@ class CreditRepeats:
         before = sides()
         self._move_credits(d)
         if self.serving or sides() != before:
-            return False
+            return None
         limit = p.max_skip_s
         since = self._skipped_since  # (the clocks of the requests `d` skips, all started)
         # (the earliest clock is the first overdue: subtraction is monotonic)
-        return limit is None or not since or now - min(since.values()) < limit
+        if limit is not None and since and now - min(since.values()) >= limit:
+            return None
+        if d.adapter is not None:
+            return d
+        transfers = self._settle(self._queue_facts(queue).in_fcfs)
+        return d if transfers == d.transfers else d._replace(transfers=transfers)
 
     def observe_repeated(self, batch: Batch, times: Sequence[float], starts: Sequence[float],
                          first: int = 0) -> None:
