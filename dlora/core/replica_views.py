@@ -68,7 +68,7 @@ class ReplicaViews:
 
         return ReplicaView.deferred(
             (self.id, self.is_alive, waiting, running, swapped, mem.resident, self.merged_adapter,
-             self.work.seconds(self.num_unfinished, pending_tokens), self._requests_per_adapter(),
+             self.work.seconds(running + waiting + swapped, pending_tokens), self._requests_per_adapter(),
              (slots - len(mem.adapters)) if slots is not None else 1 << 30, self.backlog_s(pending_tokens)), kv)
 
     def _requests_per_adapter(self) -> tuple[tuple[int | None, int], ...]:

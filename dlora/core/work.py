@@ -67,6 +67,9 @@ class WorkEstimator:
             self.prefill_tokens -= uncomputed
 
     def decode_s_per_token(self, batch_size: int) -> float:
+        t = self._decode_per_token.get(batch_size)  # (a size in range is its own key)
+        if t is not None:
+            return t
         b = max(1, min(batch_size, self.config.max_batch_size))
         t = self._decode_per_token.get(b)
         if t is None:
