@@ -286,7 +286,7 @@ class CreditRepeats:
         alone can cross a threshold: `repeats` found the ones before it to change no side).
         Returns how many it observed (0: none, they go one by one)."""
         d, skips, _ = ahead[j - 1]
-        if (d.forced or not d.transfers or d.serving or self.serving or d.adapter is None
+        if (d.forced or not d.transfers or d.serving or self.serving
                 or (batch.mode, batch.merged_adapter) != (d.mode, d.adapter)):
             return 0
         run = 1
