@@ -283,12 +283,12 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         return plan
 
     def _queue_facts(self, queue: QueueView) -> _QueueFacts:
-        """What `_decide` reads of the queue alone, kept while the same request list is planned
+        """What `_decide` reads of the queue alone, kept while the same requests are planned
         again (a repeat's iterations, `repeats`)."""
         reqs, b = queue.requests, queue.max_batch_size
         cached = self._facts
-        if cached is not None and cached[0] is reqs and cached[1] == b:
-            return cached[2]
+        if cached is not None and cached[1] == b and (cached[0] is reqs or cached[0] == reqs):
+            return cached[2]  # (the same requests in the same order: requests compare by identity)
         fcfs = tuple(reqs[:b])
         counts = queue.counts if queue.counts is not None else Counter(map(_adapter_of, reqs))
         in_fcfs = Counter(map(_adapter_of, fcfs))
