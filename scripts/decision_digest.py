@@ -1,6 +1,6 @@
 """Digests of the simulator's decisions, to check that a speed change changes none of them.
 
-For each of 14 scenarios (the scale benchmark's shape light and near capacity at 8-32 replicas,
+For each of 15 scenarios (the scale benchmark's shape light and near capacity at 8-32 replicas,
 unmerged_only, memory pressure with swap and with recompute plus prefix groups, vllm, the
 quickstart and Fig. 11a) prints the sha256 of report.json plus every request's (id, first token,
 finish, generated tokens). Run it at two revisions and compare:
@@ -59,6 +59,7 @@ def cases() -> dict[str, dict[str, Any]]:
         "recg4": _pressed(s(4, 60, "vllm", True, 4.0), 0.04, {"kind": "groups", "tokens": 64, "groups": 2},
                           "recompute"),
         "recn4": _pressed(s(4, 60, "credit", True, 4.0), 0.04, None, "recompute"),
+        "swap8": _pressed(s(8, 60, "credit", True, 3.5), 0.05, {"kind": "per_adapter", "tokens": 100}, "swap"),
     }
 
 
