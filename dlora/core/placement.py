@@ -187,15 +187,9 @@ class _State:
             self._of_x = (x.sum(axis=0), self.size @ x, n, x.T.astype(float) @ (self.share / n), x.astype(float))
         return self._of_x
 
-    def fits(self, k: int, j: int) -> bool:
-        return (
-            not self.x[k, j]
-            and self.x[:, j].sum() < self.slots[j]
-            and self.size[self.x[:, j]].sum() + self.size[k] <= self.mem[j]
-        )
-
     def fits_all(self, k: int) -> np.ndarray:
-        """`fits(k, j)` for every replica j (sizes are whole bytes: the sums are exact)."""
+        """Whether replica j has room for a copy of `k` (a free slot and adapter memory; not
+        holding it yet), for every j (sizes are whole bytes: the sums are exact)."""
         copies, used, *_ = self._layout()
         return ~self.x[k] & (copies < self.slots) & (used + self.size[k] <= self.mem)
 
