@@ -33,7 +33,6 @@ from ..views import Action, ClusterView, DropAdapter, LoadAdapter
 from .context import DispatchContext
 from .placement import (
     AdapterDemand,
-    DecayedRates,
     Placement,
     PlacementProblem,
     ReplicaCapacity,
@@ -42,6 +41,7 @@ from .placement import (
     placement_ratios,
     round_robin_placement,
 )
+from .popularity import DecayedRates
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 
 from dlora.core.placement import (
     AdapterDemand,
-    DecayedRates,
     Placement,
     PlacementProblem,
     ReplicaCapacity,
@@ -19,6 +18,7 @@ from dlora.core.placement import (
     placement_ratios,
     round_robin_placement,
 )
+from dlora.core.popularity import DecayedRates
 from dlora.errors import ConfigError
 
 
