@@ -113,7 +113,6 @@ from ..errors import ConfigError
 from ..types import BatchMode, Request
 from .batching import BATCH_POLICIES, Plan, PolicyBase, PolicyContext, QueueView
 from .credit_aimd import AimdThresholds, Key, _Episode
-from .credit_feedback import CreditFeedback
 from .credit_repeat import CreditRepeats
 from .credit_wait import WaitTrigger
 
@@ -187,7 +186,7 @@ def _key_order(k: Key) -> tuple[bool, int]:
 
 
 @BATCH_POLICIES.register("credit", CreditParams)
-class CreditPolicy(WaitTrigger, CreditRepeats, CreditFeedback, AimdThresholds, PolicyBase):
+class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
     """dLoRA's dynamic batching (module docstring)."""
 
     def __init__(self, params: CreditParams, ctx: PolicyContext) -> None:

@@ -1,7 +1,8 @@
 """The credit policy's repeats (the simulator's fast path, `sim/fastpath.py`): how many
 iterations in a row it would plan the same batch while its credits move, and the feedback of
-those iterations applied at once, with the same decisions and float operations as stepping
-them. A mixin of `CreditPolicy`, kept apart for size."""
+those iterations (`CreditFeedback`, which it builds on) applied at once, with the same
+decisions and float operations as stepping them. A mixin of `CreditPolicy`, kept apart for
+size."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..types import Batch
 from .batching import Plan, QueueView
+from .credit_feedback import CreditFeedback
 
 if TYPE_CHECKING:
     from .credit import _Decision
@@ -22,25 +24,16 @@ REPEAT_LOOKAHEAD = 256  # iterations `repeats` runs a credit-moving plan ahead
 _EXACT = 2.0 ** 52  # whole numbers below this add up exactly in floats
 
 
-class CreditRepeats:
-    if TYPE_CHECKING:  # provided by CreditPolicy
-        p: Any  # CreditParams
-        credits: dict[Key, float]
-        benched: frozenset[Key]
-        serving: frozenset[Key]
+class CreditRepeats(CreditFeedback):
+    if TYPE_CHECKING:  # provided by CreditPolicy (the feedback's state and steps: CreditFeedback)
         episode: _Episode | None
         max_skip_wait_s: float
-        _above: set[Key]
-        _resume: Key
-        _memo: _Decision | None
         _memo_queue: QueueView | None
-        _memo_step: int
         _skipped_since: dict[int, float]
         _skips_next: dict[int, float]
         _skips_now: float
         _ahead: tuple[QueueView, list[tuple[_Decision, dict[int, float], float]]] | None
         _nets: tuple[tuple[tuple[Key, Key, float], ...], dict[Key, tuple[float, float]] | None] | None
-        counts: Any  # Counter[str]
 
         def plan(self, queue: QueueView, now: float) -> Plan: ...
 
@@ -50,21 +43,9 @@ class CreditRepeats:
 
         def _skip_clocks(self, queue: QueueView, plan: Plan, now: float) -> dict[int, float]: ...
 
-        def _commit_skips(self) -> None: ...
-
-        def _move_credits(self, d: _Decision) -> None: ...
-
         def _settle(self, in_batch: Counter[Key]) -> tuple[tuple[Key, Key, float], ...]: ...
 
         def _queue_facts(self, queue: QueueView) -> Any: ...
-
-        def _deltas_of(self, transfers: tuple[tuple[Key, Key, float], ...]) -> dict[Key, tuple[float, ...]]: ...
-
-        def _observe(self, d: _Decision, batch: Batch) -> None: ...
-
-        def _count(self, d: _Decision, iterations: int = 1) -> None: ...
-
-        def _boundary(self, batch: Batch) -> None: ...
 
     def repeats(self, queue: QueueView, plan: Plan, starts: Sequence[float]) -> int:
         """Iterations in a row (from the one `plan` was just made for, at `starts[0]`) that
