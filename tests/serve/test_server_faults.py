@@ -236,7 +236,11 @@ def test_no_live_replica_is_a_503(server, client):
         assert "no live replica" in r.json()["error"]["message"]
         assert httpx.get(server.url + "/health").status_code == 503
     finally:
+        # a worker that woke (or was between steps) while its replica read dead has ended, a
+        # sleeping one ends when woken: wake them all and give each replica a new worker
         with engine.live.lock:
-            for rep in reps:
-                rep.is_alive = True
+            for wake in engine.live.wakes:
+                wake.notify_all()
+        for rep in reps:
+            engine.live.revive(rep.id)
     still_serving(server, client)
