@@ -146,23 +146,32 @@ class _State:
         return ~self.x[k] & (copies < self.slots) & (used + self.size[k] <= self.mem)
 
     def pick(self, k: int, weight: float) -> int | None:
-        """Replica with room for `k` whose relative load after adding `weight` is lowest."""
-        best, best_score = None, math.inf
-        # Python floats: the same IEEE operations as numpy's scalars, without their overhead
-        load, cap, kept = self.load().tolist(), self.cap.tolist(), self.kept[k].tolist()
-        fits = self.fits_all(k).tolist()
-        weight = float(weight)
-        for j in range(len(load)):
-            if not fits[j]:
-                continue
-            score = (load[j] + weight) / cap[j]
-            tie = abs(score - best_score) <= _TIE * max(abs(best_score), 1e-300)
-            if (
-                best is None
-                or (score < best_score and not tie)
-                or (tie and kept[j] and not kept[best])
-            ):
-                best, best_score = j, score
+        """Replica with room for `k` whose relative load after adding `weight` is lowest: a scan
+        in replica order where a score within `_TIE` of the best so far is a tie, won by a
+        replica of the current placement (`kept`). The scan runs over the replicas whose score
+        is near the lowest; the others (numpy's scores are the same IEEE operations as Python
+        floats') cannot change its outcome when they are above the near ones by more than the
+        tie tolerance: a far replica that is best so far loses to the first near one, and never
+        beats a near one. Otherwise every fitting replica is scanned."""
+        fits = self.fits_all(k)
+        if not fits.any():
+            return None
+        score = (self.load() + float(weight)) / self.cap
+        fit_scores = score[fits]
+        low = fit_scores.min()
+        near = score <= low * (1.0 + 1e-6)
+        cand = fits & near
+        far = fits & ~near
+        if far.any() and not score[far].min() * (1.0 - 2 * _TIE) > score[cand].max():
+            cand = fits  # a far replica could tie with a near one: scan them all
+        idx = np.flatnonzero(cand).tolist()
+        scores = score[idx].tolist()
+        kept = self.kept[k, idx].tolist()
+        best, best_score, best_kept = None, math.inf, False
+        for j, sc, kj in zip(idx, scores, kept, strict=True):
+            tie = abs(sc - best_score) <= _TIE * max(abs(best_score), 1e-300)
+            if best is None or (sc < best_score and not tie) or (tie and kj and not best_kept):
+                best, best_score, best_kept = j, sc, kj
         return best
 
     def load(self, x: np.ndarray | None = None) -> np.ndarray:
@@ -182,27 +191,29 @@ class _State:
         served = np.where(x, inv[None, :], 0.0).sum(axis=1)  # inf only off the holders
         return (served / n)[self.share > 0]
 
-    def ratios_with(self, k: int, js: list[int]) -> np.ndarray:
-        """`ratios()` with one extra copy of adapter `k` on each replica of `js` (one row per
-        replica), for all of them at once: only the loads of k's holders and of the new one
-        change, and each adapter's served capacity is a sum over its holders."""
+    def ratios_with(self, ks: np.ndarray, js: np.ndarray) -> np.ndarray:
+        """`ratios()` with one extra copy of adapter `ks[i]` on replica `js[i]` (one row per
+        pair, none of them held yet), for all pairs at once: only the loads of the adapter's
+        holders and of the new one change, and each adapter's served capacity is a sum over
+        its holders in replica order (`np.add.reduceat`, row by row: a row's values do not
+        depend on the other rows, nor on the machine's BLAS). Every adapter has a holder."""
         x = self.x
-        _, _, n, load0, xf = self._layout()
-        holders = x[k]
-        old_per = self.share[k] / n[k] if holders.any() else 0.0
-        n_new = x[k].sum() + 1
-        new_per = self.share[k] / n_new
-        rows = np.arange(len(js))
-        load = np.repeat(load0[None, :], len(js), axis=0)
-        load[:, holders] += new_per - old_per
+        _, _, n, load0, _ = self._layout()
+        rows = np.arange(len(ks))
+        n_new = n[ks] + 1  # (a held adapter: n is its number of copies)
+        new_per = self.share[ks] / n_new
+        delta = new_per - self.share[ks] / n[ks]
+        load = load0[None, :] + np.where(x[ks], delta[:, None], 0.0)  # (+0.0 off the holders: exact)
         load[rows, js] += new_per
         with np.errstate(divide="ignore"):
             inv = np.where(load > 0, self.cap[None, :] / np.where(load > 0, load, 1.0), np.inf)
         finite = np.where(np.isfinite(inv), inv, 0.0)  # inf only off the holders
-        served = (xf @ finite.T).T  # (rows, adapters)
-        served[:, k] += finite[rows, js]
-        counts = np.repeat(n[None, :].astype(float), len(js), axis=0)
-        counts[:, k] = n_new
+        holder_k, holder_j = np.nonzero(x)  # by adapter, then replica
+        starts = np.searchsorted(holder_k, np.arange(x.shape[0]))
+        served = np.add.reduceat(finite[:, holder_j], starts, axis=1)  # (rows, adapters)
+        served[rows, ks] += finite[rows, js]
+        counts = np.repeat(n[None, :].astype(float), len(ks), axis=0)
+        counts[rows, ks] = n_new
         return (served / counts)[:, self.share > 0]
 
 
@@ -311,32 +322,39 @@ def _replicate(st: _State, problem: PlacementProblem, max_copies: int) -> None:
 
 def _best_copy(st: _State, problem: PlacementProblem, cands: set[int],
                old: np.ndarray) -> tuple[int, int] | None:
-    """The extra copy among `cands` that most improves the sorted ratios (leximin), if any.
-    Every candidate replica of one adapter is evaluated in one batch (`_State.ratios_with`)."""
-    best: tuple[int, int] | None = None
+    """The extra copy among `cands` that most improves the sorted ratios (leximin), if any:
+    a scan over every (adapter, replica with room) pair, adapters in id order, keeping the best
+    so far (`_TIE`-close vectors are ties, won by a pair of the current placement). Every pair
+    is evaluated in one batch (`_State.ratios_with`)."""
+    pairs = [(k, j) for k in sorted(cands) for j in np.flatnonzero(st.fits_all(k)).tolist()]
+    if not pairs:
+        return None
+    ks, js = np.array(pairs).T
+    vecs = np.sort(st.ratios_with(ks, js), axis=1)
+    kept = st.kept[ks, js]
+    lowest = vecs[:, 0]  # each row's worst ratio
+    gain = problem.min_relative_gain
+    best: int | None = None  # the best pair's row
     best_vec = old
-    for k in sorted(cands):
-        js = np.flatnonzero(st.fits_all(k)).tolist()
-        if not js:
-            continue
-        vecs = np.sort(st.ratios_with(k, js), axis=1)
-        kept = st.kept[k, js]
-        pos = 0  # the rows in order, as a scan that keeps the best so far would visit them
-        while pos < len(js):
-            rows = vecs[pos:]
-            if best is None:
-                better = _leximin_better_rows(rows, old, problem.min_relative_gain)
-            else:
-                not_worse = ~_leximin_worse_rows(rows, best_vec, _TIE)
-                better = _leximin_better_rows(rows, best_vec, _TIE) | (
-                    not_worse & kept[pos:] & (not st.kept[best]))
-            hit = np.flatnonzero(better)
-            if not hit.size:
-                break
-            i = pos + int(hit[0])
-            best, best_vec = (k, js[i]), vecs[i]
-            pos = i + 1
-    return best
+    pos = 0  # the rows in order, as a scan that keeps the best so far would visit them
+    while pos < len(pairs):
+        # a row whose worst ratio is below the best's by more than twice the tolerance differs
+        # from it there, downwards: neither better nor tied; only the others are compared
+        tol = gain if best is None else _TIE
+        rest = pos + np.flatnonzero(lowest[pos:] >= best_vec[0] - 2 * tol * max(abs(best_vec[0]), 1e-300))
+        rows = vecs[rest]
+        if best is None:
+            better = _leximin_better_rows(rows, old, gain)
+        else:
+            not_worse = ~_leximin_worse_rows(rows, best_vec, _TIE)
+            better = _leximin_better_rows(rows, best_vec, _TIE) | (not_worse & kept[rest] & (not kept[best]))
+        hit = np.flatnonzero(better)
+        if not hit.size:
+            break
+        best = int(rest[hit[0]])
+        best_vec = vecs[best]
+        pos = best + 1
+    return None if best is None else pairs[best]
 
 
 def placement_ratios(problem: PlacementProblem, placement: Placement) -> dict[int, float]:

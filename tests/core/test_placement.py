@@ -190,3 +190,76 @@ def test_decayed_rates_accept_late_arrivals():
     b.record(0, 2.0)
     b.record(0, 1.0)  # out of order
     assert a.rate(0, 3.0) == pytest.approx(b.rate(0, 3.0))
+
+
+def _reference_pick(state, k: int, weight: float) -> int | None:
+    """The plain scan `_State.pick` shortens: every fitting replica in order, Python floats."""
+    from dlora.core.placement import _TIE
+
+    best, best_score = None, math.inf
+    load, cap, kept, fits = (state.load().tolist(), state.cap.tolist(), state.kept[k].tolist(),
+                             state.fits_all(k).tolist())
+    for j in range(len(load)):
+        if not fits[j]:
+            continue
+        score = (load[j] + weight) / cap[j]
+        tie = abs(score - best_score) <= _TIE * max(abs(best_score), 1e-300)
+        if best is None or (score < best_score and not tie) or (tie and kept[j] and not kept[best]):
+            best, best_score = j, score
+    return best
+
+
+def _reference_best_copy(state, prob, cands, old):
+    """`_best_copy` as a scan that evaluates each pair on its own and keeps the best so far."""
+    import numpy as np
+
+    from dlora.core.placement import _TIE, _leximin_better
+
+    best, best_vec = None, old
+    for k in sorted(cands):
+        for j in np.flatnonzero(state.fits_all(k)).tolist():
+            vec = np.sort(state.ratios_with(np.array([k]), np.array([j]))[0])
+            if best is None:
+                take = _leximin_better(vec, old, prob.min_relative_gain)
+            else:
+                take = _leximin_better(vec, best_vec, _TIE) or (
+                    not _leximin_better(best_vec, vec, _TIE) and state.kept[k, j] and not state.kept[best])
+            if take:
+                best, best_vec = (k, j), vec
+    return best
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.sampled_from([0.0, 1.0, 1.0 + 1e-10, 2.0, 3.0, 0.5]), min_size=2, max_size=9),
+       st.integers(1, 5), st.lists(st.booleans(), min_size=20, max_size=20),
+       st.lists(st.sampled_from([1.0, 2.0]), min_size=5, max_size=5))
+def test_pick_and_best_copy_equal_plain_scans(shares, num_replicas, kept_bits, caps):
+    """The greedy's shortcuts (a pick scans only the replicas near the lowest score; every
+    candidate copy is scored in one batch, rows far below the best skipped) decide exactly as
+    plain scans do, near-ties and the current placement's tie wins included."""
+    import numpy as np
+
+    from dlora.core.placement import _best_copy, _State
+
+    ads = tuple(AdapterDemand(k, s, 100) for k, s in enumerate(shares))
+    reps = tuple(ReplicaCapacity(j, caps[j], 10_000, 4) for j in range(num_replicas))
+    current = Placement(frozenset((j, k) for k in range(len(shares)) for j in range(num_replicas)
+                                  if kept_bits[(k * num_replicas + j) % 20]))
+    prob = PlacementProblem(ads, reps, current=current)
+    state = _State(prob)
+    for k in range(len(shares)):  # cover as the greedy does, checking every pick
+        weight = float(state.share[k])
+        j = state.pick(k, weight)
+        assert j == _reference_pick(state, k, weight)
+        if j is not None:
+            state.add(k, j)
+    if not state.x.any(axis=1).all():
+        return  # (not enough slots: the greedy would raise)
+    for _ in range(3):  # the replication step's choices, checked one by one
+        old = np.sort(state.ratios())
+        cands = {k for k in range(len(shares)) if state.share[k] > 0}
+        best = _best_copy(state, prob, cands, old)
+        assert best == _reference_best_copy(state, prob, cands, old)
+        if best is None:
+            break
+        state.add(*best)
