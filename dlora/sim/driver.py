@@ -35,6 +35,7 @@ class SimResult(RunResult):
     # with measure_scheduler: wall seconds of schedule() + complete() per scheduled iteration,
     # times every iteration (jumped ones included: a live system schedules each of them)
     scheduler_wall_s: float = 0.0
+    fast_path: dict[str, int] | None = None  # the fast path's counters (`FastPath.stats`), if on
 
 
 class _Sim:
@@ -166,12 +167,12 @@ class _Sim:
             assert jump.done
             del self.jumps[rep.id]
             self.cluster.end_step(rep.id)
-            if not finished:
-                return
-            # as after a stepped iteration that finished requests (the replica loop)
-            self.cluster.on_finished(finished)
-            self._count_done(len(finished))
-            self._sample(rep)
+            if finished:  # as after a stepped iteration that finished requests (the replica loop)
+                self.cluster.on_finished(finished)
+                self._count_done(len(finished))
+                self._sample(rep)
+            elif self.fast.admits_next(rep):
+                return  # (cut by a request that will be admitted now: a prefill, stepped)
             if not rep.has_work or self.cluster.deferred.get(rep.id):
                 return  # (a migration that waited for this iteration runs at the loop's top)
 
@@ -277,4 +278,4 @@ def simulate(
     iterations = sum(rep.stats.iterations for rep in sim.cluster.replicas)
     sched = sim.sched_wall_s / sim.sched_calls * iterations if sim.sched_calls else 0.0
     return SimResult(scenario, requests, sim.cluster, sim.migrator, sim.adapters, end_s, wall,
-                     sim.queue_samples, sim.batch_log, sched)
+                     sim.queue_samples, sim.batch_log, sched, sim.fast.stats() if sim.fast is not None else None)

@@ -4,7 +4,11 @@ following decode iterations of the same batch with one SimPy event.
 A jump is planned over the iterations that finish no request (but the last may), need no KV
 block the pool cannot give, and for which the batching policy would plan the same batch again
 (`BatchPolicy.repeats`: for ever for a stationary plan; while its credits stay on the same
-side of every threshold for a credit-moving one). Its iterations are applied lazily: when
+side of every threshold for a credit-moving one). A plan may include waiting requests when
+admission refuses the first of them for want of KV memory (which blocks the others behind it)
+and will keep refusing it while the jump's decode blocks only shrink the free memory
+(`ReplicaScheduler.blocks_admission`): near capacity most iterations are such, the running
+requests decoding while the queue waits for one of them to finish. Its iterations are applied lazily: when
 something outside the replica reads its requests or changes it (an arrival dispatched to it, a
 migration check), the driver first `materialize`s every iteration that ended by then and
 allocates the blocks of the one in flight, so the observer sees exactly the state the
@@ -86,6 +90,7 @@ class FastPath:
         self.ranks = {a.id: a.rank for a in adapters.values()}
         self.jumps = 0
         self.jumped_iterations = 0
+        self.waiting_jumps = 0  # jumps whose plan holds waiting requests admission refuses
 
     def next_decode_batch(self, rep: ReplicaScheduler, now: float) -> tuple[Batch, QueueView, Plan] | None:
         """The batch the replica would run next if it is a pure decode of requests that already
@@ -104,17 +109,45 @@ class FastPath:
             return None
         items = []
         resident = rep.memory.adapters
+        blocked: tuple[Request, int] | None = None  # the plan's first request not running, its tokens left
         for r in plan.requests:
-            if r.status != RequestStatus.RUNNING or r.prompt_tokens + r.generated_tokens - r.computed_tokens != 1:
+            if r.status != RequestStatus.RUNNING:
+                if blocked is None:
+                    blocked = (r, rep.config.max_batched_tokens - len(items))
+                continue  # (admission skips every waiting request behind a blocked one)
+            if r.prompt_tokens + r.generated_tokens - r.computed_tokens != 1:
                 return None
             if r.generated_tokens == 0:
                 return None  # its last prompt token: this iteration sets its first token time
             if r.adapter_id is not None and r.adapter_id not in resident:
                 return None  # admission would have to load it (and may fail to)
             items.append(BatchItem(r.id, r.adapter_id, r.computed_tokens, 1, True))
+        if blocked is None:
+            reqs = tuple(plan.requests)
+        elif not items or not rep.blocks_admission(*blocked, {merged} if merged is not None else set()):
+            return None
+        else:  # the running requests run; the waiting ones cannot until memory frees
+            reqs = tuple(r for r in plan.requests if r.status == RequestStatus.RUNNING)
         batch = Batch(replica=rep.id, step=rep.step, mode=plan.mode, merged_adapter=merged,
-                      items=tuple(items), requests=tuple(plan.requests), forced_by_credit=plan.forced_by_credit)
+                      items=tuple(items), requests=reqs, forced_by_credit=plan.forced_by_credit)
         return batch, queue, plan
+
+    def stats(self) -> dict[str, int]:
+        return {"jumps": self.jumps, "jumped_iterations": self.jumped_iterations, "waiting_jumps": self.waiting_jumps}
+
+    @staticmethod
+    def admits_next(rep: ReplicaScheduler) -> bool:
+        """A cheap guess that the replica's next iteration admits its first waiting request, so
+        that no jump is worth planning (a guess only: `plan` decides exactly): there is room in
+        the batch, its KV fits in free memory, and the replica runs unmerged or merged on its
+        adapter (a merged plan on another adapter leaves it waiting)."""
+        if not rep.waiting or len(rep.running) >= rep.config.max_batch_size:
+            return False
+        r = rep.waiting[0]
+        if rep.merged_adapter is not None and r.adapter_id != rep.merged_adapter:
+            return False
+        mem = rep.memory
+        return -(-(r.prompt_tokens + r.generated_tokens) // mem.block_tokens) - mem.held(r.id) <= mem.free_blocks
 
     def plan(self, rep: ReplicaScheduler, now: float, horizon: float | None) -> Jump | None:
         """The jump of identical decode iterations starting at `now`, or None."""
@@ -130,6 +163,10 @@ class FastPath:
         if max_iters < MIN_JUMP:
             return None
         mem = rep.memory
+        by_iteration = mem.config.prefix_caching and not self._bulk_safe(rep, reqs)  # (`Jump.fills`)
+        if by_iteration and len(reqs) < len(policy_plan.requests):
+            return None  # a block registered on the way may give a waiting request prefix hits,
+            # which shrink its need (`blocks_admission` holds only without them)
         shape = batch.shape(self.ranks)
         n = len(reqs)
         # LatencyModel.step_parts_s with its constant parts evaluated once (bit-identical)
@@ -177,12 +214,13 @@ class FastPath:
             del ends[k:]
         start_tokens = [r.computed_tokens for r in reqs]
         fills: dict[int, list[tuple[Request, int]]] | None = None
-        if mem.config.prefix_caching and not self._bulk_safe(rep, reqs):
+        if by_iteration:
             fills = {}
             for r, c in zip(reqs, start_tokens, strict=True):  # in batch order, as stepping visits them
                 for i in range((-c - 1) % block, k, block):  # a block fills in iteration i
                     fills.setdefault(i, []).append((r, c))
         rep.take_pending_frees()  # the first iteration carries them, as `_admit` would
+        self.waiting_jumps += len(reqs) < len(policy_plan.requests)
         return Jump(rep, batch, now, times, ends, start_tokens, fills, finishing=k == until_finish)
 
     @staticmethod
