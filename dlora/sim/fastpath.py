@@ -107,7 +107,7 @@ class FastPath:
             return None
         if len(plan.requests) > rep.config.max_batched_tokens:
             return None
-        items = []
+        items: list[BatchItem] = []
         resident = rep.memory.adapters
         blocked: tuple[Request, int] | None = None  # the plan's first request not running, its tokens left
         for r in plan.requests:
