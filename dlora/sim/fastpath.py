@@ -128,6 +128,11 @@ class FastPath:
             return None
         else:  # the running requests run; the waiting ones cannot until memory frees
             reqs = tuple(r for r in plan.requests if r.status == RequestStatus.RUNNING)
+            w = blocked[0]
+            if (w.prefix_group is not None or w.prompt_token_ids is not None) and rep.memory.config.prefix_caching \
+                    and not self._bulk_safe(rep, reqs):
+                return None  # a block the jump registers (by content, per iteration: `Jump.fills`)
+                # may give it prefix hits, which shrink its need (`blocks_admission` holds without)
         batch = Batch(replica=rep.id, step=rep.step, mode=plan.mode, merged_adapter=merged,
                       items=tuple(items), requests=reqs, forced_by_credit=plan.forced_by_credit)
         return batch, queue, plan
@@ -163,10 +168,6 @@ class FastPath:
         if max_iters < MIN_JUMP:
             return None
         mem = rep.memory
-        by_iteration = mem.config.prefix_caching and not self._bulk_safe(rep, reqs)  # (`Jump.fills`)
-        if by_iteration and len(reqs) < len(policy_plan.requests):
-            return None  # a block registered on the way may give a waiting request prefix hits,
-            # which shrink its need (`blocks_admission` holds only without them)
         shape = batch.shape(self.ranks)
         n = len(reqs)
         # LatencyModel.step_parts_s with its constant parts evaluated once (bit-identical)
@@ -214,7 +215,7 @@ class FastPath:
             del ends[k:]
         start_tokens = [r.computed_tokens for r in reqs]
         fills: dict[int, list[tuple[Request, int]]] | None = None
-        if by_iteration:
+        if mem.config.prefix_caching and not self._bulk_safe(rep, reqs):
             fills = {}
             for r, c in zip(reqs, start_tokens, strict=True):  # in batch order, as stepping visits them
                 for i in range((-c - 1) % block, k, block):  # a block fills in iteration i
