@@ -171,8 +171,8 @@ class _Sim:
                 self.cluster.on_finished(finished)
                 self._count_done(len(finished))
                 self._sample(rep)
-            elif self.fast.admits_next(rep):
-                return  # (cut by a request that will be admitted now: a prefill, stepped)
+            if self.fast.admits_next(rep):
+                return  # (a waiting request will be admitted now: a prefill, stepped)
             if not rep.has_work or self.cluster.deferred.get(rep.id):
                 return  # (a migration that waited for this iteration runs at the loop's top)
 

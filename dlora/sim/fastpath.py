@@ -144,13 +144,10 @@ class FastPath:
     def admits_next(rep: ReplicaScheduler) -> bool:
         """A cheap guess that the replica's next iteration admits its first waiting request, so
         that no jump is worth planning (a guess only: `plan` decides exactly): there is room in
-        the batch, its KV fits in free memory, and the replica runs unmerged or merged on its
-        adapter (a merged plan on another adapter leaves it waiting)."""
+        the batch and its KV fits in free memory."""
         if not rep.waiting or len(rep.running) >= rep.config.max_batch_size:
             return False
         r = rep.waiting[0]
-        if rep.merged_adapter is not None and r.adapter_id != rep.merged_adapter:
-            return False
         mem = rep.memory
         return -(-(r.prompt_tokens + r.generated_tokens) // mem.block_tokens) - mem.held(r.id) <= mem.free_blocks
 
