@@ -120,8 +120,8 @@ class _State:
                 if r in rid and a in kid:
                     self.kept[kid[a], rid[r]] = True
         # what depends on `x` alone, computed once per layout (the greedy scores many candidates
-        # against one): copies and adapter bytes per replica, copies per adapter, loads, x as floats
-        self._of_x: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+        # against one): copies and adapter bytes per replica, copies per adapter (at least 1), loads
+        self._of_x: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def add(self, k: int, j: int) -> None:
         """A copy of adapter `k` on replica `j` (every change of `x` goes through here or `clear`)."""
@@ -132,11 +132,11 @@ class _State:
         self.x[:] = False
         self._of_x = None
 
-    def _layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def _layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if self._of_x is None:
             x = self.x
             n = np.maximum(x.sum(axis=1), 1)
-            self._of_x = (x.sum(axis=0), self.size @ x, n, x.T.astype(float) @ (self.share / n), x.astype(float))
+            self._of_x = (x.sum(axis=0), self.size @ x, n, x.T.astype(float) @ (self.share / n))
         return self._of_x
 
     def fits_all(self, k: int) -> np.ndarray:
@@ -183,7 +183,7 @@ class _State:
     def ratios(self, x: np.ndarray | None = None) -> np.ndarray:
         """ratio_k for adapters with a positive share (module docstring)."""
         if x is None:
-            x, (_, _, n, load, _) = self.x, self._layout()
+            x, (_, _, n, load) = self.x, self._layout()
         else:
             load, n = self.load(x), np.maximum(x.sum(axis=1), 1)
         with np.errstate(divide="ignore"):
@@ -198,7 +198,7 @@ class _State:
         its holders in replica order (`np.add.reduceat`, row by row: a row's values do not
         depend on the other rows, nor on the machine's BLAS). Every adapter has a holder."""
         x = self.x
-        _, _, n, load0, _ = self._layout()
+        _, _, n, load0 = self._layout()
         rows = np.arange(len(ks))
         n_new = n[ks] + 1  # (a held adapter: n is its number of copies)
         new_per = self.share[ks] / n_new
@@ -300,36 +300,40 @@ def place_adapters(problem: PlacementProblem) -> Placement:
 
 def _replicate(st: _State, problem: PlacementProblem, max_copies: int) -> None:
     """Step (4): add leximin-improving copies until the target or no room."""
-    positive = np.nonzero(st.share > 0)[0]
+    positive = st.share > 0
     ideal = st.cap.sum()
     for _ in range(int(st.slots.sum())):
         ratios = st.ratios()
         if ratios.size == 0 or ratios.min() >= problem.target_fraction * ideal:
             return
         old = np.sort(ratios)
-        worst = positive[ratios <= ratios.min() * (1 + 1e-9)]
+        # candidates: the worst-served adapters and those sharing a replica with one of them
+        worst = np.flatnonzero(positive)[ratios <= ratios.min() * (1 + 1e-9)]
         on_worst = st.x[worst].any(axis=0)
-        cands = set(worst.tolist()) | set(np.nonzero(st.x[:, on_worst].any(axis=1))[0].tolist())
-        cands = {k for k in cands if st.share[k] > 0 and st.x[k].sum() < max_copies}
-        best = _best_copy(st, problem, cands, old)
+        room = positive & (st.x.sum(axis=1) < max_copies)
+        near = st.x[:, on_worst].any(axis=1)
+        near[worst] = True
+        cands = near & room
+        best = _best_copy(st, problem, np.flatnonzero(cands), old)
         if best is None:  # a copy of an adapter elsewhere can still relieve the worst
-            rest = {k for k in positive.tolist() if k not in cands and st.x[k].sum() < max_copies}
-            best = _best_copy(st, problem, rest, old)
+            best = _best_copy(st, problem, np.flatnonzero(room & ~cands), old)
         if best is None:
             return
         st.add(*best)
 
 
-def _best_copy(st: _State, problem: PlacementProblem, cands: set[int],
+def _best_copy(st: _State, problem: PlacementProblem, cands: np.ndarray,
                old: np.ndarray) -> tuple[int, int] | None:
-    """The extra copy among `cands` that most improves the sorted ratios (leximin), if any:
-    a scan over every (adapter, replica with room) pair, adapters in id order, keeping the best
-    so far (`_TIE`-close vectors are ties, won by a pair of the current placement). Every pair
-    is evaluated in one batch (`_State.ratios_with`)."""
-    pairs = [(k, j) for k in sorted(cands) for j in np.flatnonzero(st.fits_all(k)).tolist()]
-    if not pairs:
+    """The extra copy among adapters `cands` (ascending) that most improves the sorted ratios
+    (leximin), if any: a scan over every (adapter, replica with room) pair, adapters in order,
+    keeping the best so far (`_TIE`-close vectors are ties, won by a pair of the current
+    placement). Every pair is evaluated in one batch (`_State.ratios_with`)."""
+    copies, used, *_ = st._layout()
+    fits = ~st.x[cands] & (copies < st.slots)[None, :] & (used[None, :] + st.size[cands][:, None] <= st.mem[None, :])
+    rows_k, js = np.nonzero(fits)  # (`_State.fits_all` for each candidate, pairs in scan order)
+    if not len(js):
         return None
-    ks, js = np.array(pairs).T
+    ks = cands[rows_k]
     vecs = np.sort(st.ratios_with(ks, js), axis=1)
     kept = st.kept[ks, js]
     lowest = vecs[:, 0]  # each row's worst ratio
@@ -337,7 +341,7 @@ def _best_copy(st: _State, problem: PlacementProblem, cands: set[int],
     best: int | None = None  # the best pair's row
     best_vec = old
     pos = 0  # the rows in order, as a scan that keeps the best so far would visit them
-    while pos < len(pairs):
+    while pos < len(js):
         # a row whose worst ratio is below the best's by more than twice the tolerance differs
         # from it there, downwards: neither better nor tied; only the others are compared
         tol = gain if best is None else _TIE
@@ -354,7 +358,7 @@ def _best_copy(st: _State, problem: PlacementProblem, cands: set[int],
         best = int(rest[hit[0]])
         best_vec = vecs[best]
         pos = best + 1
-    return None if best is None else pairs[best]
+    return None if best is None else (int(ks[best]), int(js[best]))
 
 
 def placement_ratios(problem: PlacementProblem, placement: Placement) -> dict[int, float]:

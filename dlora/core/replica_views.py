@@ -66,10 +66,11 @@ class ReplicaViews:
             u = used + pending_blocks() if pending_blocks is not None else used
             return u, u + (cap - u * block - adapter_bytes) // block
 
+        queued_s, backlog_s = self.work.drain_s(running + waiting + swapped, pending_tokens)
         return ReplicaView.deferred(
             (self.id, self.is_alive, waiting, running, swapped, mem.resident, self.merged_adapter,
-             self.work.seconds(running + waiting + swapped, pending_tokens), self._requests_per_adapter(),
-             (slots - len(mem.adapters)) if slots is not None else 1 << 30, self.backlog_s(pending_tokens)), kv)
+             queued_s, self._requests_per_adapter(), (slots - len(mem.adapters)) if slots is not None else 1 << 30,
+             backlog_s), kv)
 
     def _requests_per_adapter(self) -> tuple[tuple[int | None, int], ...]:
         """(adapter, unfinished requests) sorted by adapter (None last); cached until a request
@@ -107,11 +108,7 @@ class ReplicaViews:
     def backlog_s(self, pending_tokens: int = 0) -> float:
         """Seconds to drain at full-batch throughput (`ReplicaView.backlog_s`), `pending_tokens`
         more output tokens generated (see `view`)."""
-        w = self.work
-        if w.count <= 0:
-            return 0.0
-        remaining = max(w.count * w.lengths.mean_output_tokens - (w.generated_tokens + pending_tokens), w.count)
-        return w.prefill_tokens * w.prefill_s_per_token + remaining * w.decode_s_per_token(w.config.max_batch_size)
+        return self.work.drain_s(self.num_unfinished, pending_tokens)[1]
 
     def memory_limits(self) -> ReplicaMemory:
         c = self.memory.config

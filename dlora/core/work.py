@@ -89,6 +89,17 @@ class WorkEstimator:
         return (self.prefill_tokens * self.prefill_s_per_token
                 + remaining * self.decode_s_per_token(num_requests))
 
+    def drain_s(self, num_requests: int, pending_tokens: int = 0) -> tuple[float, float]:
+        """(`seconds(num_requests, pending_tokens)`, the same at full-batch throughput: decode
+        priced at `max_batch_size` sequences), computed together (a view shows both)."""
+        if self.count <= 0:
+            return 0.0, 0.0
+        remaining = max(self.count * self.lengths.mean_output_tokens - (self.generated_tokens + pending_tokens),
+                        self.count)
+        prefill = self.prefill_tokens * self.prefill_s_per_token
+        return (prefill + remaining * self.decode_s_per_token(num_requests),
+                prefill + remaining * self.decode_s_per_token(self.config.max_batch_size))
+
     def seconds_for(self, r: Request) -> float:
         """Estimated seconds of one request's remaining work on a busy replica."""
         remaining = max(self.lengths.mean_output_tokens - r.generated_tokens, 1.0)

@@ -258,7 +258,7 @@ def test_pick_and_best_copy_equal_plain_scans(shares, num_replicas, kept_bits, c
     for _ in range(3):  # the replication step's choices, checked one by one
         old = np.sort(state.ratios())
         cands = {k for k in range(len(shares)) if state.share[k] > 0}
-        best = _best_copy(state, prob, cands, old)
+        best = _best_copy(state, prob, np.array(sorted(cands), dtype=int), old)
         assert best == _reference_best_copy(state, prob, cands, old)
         if best is None:
             break
