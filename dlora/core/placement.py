@@ -311,7 +311,7 @@ def _replicate(st: _State, problem: PlacementProblem, max_copies: int) -> None:
         worst = np.flatnonzero(positive)[ratios <= ratios.min() * (1 + 1e-9)]
         on_worst = st.x[worst].any(axis=0)
         room = positive & (st.x.sum(axis=1) < max_copies)
-        near: np.ndarray = st.x[:, on_worst].any(axis=1)
+        near = np.asarray(st.x[:, on_worst].any(axis=1))
         near[worst] = True
         cands = near & room
         best = _best_copy(st, problem, np.flatnonzero(cands), old)
