@@ -145,6 +145,8 @@ class _Sim:
         assert self.fast is not None
         env = self.env
         while True:
+            if self.fast.admits_next(rep):
+                return  # (a waiting request will be admitted now: a prefill, stepped)
             jump = self.fast.plan(rep, float(env.now), self.scenario.run.horizon_s)
             if jump is None:
                 return
@@ -171,8 +173,6 @@ class _Sim:
                 self.cluster.on_finished(finished)
                 self._count_done(len(finished))
                 self._sample(rep)
-            if self.fast.admits_next(rep):
-                return  # (a waiting request will be admitted now: a prefill, stepped)
             if not rep.has_work or self.cluster.deferred.get(rep.id):
                 return  # (a migration that waited for this iteration runs at the loop's top)
 

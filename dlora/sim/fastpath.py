@@ -142,12 +142,19 @@ class FastPath:
 
     @staticmethod
     def admits_next(rep: ReplicaScheduler) -> bool:
-        """A cheap guess that the replica's next iteration admits its first waiting request, so
-        that no jump is worth planning (a guess only: `plan` decides exactly): there is room in
-        the batch and its KV fits in free memory."""
-        if not rep.waiting or len(rep.running) >= rep.config.max_batch_size:
+        """A cheap guess that the replica's next iteration admits a waiting request, so that no
+        jump is worth planning (a guess only: `plan` decides exactly): the first waiting request
+        (of the merged adapter, when merged) has room in the batch and its KV fits in free
+        memory."""
+        if not rep.waiting:
             return False
-        r = rep.waiting[0]
+        b = rep.config.max_batch_size
+        m = rep.merged_adapter
+        if (len(rep.running) if m is None else rep.running_adapters[m]) >= b:
+            return False
+        r = rep.waiting[0] if m is None else next((w for w in rep.waiting if w.adapter_id == m), None)
+        if r is None:
+            return False
         mem = rep.memory
         return -(-(r.prompt_tokens + r.generated_tokens) // mem.block_tokens) - mem.held(r.id) <= mem.free_blocks
 
