@@ -199,3 +199,40 @@ def test_preempted_request_goes_to_the_front_and_the_iteration_admits_nothing_ne
     assert b_.status == RequestStatus.WAITING and b_.num_preemptions == 1
     assert [r.id for r in rep.waiting] == [1, 2]  # preempted first, then the new arrival
     assert late.status == RequestStatus.WAITING  # the preempting iteration admitted nothing new
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 40), st.integers(1, 24), st.integers(0, 3)), min_size=2, max_size=14),
+       st.integers(6, 40), st.sampled_from(["recompute", "swap"]), st.booleans())
+def test_blocks_admission_says_exactly_when_admission_refuses_for_kv(specs, blocks, preemption, caching):
+    """`ReplicaScheduler.blocks_admission` (the simulator's fast path jumps past such plans)
+    says True only when admission then refuses the plan's first waiting request and admits no
+    waiting request behind it; checked before every iteration of random runs under memory
+    pressure."""
+    from dlora.core.batching import QueueView
+
+    rep = make_replica(capacity_blocks=blocks, block_tokens=4, max_batch_size=4, max_batched_tokens=64,
+                       preemption=preemption, swap_blocks=64, num_adapters=4, prefix_caching=caching)
+    reqs = [make_request(i, adapter=a, prompt=p, output=o, arrival_s=i * 0.01) for i, (p, o, a) in enumerate(specs)]
+    for r in reqs:  # a shared prefix per adapter (blocks held by running requests: hits that need no room)
+        if r.adapter_id != 3 and r.prompt_tokens > 16:
+            r.prefix_group, r.prefix_tokens = r.adapter_id, 16
+    reqs = [r for r in reqs if -(-(r.prompt_tokens + r.output_tokens) // 4) + 4 <= blocks]  # each fits alone
+    def schedule(now: float):
+        queue = QueueView(rep.unfinished, rep.merged_adapter, rep.config.max_batch_size, rep.step, rep.queue_counts())
+        plan = rep.policy.plan(queue, now)  # (unmerged_only: the first max_batch_size, pure)
+        running = [r for r in plan.requests if r.status == RequestStatus.RUNNING]
+        first = next((i for i, r in enumerate(plan.requests) if r.status != RequestStatus.RUNNING), None)
+        blocked = False
+        if first is not None:
+            w = plan.requests[first]
+            before = sum(1 for r in plan.requests[:first] if r.status == RequestStatus.RUNNING)
+            blocked = rep.blocks_admission(w, rep.config.max_batched_tokens - before, set())
+        batch = rep.schedule(now)
+        if blocked:
+            assert batch is not None and all(r in running for r in batch.requests)
+            assert all(r.status != RequestStatus.RUNNING for r in plan.requests if r not in running)
+        return batch
+
+    run_replica(rep, reqs, schedule=schedule)
+    assert all(r.status == RequestStatus.FINISHED for r in reqs)
