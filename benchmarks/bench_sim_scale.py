@@ -3,7 +3,8 @@
 Gamma streams with power-law shares, ShareGPT-like lengths, credit batching + dLoRA dispatch +
 co-migration every 10 s) at a fixed load per replica (by default 1.75 req/s, as 56 req/s over 32
 replicas: about 40% of what this setup sustains under the SLO), for 4, 8, 16 and 32 replicas.
-Prints simulated requests per wall second and per CPU second, and the share of CPU time per
+Prints simulated requests per wall second and per CPU second, the iterations per request the
+fast path left to step one by one and its jumps per request, and the share of CPU time per
 component (from cProfile, which slows the run: shares only).
 
     .venv/bin/python benchmarks/bench_sim_scale.py [--replicas 4 8 16 32] [--duration-s 3600]
@@ -80,7 +81,12 @@ def run(replicas: int, duration_s: float, policy: str, migration: bool,
     result = simulate(sc)
     wall, cpu = time.perf_counter() - w0, cpu_s() - c0
     report = build_report(result)
-    return len(result.requests), wall, cpu, report.summary
+    summary = dict(report.summary)
+    iterations = sum(rep.stats.iterations for rep in result.cluster.replicas)
+    fast = result.fast_path or {}
+    summary["_stepped_per_request"] = (iterations - fast.get("jumped_iterations", 0)) / max(1, len(result.requests))
+    summary["_jumps_per_request"] = fast.get("jumps", 0) / max(1, len(result.requests))
+    return len(result.requests), wall, cpu, summary
 
 
 def components(replicas: int, duration_s: float, policy: str, migration: bool,
@@ -115,13 +121,16 @@ def main() -> None:
     console = Console()
     rate = args.rate_per_replica
     table = Table(title=f"simulator speed, {args.duration_s:g} simulated s at {rate:g} req/s per replica")
-    for col in ("replicas", "requests", "wall s", "CPU s", "req / wall s", "req / CPU s", "completed"):
+    # (req/s: per wall second; step/req: iterations stepped one by one per request; jump/req: jumps)
+    for col in ("reps", "requests", "wall s", "CPU s", "req/s", "req/CPU-s", "step/req", "jump/req"):
         table.add_column(col, justify="right")
     for n in args.replicas:
         count, wall, cpu, summary = run(n, args.duration_s, args.policy, not args.no_migration, rate)
         table.add_row(str(n), f"{count:,}", f"{wall:.1f}", f"{cpu:.1f}", f"{count / wall:,.0f}",
-                      f"{count / cpu:,.0f}", f"{summary['completed']:,}")
-        console.print(f"{n} replicas: {count:,} requests in {wall:.1f} s wall, {cpu:.1f} s CPU", highlight=False)
+                      f"{count / cpu:,.0f}", f"{summary['_stepped_per_request']:.2f}",
+                      f"{summary['_jumps_per_request']:.2f}")
+        console.print(f"{n} replicas: {count:,} requests ({summary['completed']:,} completed) in {wall:.1f} s wall, "
+                      f"{cpu:.1f} s CPU", highlight=False)
     console.print(table)
     if args.profile_components:
         n = args.replicas[min(1, len(args.replicas) - 1)]
