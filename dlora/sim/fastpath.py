@@ -8,14 +8,14 @@ side of every threshold for a credit-moving one). A plan may include waiting req
 admission refuses the first of them for want of KV memory (which blocks the others behind it)
 and will keep refusing it while the jump's decode blocks only shrink the free memory
 (`ReplicaScheduler.blocks_admission`): near capacity most iterations are such, the running
-requests decoding while the queue waits for one of them to finish. Its iterations are applied lazily: when
-something outside the replica reads its requests or changes it (an arrival dispatched to it, a
-migration check), the driver first `materialize`s every iteration that ended by then and
-allocates the blocks of the one in flight, so the observer sees exactly the state the
-one-by-one loop would have; a view of the replica applies nothing and counts what the
-unapplied iterations add (`unapplied`). If the observer changes the replica, the jump is cut
-after the iteration in flight. Each iteration is accounted with the same float operations in
-the same order as the normal path, so reports are identical to stepping one by one
+requests decoding while the queue waits for one of them to finish. Its iterations are applied
+lazily: when something outside the replica reads its requests or changes it (an arrival
+dispatched to it, a migration check), the driver first `materialize`s every iteration that
+ended by then and allocates the blocks of the one in flight, so the observer sees exactly the
+state the one-by-one loop would have; a view of the replica applies nothing and counts what
+the unapplied iterations add (`unapplied`). If the observer changes the replica, the jump is
+cut after the iteration in flight. Each iteration is accounted with the same float operations
+in the same order as the normal path, so reports are identical to stepping one by one
 (tests/sim/test_fastpath_random.py)."""
 
 from __future__ import annotations
