@@ -1,5 +1,5 @@
 """Room in a replica's memory pool during admission, under the admission contract
-(`ReplicaScheduler` docstring; DESIGN.md section 3; PAPER.md section 3).
+(`admission.py`'s docstring; DESIGN.md section 3; PAPER.md section 3).
 
 - Adapters are evicted in this order: adapters no request here needs (least recently used
   first), then adapters only queued requests need (fewest outstanding requests, then least
@@ -19,7 +19,7 @@ A mixin of `ReplicaScheduler`, kept apart for size."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Sequence
 from typing import TYPE_CHECKING
 
 from ..types import PreemptMode, Request, RequestStatus
@@ -28,7 +28,6 @@ from .prefix import BlockRun, block_hash_run
 
 if TYPE_CHECKING:
     from ..profile import LatencyModel
-    from ..types import Adapter
     from .batching import PolicyTraits
     from .context import ReplicaConfig
     from .memory import MemoryPool
@@ -51,7 +50,6 @@ class RoomMaker:
     work: WorkEstimator
     _incoming_kv: dict[int, int]
     _pending_free: list[int]
-    adapters: Mapping[int, Adapter]
 
     # ---- adapters ----
     def _room_fits(self, num_bytes: int, adapter_bytes: int) -> bool:
@@ -179,33 +177,6 @@ class RoomMaker:
             start = self.memory.next_unshared(r.id)
             if start < full:
                 self.memory.register(r.id, block_hash_run(r, bt, full * bt, start), start)
-
-    def blocks_admission(self, r: Request, tokens_left: int, keep: set[int]) -> bool:
-        """Whether admission (`_admit`) refuses the waiting or preempted request `r` at its turn
-        for a KV shortage, which stops FCFS admission behind it (`tokens_left` batch tokens left
-        then; `keep`: the adapters the batch keeps), and keeps refusing it while the pool's
-        free memory only shrinks and nothing else about it changes: its need is fixed, and so is
-        what evicting adapters could free (those no running request needs). The simulator's
-        fast path covers such iterations (a plan whose waiting requests cannot run yet). False
-        when that is not certain: a prefix-cache hit for `r` (its need depends on the cache),
-        S-LoRA's reservation, no token left."""
-        if self.traits.reserve_output or tokens_left <= 0:
-            return False
-        mem = self.memory
-        computed = r.computed_tokens
-        if mem.config.prefix_caching and r.status == RequestStatus.WAITING and not computed \
-                and r.id not in mem.kv_blocks and r.id not in self._incoming_kv \
-                and mem.cached_prefix_blocks(self._hashes_of(r, r.prompt_tokens + r.generated_tokens - 1))[0] > 0:
-            return False
-        new = min(r.prompt_tokens + r.generated_tokens - computed, tokens_left)
-        adapter = r.adapter_id
-        adapter_bytes = 0
-        if adapter is not None and adapter not in mem.adapters:
-            adapter_bytes = self.adapters[adapter].size_bytes
-        blocks = -(-(computed + new) // mem.block_tokens) - mem.held(r.id)
-        need = blocks * mem.block_bytes + adapter_bytes
-        # (then `_evict_until` fails, room nor eviction making it fit, and admission blocks)
-        return mem.free_bytes + self._evictable_bytes(keep, adapter) < need
 
     def _evictable_bytes(self, keep: set[int], adapter: int | None = None) -> int:
         order = self._eviction_order(keep if adapter is None else keep | {adapter})
