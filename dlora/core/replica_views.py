@@ -1,5 +1,5 @@
 """What a replica shows the cluster: its `ReplicaView` (per arrival), per-request snapshots and
-memory limits (for migrators), its backlog estimate and the report's summary. A mixin of
+memory limits (for migrators) and the report's summary. A mixin of
 `ReplicaScheduler`, kept apart for size; it reads the scheduler's state and changes nothing."""
 
 from __future__ import annotations
@@ -104,11 +104,6 @@ class ReplicaViews:
                 r.id, r.adapter_id, self.id, r.status, r.arrival_s, r.prompt_tokens,
                 r.generated_tokens, r.computed_tokens, held, self.work.seconds_for(r)))
         return tuple(out)
-
-    def backlog_s(self, pending_tokens: int = 0) -> float:
-        """Seconds to drain at full-batch throughput (`ReplicaView.backlog_s`), `pending_tokens`
-        more output tokens generated (see `view`)."""
-        return self.work.drain_s(self.num_unfinished, pending_tokens)[1]
 
     def memory_limits(self) -> ReplicaMemory:
         c = self.memory.config

@@ -79,19 +79,11 @@ class WorkEstimator:
             self._decode_per_token[b] = t
         return t
 
-    def seconds(self, num_requests: int, pending_tokens: int = 0) -> float:
-        """Seconds to drain, `pending_tokens` more output tokens generated than counted so far
-        (decode iterations a driver has not applied yet: `ReplicaViews.view`)."""
-        if self.count <= 0:
-            return 0.0
-        remaining = max(self.count * self.lengths.mean_output_tokens - (self.generated_tokens + pending_tokens),
-                        self.count)
-        return (self.prefill_tokens * self.prefill_s_per_token
-                + remaining * self.decode_s_per_token(num_requests))
-
     def drain_s(self, num_requests: int, pending_tokens: int = 0) -> tuple[float, float]:
-        """(`seconds(num_requests, pending_tokens)`, the same at full-batch throughput: decode
-        priced at `max_batch_size` sequences), computed together (a view shows both)."""
+        """Seconds to drain, decode priced at a batch of `num_requests` sequences and at
+        `max_batch_size` (full-batch throughput: a view's `queued_work_s` and `backlog_s`),
+        `pending_tokens` more output tokens generated than counted so far (decode iterations a
+        driver has not applied yet: `ReplicaViews.view`)."""
         if self.count <= 0:
             return 0.0, 0.0
         remaining = max(self.count * self.lengths.mean_output_tokens - (self.generated_tokens + pending_tokens),
