@@ -42,7 +42,6 @@ class Admission(RoomMaker):
         step: int
         _pending_loads: list[int]
         _pending_evicts: list[int]
-
         adapters: Mapping[int, Adapter]
 
         def take_pending_frees(self) -> tuple[int, ...]: ...
@@ -58,21 +57,32 @@ class Admission(RoomMaker):
         S-LoRA's reservation, no token left."""
         if self.traits.reserve_output or tokens_left <= 0:
             return False
+        hits, _, _, _, _, _, need = self._need(r, tokens_left)
+        if hits:
+            return False
+        # (then `_evict_until` fails, room nor eviction making it fit, and admission blocks)
+        return self.memory.free_bytes + self._evictable_bytes(keep, r.adapter_id) < need
+
+    def _need(self, r: Request, tokens_left: int) -> tuple[Sequence[Hashable], int, int, int, int, int, int]:
+        """What admitting `r` with `tokens_left` batch tokens takes: (its prefix-cache hits, of
+        them unheld ones, its computed tokens with the hits, new tokens to compute, bytes of its
+        adapter to load, new KV blocks, and the bytes of room all that needs). A new or
+        recomputed request first claims the cached blocks of its prompt."""
         mem = self.memory
         computed = r.computed_tokens
+        hits: Sequence[Hashable] = ()
+        idle_hits = 0
         if mem.config.prefix_caching and r.status == RequestStatus.WAITING and not computed \
-                and r.id not in mem.kv_blocks and r.id not in self._incoming_kv \
-                and mem.cached_prefix_blocks(self._hashes_of(r, r.prompt_tokens + r.generated_tokens - 1))[0] > 0:
-            return False
+                and r.id not in mem.kv_blocks and r.id not in self._incoming_kv:
+            hits, idle_hits = self._prefix_hits(r)
+            computed = len(hits) * mem.block_tokens
         new = min(r.prompt_tokens + r.generated_tokens - computed, tokens_left)
         adapter = r.adapter_id
         adapter_bytes = 0
         if adapter is not None and adapter not in mem.adapters:
             adapter_bytes = self.adapters[adapter].size_bytes
-        blocks = -(-(computed + new) // mem.block_tokens) - mem.held(r.id)
-        need = blocks * mem.block_bytes + adapter_bytes
-        # (then `_evict_until` fails, room nor eviction making it fit, and admission blocks)
-        return mem.free_bytes + self._evictable_bytes(keep, adapter) < need
+        blocks = -(-(computed + new) // mem.block_tokens) - mem.held(r.id) - len(hits)
+        return hits, idle_hits, computed, new, adapter_bytes, blocks, (blocks + idle_hits) * mem.block_bytes + adapter_bytes
 
     def _fallback_plan(self) -> Plan:
         """The running requests in order: what runs when nothing of a plan can be admitted."""
@@ -84,7 +94,6 @@ class Admission(RoomMaker):
 
     def _admit(self, plan: Plan, now: float) -> Batch:
         mem = self.memory
-        block_tokens, block_bytes = mem.block_tokens, mem.block_bytes
         keep: set[int] = set()  # adapters this batch needs (never evicted for it)
         if plan.mode == BatchMode.MERGED and plan.merged_adapter is not None:
             keep.add(plan.merged_adapter)
@@ -118,20 +127,8 @@ class Admission(RoomMaker):
                 waiting = r.status != RequestStatus.RUNNING
                 if waiting and (preempted or waiting_blocked):
                     continue  # a preempting iteration admits nothing new; FCFS stops at a KV shortage
-                computed = r.computed_tokens
-                hits: Sequence[Hashable] = ()
-                idle_hits = 0
-                if caching and r.status == RequestStatus.WAITING and not computed \
-                        and r.id not in mem.kv_blocks and r.id not in self._incoming_kv:
-                    hits, idle_hits = self._prefix_hits(r)
-                    computed = len(hits) * block_tokens
-                new = min(r.prompt_tokens + r.generated_tokens - computed, tokens_left)
+                hits, _, computed, new, adapter_bytes, blocks, need = self._need(r, tokens_left)
                 adapter = r.adapter_id
-                adapter_bytes = 0
-                if adapter is not None and adapter not in mem.adapters:
-                    adapter_bytes = self.adapters[adapter].size_bytes
-                blocks = -(-(computed + new) // block_tokens) - mem.held(r.id) - len(hits)
-                need = (blocks + idle_hits) * block_bytes + adapter_bytes
                 if not waiting:
                     ok = self._evict_until(need, adapter_bytes, keep, evicts, adapter)
                     if not ok and adapter_bytes:

@@ -101,6 +101,13 @@ class CreditRepeats(CreditFeedback):
             (self.credits, self._above, self.benched, self.serving, self._resume, self._skipped_since,
              self._skips_next, self._skips_now, self.max_skip_wait_s) = saved
 
+    def _sides(self, c: float) -> tuple[bool, bool, bool, bool, bool]:
+        """Where credit `c` stands against each threshold `_decide` reads (floor, start from
+        both sides, fire, release): a decision is the same while no moved credit changes side."""
+        p = self.p
+        return (c < p.credit_floor, c < p.credit_start, c > p.credit_start, c >= p.credit_fire,
+                c >= p.credit_release)
+
     def _nets_of(self, transfers: tuple[tuple[Key, Key, float], ...]) -> dict[Key, tuple[float, float]] | None:
         """Per adapter the transfers move, (the net change to its credit, the sum of the
         changes' sizes), when every change is a whole number (else None); kept for the last
@@ -143,11 +150,7 @@ class CreditRepeats(CreditFeedback):
         if nets is None:
             return 0
         p = self.p
-        floor, start, fire, release = p.credit_floor, p.credit_start, p.credit_fire, p.credit_release
-
-        def sides(c: float) -> tuple[bool, bool, bool, bool, bool]:
-            return (c < floor, c < start, c > start, c >= fire, c >= release)
-
+        start, sides = p.credit_start, self._sides
         credits = self.credits
         before = {k: credits.get(k, start) for k in nets}
         for k, net in nets.items():
@@ -196,17 +199,11 @@ class CreditRepeats(CreditFeedback):
             self._move_credits(d)
             return None
         p = self.p
-        floor, start, fire, release = p.credit_floor, p.credit_start, p.credit_fire, p.credit_release
         moved = self._deltas_of(d.transfers).keys()
-        get = self.credits.get
-
-        def sides() -> list[tuple[bool, bool, bool, bool, bool]]:
-            return [(c < floor, c < start, c > start, c >= fire, c >= release)
-                    for c in (get(k, start) for k in moved)]
-
-        before = sides()
+        get, start, sides = self.credits.get, p.credit_start, self._sides
+        before = [sides(get(k, start)) for k in moved]
         self._move_credits(d)
-        if self.serving or sides() != before:
+        if self.serving or [sides(get(k, start)) for k in moved] != before:
             return None
         limit = p.max_skip_s
         since = self._skipped_since  # (the clocks of the requests `d` skips, all started)

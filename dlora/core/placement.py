@@ -139,11 +139,12 @@ class _State:
             self._of_x = (x.sum(axis=0), self.size @ x, n, x.T.astype(float) @ (self.share / n))
         return self._of_x
 
-    def fits_all(self, k: int) -> np.ndarray:
+    def fits_all(self, k: int | np.ndarray) -> np.ndarray:
         """Whether replica j has room for a copy of `k` (a free slot and adapter memory; not
-        holding it yet), for every j (sizes are whole bytes: the sums are exact)."""
+        holding it yet), for every j (sizes are whole bytes: the sums are exact); for an array
+        of adapters, one row each."""
         copies, used, *_ = self._layout()
-        return ~self.x[k] & (copies < self.slots) & (used + self.size[k] <= self.mem)
+        return ~self.x[k] & (copies < self.slots) & (used + self.size[k][..., None] <= self.mem)
 
     def pick(self, k: int, weight: float) -> int | None:
         """Replica with room for `k` whose relative load after adding `weight` is lowest: a scan
@@ -174,18 +175,13 @@ class _State:
                 best, best_score, best_kept = j, sc, kj
         return best
 
-    def load(self, x: np.ndarray | None = None) -> np.ndarray:
-        if x is None:
-            return self._layout()[3]
-        n = np.maximum(x.sum(axis=1), 1)
-        return x.T.astype(float) @ (self.share / n)
+    def load(self) -> np.ndarray:
+        """Each replica's load `L_j` (module docstring)."""
+        return self._layout()[3]
 
-    def ratios(self, x: np.ndarray | None = None) -> np.ndarray:
+    def ratios(self) -> np.ndarray:
         """ratio_k for adapters with a positive share (module docstring)."""
-        if x is None:
-            x, (_, _, n, load) = self.x, self._layout()
-        else:
-            load, n = self.load(x), np.maximum(x.sum(axis=1), 1)
+        x, (_, _, n, load) = self.x, self._layout()
         with np.errstate(divide="ignore"):
             inv = np.where(load > 0, self.cap / np.where(load > 0, load, 1.0), np.inf)
         served = np.where(x, inv[None, :], 0.0).sum(axis=1)  # inf only off the holders
@@ -328,9 +324,7 @@ def _best_copy(st: _State, problem: PlacementProblem, cands: np.ndarray,
     (leximin), if any: a scan over every (adapter, replica with room) pair, adapters in order,
     keeping the best so far (`_TIE`-close vectors are ties, won by a pair of the current
     placement). Every pair is evaluated in one batch (`_State.ratios_with`)."""
-    copies, used, *_ = st._layout()
-    fits = ~st.x[cands] & (copies < st.slots)[None, :] & (used[None, :] + st.size[cands][:, None] <= st.mem[None, :])
-    rows_k, js = np.nonzero(fits)  # (`_State.fits_all` for each candidate, pairs in scan order)
+    rows_k, js = np.nonzero(st.fits_all(cands))  # (pairs in scan order)
     if not len(js):
         return None
     ks = cands[rows_k]
