@@ -14,7 +14,8 @@ from .core.migration import MIGRATORS, Migrator
 from .core.registries import REGISTRIES  # noqa: F401  (loads every policy)
 from .core.replica import ReplicaScheduler
 from .core.work import OutputLengthEstimate, WorkEstimator
-from .profile import LatencyModel, load_profile
+from .latency import LatencyModel
+from .profile import load_profile
 from .scenario import Scenario, resolve
 from .types import Adapter
 

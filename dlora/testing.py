@@ -11,7 +11,8 @@ from .core.context import PolicyContext, ReplicaConfig
 from .core.memory import MemoryConfig, MemoryPool
 from .core.registries import REGISTRIES  # noqa: F401  (registers every policy)
 from .core.replica import ReplicaScheduler
-from .profile import LatencyModel, load_profile
+from .latency import LatencyModel
+from .profile import load_profile
 from .types import Adapter, Batch, Request, StepResult
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"

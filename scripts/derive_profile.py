@@ -25,14 +25,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dlora.profile import (  # noqa: E402
+from dlora.latency import LatencyModel
+from dlora.profile import (
     FORMAT,
     LORA_MODULES,
     BaselineCost,
     BaselineCosts,
     Curve,
     Latency,
-    LatencyModel,
     LoraCost,
     Memory,
     ModelShape,

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from dlora.errors import ProfileError
-from dlora.profile import BaselineCost, BaselineCosts, LatencyModel, load_profile
+from dlora.latency import LatencyModel
+from dlora.profile import BaselineCost, BaselineCosts, load_profile
 from dlora.types import BatchMode, BatchShape
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ from types import ModuleType
 import pytest
 
 from dlora.errors import ProfileError
-from dlora.profile import LatencyModel, Profile, load_profile
+from dlora.latency import LatencyModel
+from dlora.profile import Profile, load_profile
 from dlora.types import BatchMode, BatchShape
 
 REPO = Path(__file__).resolve().parents[1]

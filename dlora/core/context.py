@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from ..profile import LatencyModel
+from ..latency import LatencyModel
 from ..types import Adapter
 from .memory import MemoryConfig
 

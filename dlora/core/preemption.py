@@ -4,7 +4,7 @@ link); recomputing re-prefills its context at the next admission."""
 
 from __future__ import annotations
 
-from ..profile import LatencyModel
+from ..latency import LatencyModel
 from ..types import BatchMode, BatchShape, PreemptMode, Request
 from .memory import MemoryPool
 

@@ -15,7 +15,7 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 
-from ..profile import LatencyModel
+from ..latency import LatencyModel
 from ..types import (
     Adapter,
     Batch,

@@ -27,7 +27,7 @@ from .preemption import choose_preempt_mode
 from .prefix import BlockRun, block_hash_run
 
 if TYPE_CHECKING:
-    from ..profile import LatencyModel
+    from ..latency import LatencyModel
     from .batching import PolicyTraits
     from .context import ReplicaConfig
     from .memory import MemoryPool

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..profile import LatencyModel
+from ..latency import LatencyModel
 from ..types import BatchMode, BatchShape, Request
 from .context import ReplicaConfig
 

@@ -37,10 +37,10 @@ import numpy as np
 import yaml
 
 from ..errors import ProfileError
+from ..latency import LatencyModel
 from ..profile import (
     FORMAT,
     Latency,
-    LatencyModel,
     Memory,
     ModelShape,
     Profile,

@@ -19,7 +19,7 @@ import simpy
 
 from ..build import load_latency, make_adapters, make_cluster
 from ..core.replica import ReplicaScheduler
-from ..profile import LatencyModel
+from ..latency import LatencyModel
 from ..report import RunResult, note_queue_length
 from ..scenario import Scenario
 from ..types import Executor, Request

@@ -3,7 +3,7 @@ from the latency profile instead of running a model."""
 
 from __future__ import annotations
 
-from ..profile import LatencyModel
+from ..latency import LatencyModel
 from ..types import Adapter, Batch, StepResult
 
 

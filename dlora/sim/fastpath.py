@@ -28,7 +28,7 @@ import simpy
 
 from ..core.batching import Plan, QueueView
 from ..core.replica import ReplicaScheduler
-from ..profile import LatencyModel
+from ..latency import LatencyModel
 from ..types import Adapter, Batch, BatchItem, BatchMode, Request, RequestStatus, StepResult
 
 MIN_JUMP = 2

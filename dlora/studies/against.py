@@ -45,8 +45,8 @@ import yaml
 from ..build import load_latency
 from ..config import apply_override
 from ..errors import ConfigError
+from ..latency import LatencyModel
 from ..metrics import Report
-from ..profile import LatencyModel
 from ..report import build_report
 from ..scenario import Scenario, scenario_from_dict
 from ..sim.driver import SimResult, simulate

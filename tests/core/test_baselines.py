@@ -135,7 +135,7 @@ def test_vllm_under_tensor_parallelism_holds_whole_models_per_replica() -> None:
 
 
 def _static_peft_latency():  # type: ignore[no-untyped-def]
-    from dlora.profile import LatencyModel
+    from dlora.latency import LatencyModel
 
     return LatencyModel(latency_model().profile, allow_extrapolation=True, baseline="peft", static_batches=True)
 

@@ -12,7 +12,8 @@ from dlora.core.dispatch import DISPATCHERS
 from dlora.core.dispatch_dlora import DispatchCost
 from dlora.core.memory import MemoryConfig
 from dlora.core.placement_policy import PlacementParams, Placer
-from dlora.profile import LatencyModel, load_profile
+from dlora.latency import LatencyModel
+from dlora.profile import load_profile
 from dlora.types import Adapter, Request
 from dlora.views import ClusterView, DropAdapter, LoadAdapter, ReplicaView
 

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from dlora.core.memory import MemoryConfig, MemoryPool
 from dlora.core.preemption import choose_preempt_mode, recompute_s, swap_round_trip_s
-from dlora.profile import LatencyModel, Transfer
+from dlora.latency import LatencyModel
+from dlora.profile import Transfer
 from dlora.testing import ScriptedExecutor, latency_model, make_adapters, make_replica, make_request
 from dlora.types import PreemptMode, RequestStatus
 

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from dlora.cli import app
 from dlora.errors import ProfileError
-from dlora.profile import LatencyModel, load_profile
+from dlora.latency import LatencyModel
+from dlora.profile import load_profile
 from dlora.profiling.llmservingsim import checks, import_llmservingsim, read_source, row_shape
 
 ROOT = Path(__file__).resolve().parents[2]

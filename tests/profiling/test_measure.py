@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from dlora.cli import app
-from dlora.profile import LatencyModel, load_profile
+from dlora.latency import LatencyModel
+from dlora.profile import load_profile
 from dlora.profiling.measure import profile
 from dlora.profiling.sweep import Sweep
 

@@ -74,7 +74,8 @@ def test_the_price_gap_reference_profile_prices_unmerged_batches_as_merged(tmp_p
     """Fig. 10's `unmerged_free_lora` reference runs on a copy of the profile whose LoRA side
     path costs nothing: an unmerged batch of many adapters then costs what a merged one does,
     and nothing else of the profile changes (switches still cost what they did)."""
-    from dlora.profile import LatencyModel, load_profile
+    from dlora.latency import LatencyModel
+    from dlora.profile import load_profile
     from dlora.scenario import load_scenario, resolve
     from dlora.studies.reproduce import PAPER, free_lora_profile
     from dlora.types import BatchMode
