@@ -135,6 +135,14 @@ class ClusterView:
             return self.alive_ids
         return tuple(r.id for r in self.replicas if r.is_alive)
 
+    def views(self, ids: Sequence[int]) -> list[ReplicaView]:
+        """The views of replicas `ids`, in that order (built together where `replicas` can:
+        `core.cluster.LazyViews.many`)."""
+        many = getattr(self.replicas, "many", None)
+        if many is not None:
+            return many(ids)
+        return [self.replicas[i] for i in ids]
+
     def resident_on(self, adapter: int) -> tuple[int, ...]:
         """Ids of the replicas (live or not) where the adapter is resident, in id order."""
         if self.resident_index is not None:

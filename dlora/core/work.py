@@ -84,13 +84,21 @@ class WorkEstimator:
         `max_batch_size` (full-batch throughput: a view's `queued_work_s` and `backlog_s`),
         `pending_tokens` more output tokens generated than counted so far (decode iterations a
         driver has not applied yet: `ReplicaViews.view`)."""
-        if self.count <= 0:
+        count = self.count
+        if count <= 0:
             return 0.0, 0.0
-        remaining = max(self.count * self.lengths.mean_output_tokens - (self.generated_tokens + pending_tokens),
-                        self.count)
+        lengths = self.lengths  # (`mean_output_tokens`, inlined: a view per holder per arrival)
+        mean = lengths.total_tokens / lengths.count if lengths.count else lengths.prior
+        remaining = max(count * mean - (self.generated_tokens + pending_tokens), count)
         prefill = self.prefill_tokens * self.prefill_s_per_token
-        return (prefill + remaining * self.decode_s_per_token(num_requests),
-                prefill + remaining * self.decode_s_per_token(self.config.max_batch_size))
+        per = self._decode_per_token
+        at_n = per.get(num_requests)
+        if at_n is None:
+            at_n = self.decode_s_per_token(num_requests)
+        at_full = per.get(self.config.max_batch_size)
+        if at_full is None:
+            at_full = self.decode_s_per_token(self.config.max_batch_size)
+        return prefill + remaining * at_n, prefill + remaining * at_full
 
     def seconds_for(self, r: Request) -> float:
         """Estimated seconds of one request's remaining work on a busy replica."""

@@ -64,10 +64,10 @@ class _Sim:
         self.next_arrival_i = 0
         use_fast = scenario.run.fast_path and executor_factory is None
         self.fast = FastPath(latency, self.adapters) if use_fast else None
-        self.jumps: dict[int, Jump] = {}
+        self.jumps: dict[int, Jump] = self.fast.active if self.fast is not None else {}
         if self.fast is not None:
             self.cluster.before_read = self.observe
-            self.cluster.unapplied = self.unapplied
+            self.cluster.unapplied = self.fast.unapplied
 
     # ---- processes ----
     def arrivals(self):
@@ -192,14 +192,6 @@ class _Sim:
         if jump is not None:
             assert self.fast is not None
             self.fast.materialize(jump, now)
-
-    def unapplied(self, replica: int, now: float) -> tuple[int, Callable[[], int] | None]:
-        """What a view of a replica in a jump adds at `now` (`Cluster.unapplied`)."""
-        jump = self.jumps.get(replica)
-        if jump is None:
-            return 0, None
-        assert self.fast is not None
-        return self.fast.unapplied(jump, now)
 
     def observe_all(self, now: float) -> None:
         """Bring replicas in a jump up to `now` before anything looks at them."""

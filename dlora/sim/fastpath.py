@@ -91,6 +91,7 @@ class FastPath:
         self.jumps = 0
         self.jumped_iterations = 0
         self.waiting_jumps = 0  # jumps whose plan holds waiting requests admission refuses
+        self.active: dict[int, Jump] = {}  # replica -> its jump in flight (the driver's)
 
     def next_decode_batch(self, rep: ReplicaScheduler, now: float) -> tuple[Batch, QueueView, Plan] | None:
         """The batch the replica would run next if it is a pure decode of requests that already
@@ -257,13 +258,22 @@ class FastPath:
             applied = k - 1
         return applied, max(jump.allocated, min(applied + 1, k))
 
-    def unapplied(self, jump: Jump, now: float) -> tuple[int, Callable[[], int]]:
-        """Output tokens of the jump's iterations that ran by `now` but are not applied yet,
-        and a pure function giving the KV blocks of those that ran or are in flight (what a
-        view of the replica adds: `Cluster.unapplied`; the blocks cost a pass over the batch,
-        so a view counts them only when read)."""
-        applied, allocated = self._progress(jump, now)
-        start_tokens, before = jump.start_tokens, jump.allocated  # (never changed in place)
+    def unapplied(self, replica: int, now: float) -> tuple[int, Callable[[], int] | None]:
+        """Output tokens of the iterations of the replica's jump in flight (`active`) that ran
+        by `now` but are not applied yet, and a pure function giving the KV blocks of those
+        that ran or are in flight (what a view of the replica adds: `Cluster.unapplied`; the
+        blocks cost a pass over the batch, so a view counts them only when read); (0, None)
+        without a jump."""
+        jump = self.active.get(replica)
+        if jump is None:
+            return 0, None
+        k = len(jump.times)  # `_progress`, inlined (a view per holder per arrival)
+        applied = bisect_right(jump.ends, now, jump.applied)
+        if jump.finishing and applied >= k:
+            applied = k - 1
+        before = jump.allocated
+        allocated = max(before, min(applied + 1, k))
+        start_tokens = jump.start_tokens  # (never changed in place)
         bt = jump.rep.memory.block_tokens
 
         def blocks() -> int:

@@ -43,6 +43,7 @@ def test_a_lazy_view_equals_the_view_brought_up_to_date(monkeypatch, sets) -> No
         return lazy
 
     monkeypatch.setattr(Cluster, "view_of", checked)
+    monkeypatch.setattr(Cluster, "views_of", lambda self, ids, now: [checked(self, i, now) for i in ids])
     sc = load_scenario(QUICKSTART, ["run.progress=false", "cluster.replicas=3", "workload.num_requests=150",
                                     "workload.arrival.rate_per_s=6", *sets])
     simulate(sc)
