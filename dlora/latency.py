@@ -252,8 +252,8 @@ def padded_prefill(shape: BatchShape) -> BatchShape:
     n, longest = shape.prefill_seqs, shape.max_context_tokens
     tokens = n * longest
     rank = shape.lora_token_rank // max(shape.lora_tokens, 1) if shape.lora_tokens else 0
-    return dataclasses.replace(
-        shape, prefill_tokens=tokens, prefill_context_tokens=tokens,
+    return shape._replace(
+        prefill_tokens=tokens, prefill_context_tokens=tokens,
         prefill_attention_pairs=n * longest * (longest + 1) // 2,
         lora_tokens=tokens if shape.lora_tokens else 0, lora_token_rank=tokens * rank,
     )

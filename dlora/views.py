@@ -87,6 +87,12 @@ class ReplicaView:
         f = self._f
         return f[2] + f[3] + f[4]
 
+    def rank_facts(self) -> tuple[int, frozenset[int], float, int]:
+        """(num_requests, resident_adapters, backlog_s, id) in one read (a dispatch ranks every
+        holder of an adapter by them)."""
+        f = self._f
+        return f[2] + f[3] + f[4], f[5], f[10], f[0]
+
     @property
     def kv_usage(self) -> float:
         used, total = self._kv_pair()

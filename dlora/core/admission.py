@@ -204,7 +204,7 @@ class Admission(RoomMaker):
             swap_in=tuple(swap_in), swap_out_tokens=swap_tokens[0], swap_in_tokens=swap_tokens[1],
             free_requests=free, transfer_in=tuple(transfer_in), transfer_in_tokens=transfer_tokens,
             load_bytes=load_bytes, forced_by_credit=plan.forced_by_credit,
-        )
+        ).check()
         self.stats.preempting_iterations += int(preempted)
         self.step += 1
         return batch

@@ -6,7 +6,6 @@ size."""
 
 from __future__ import annotations
 
-import dataclasses
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Sequence
@@ -247,7 +246,7 @@ class CreditRepeats(CreditFeedback):
                     d, self._skips_next, self._skips_now = ahead[j - 1]
                     self._memo, self._memo_step = d, step
                 else:
-                    self.plan(dataclasses.replace(queue, step=step), starts[i])
+                    self.plan(queue._replace(step=step), starts[i])
                     ahead = []
             d = self._memo
             assert d is not None

@@ -99,13 +99,13 @@ class DispatchCost:
         best: ReplicaView | None = None
         best_key: tuple[float, float, int, int] | None = None
         for r in views:
-            n = r.num_requests
+            n, resident, backlog, rid = r.rank_facts()
             cost = 0.0 if n < b else self.queued_s(r)
-            if adapter is not None and adapter not in r.resident_adapters:
+            if adapter is not None and adapter not in resident:
                 if load is None:
                     load = self.load_s(adapter, r)
                 cost = cost + load
-            key = (cost, r.backlog_s, n, r.id)
+            key = (cost, backlog, n, rid)
             if best_key is None or key < best_key:
                 best, best_key = r, key
         if best is None:

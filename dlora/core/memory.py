@@ -49,6 +49,7 @@ class MemoryPool(PrefixCache):
         self.config = config
         self.block_tokens = config.block_tokens
         self.block_bytes = config.block_bytes
+        self.capacity_bytes = config.capacity_bytes  # device bytes for KV and adapters (fixed)
         self.kv_blocks: dict[int, int] = {}  # request id -> device blocks held
         self.swapped_blocks: dict[int, int] = {}  # request id -> host blocks held
         self.adapters: dict[int, int] = {}  # resident adapter id -> bytes (change through
@@ -63,21 +64,17 @@ class MemoryPool(PrefixCache):
 
     # ---- sizes ----
     @property
-    def capacity_bytes(self) -> int:
-        return self.config.capacity_bytes
-
-    @property
     def used_bytes(self) -> int:
         return self.kv_used_blocks * self.block_bytes + self.adapter_bytes
 
     @property
     def free_bytes(self) -> int:
         """Bytes neither KV nor adapters hold (cached prefix blocks count as free)."""
-        return self.capacity_bytes - self.used_bytes
+        return self.capacity_bytes - (self.kv_used_blocks * self.block_bytes + self.adapter_bytes)
 
     @property
     def free_blocks(self) -> int:
-        return self.free_bytes // self.block_bytes
+        return (self.capacity_bytes - (self.kv_used_blocks * self.block_bytes + self.adapter_bytes)) // self.block_bytes
 
     @property
     def kv_capacity_blocks(self) -> int:

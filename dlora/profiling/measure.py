@@ -85,7 +85,7 @@ class _Bench:
         merged = self.ex.merged_adapter
         return Batch(0, 0, mode, point.merged, tuple(items), tuple(reqs),
                      merge_adapter=point.merged if merged != point.merged else None,
-                     unmerge_adapter=merged if merged is not None and merged != point.merged else None)
+                     unmerge_adapter=merged if merged is not None and merged != point.merged else None).check()
 
     def time_step(self, batch: Batch) -> float:
         res = self.ex.execute(batch)
