@@ -89,7 +89,9 @@ class WorkEstimator:
             return 0.0, 0.0
         lengths = self.lengths  # (`mean_output_tokens`, inlined: a view per holder per arrival)
         mean = lengths.total_tokens / lengths.count if lengths.count else lengths.prior
-        remaining = max(count * mean - (self.generated_tokens + pending_tokens), count)
+        remaining = count * mean - (self.generated_tokens + pending_tokens)
+        if count > remaining:  # (max(remaining, count), inlined)
+            remaining = count
         prefill = self.prefill_tokens * self.prefill_s_per_token
         per = self._decode_per_token
         at_n = per.get(num_requests)

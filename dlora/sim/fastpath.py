@@ -272,7 +272,9 @@ class FastPath:
         if jump.finishing and applied >= k:
             applied = k - 1
         before = jump.allocated
-        allocated = max(before, min(applied + 1, k))
+        allocated = applied + 1 if applied < k else k  # (max(before, min(applied + 1, k)), inlined)
+        if allocated < before:
+            allocated = before
         start_tokens = jump.start_tokens  # (never changed in place)
         bt = jump.rep.memory.block_tokens
 
