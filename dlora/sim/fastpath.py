@@ -168,7 +168,7 @@ class FastPath:
         reqs = batch.requests
         # up to and including the iteration in which the first request finishes (that one is
         # applied by `ReplicaScheduler.complete` itself: `finish`)
-        until_finish = min(r.remaining_output_tokens for r in reqs)
+        until_finish = min([r.output_tokens - r.generated_tokens for r in reqs])  # (remaining_output_tokens)
         max_iters = min(until_finish, MAX_JUMP)
         if max_iters < MIN_JUMP:
             return None
@@ -187,7 +187,7 @@ class FastPath:
         ends: list[float] = []
         end = now
         decode_ctx = shape.decode_context_tokens - n  # the loop adds n before each iteration
-        total_need = sum(_new_blocks(c, 0, max_iters, block) for c in ctx)
+        total_need = sum([-(-(c + max_iters) // block) + (-c // block) for c in ctx])  # (`_new_blocks`)
         check_memory = total_need > free_blocks  # else every iteration's blocks fit
         for _ in range(max_iters):
             if check_memory:
