@@ -99,11 +99,14 @@ class ReplicaViews:
     def request_snapshots(self) -> tuple[RequestSnapshot, ...]:
         """Immutable per-request state of every unfinished request here (arrival order)."""
         out = []
+        kv, swapped = self.memory.kv_blocks, self.memory.swapped_blocks
+        seconds_for = self.work.seconds_for
         for r in sorted(self.unfinished, key=fcfs_key):
-            held = self.memory.held(r.id) or self.memory.swapped_blocks.get(r.id, 0)
+            rid = r.id
+            held = kv.get(rid, 0) or swapped.get(rid, 0)  # (`MemoryPool.held`, inlined)
             out.append(RequestSnapshot(
-                r.id, r.adapter_id, self.id, r.status, r.arrival_s, r.prompt_tokens,
-                r.generated_tokens, r.computed_tokens, held, self.work.seconds_for(r)))
+                rid, r.adapter_id, self.id, r.status, r.arrival_s, r.prompt_tokens,
+                r.generated_tokens, r.computed_tokens, held, seconds_for(r)))
         return tuple(out)
 
     def memory_limits(self) -> ReplicaMemory:

@@ -105,5 +105,6 @@ class WorkEstimator:
     def seconds_for(self, r: Request) -> float:
         """Estimated seconds of one request's remaining work on a busy replica."""
         remaining = max(self.lengths.mean_output_tokens - r.generated_tokens, 1.0)
-        prefill = r.uncomputed_tokens if r.uncomputed_tokens > 1 else 0
+        uncomputed = r.prompt_tokens + r.generated_tokens - r.computed_tokens  # (r.uncomputed_tokens)
+        prefill = uncomputed if uncomputed > 1 else 0
         return prefill * self.prefill_s_per_token + remaining * self.decode_s_per_token(self.config.max_batch_size)
