@@ -104,6 +104,7 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from collections.abc import Sequence
+from itertools import islice
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, NamedTuple
@@ -322,9 +323,10 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         serving = frozenset(k for k in self.serving | fired if counts[k] > 0) if fired or self.serving \
             else frozenset()
         if serving:
-            first = [r for r in reqs if r.adapter_id in serving][:b]
+            # (the first so many of a scan: stopped there, a long queue is not read to its end)
+            first = list(islice((r for r in reqs if r.adapter_id in serving), b))
             chosen = {r.id for r in first}
-            rest = [r for r in reqs if r.id not in chosen][: b - len(first)]
+            rest = list(islice((r for r in reqs if r.id not in chosen), b - len(first)))
             batch = first + rest
             in_batch = {r.id for r in batch}
             displaced = [r.adapter_id for r in fcfs if r.id not in in_batch]
@@ -349,7 +351,7 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         if merged is None:  # (the same for every plan of this queue that merges `target`)
             s = self.p.credit_per_skip
             merged = facts.merged[target] = (
-                tuple([r for r in reqs if r.adapter_id == target][:b]),
+                tuple(islice((r for r in reqs if r.adapter_id == target), b)),
                 tuple((target, r.adapter_id, s) for r in fcfs if r.adapter_id != target))
         batch, transfers = list(merged[0]), merged[1]
         plan = Plan(BatchMode.MERGED, target, batch)
