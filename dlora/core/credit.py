@@ -104,8 +104,8 @@ from __future__ import annotations
 import math
 from collections import Counter, deque
 from collections.abc import Sequence
-from itertools import islice
 from dataclasses import dataclass
+from itertools import islice
 from operator import attrgetter
 from typing import Any, NamedTuple
 

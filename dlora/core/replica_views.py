@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from ..types import Request
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
     from .work import WorkEstimator
 
 
-def fcfs_key(r: Request) -> tuple[float, int]:
-    return (r.arrival_s, r.id)
+# FCFS order: (arrival_s, id) of a request (an attrgetter: the sort key of every snapshot)
+fcfs_key: Callable[[Request], tuple[float, int]] = attrgetter("arrival_s", "id")
 
 
 class ReplicaViews:
@@ -100,13 +101,13 @@ class ReplicaViews:
         """Immutable per-request state of every unfinished request here (arrival order)."""
         out = []
         kv, swapped = self.memory.kv_blocks, self.memory.swapped_blocks
-        seconds_for = self.work.seconds_for
-        for r in sorted(self.unfinished, key=fcfs_key):
+        reqs = sorted(self.unfinished, key=fcfs_key)
+        for r, work_s in zip(reqs, self.work.seconds_for_each(reqs), strict=True):
             rid = r.id
             held = kv.get(rid, 0) or swapped.get(rid, 0)  # (`MemoryPool.held`, inlined)
             out.append(RequestSnapshot(
                 rid, r.adapter_id, self.id, r.status, r.arrival_s, r.prompt_tokens,
-                r.generated_tokens, r.computed_tokens, held, seconds_for(r)))
+                r.generated_tokens, r.computed_tokens, held, work_s))
         return tuple(out)
 
     def memory_limits(self) -> ReplicaMemory:

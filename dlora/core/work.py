@@ -102,6 +102,22 @@ class WorkEstimator:
             at_full = self.decode_s_per_token(self.config.max_batch_size)
         return prefill + remaining * at_n, prefill + remaining * at_full
 
+    def seconds_for_each(self, requests: list[Request]) -> list[float]:
+        """`seconds_for` of each request (the same float operations; the shared parts looked
+        up once: a migration check asks for every unfinished request)."""
+        mean = self.lengths.mean_output_tokens
+        per_prefill = self.prefill_s_per_token
+        per_decode = self.decode_s_per_token(self.config.max_batch_size)
+        out = []
+        for r in requests:
+            g = r.generated_tokens
+            remaining = mean - g
+            if remaining < 1.0:  # (max(remaining, 1.0))
+                remaining = 1.0
+            uncomputed = r.prompt_tokens + g - r.computed_tokens
+            out.append((uncomputed if uncomputed > 1 else 0) * per_prefill + remaining * per_decode)
+        return out
+
     def seconds_for(self, r: Request) -> float:
         """Estimated seconds of one request's remaining work on a busy replica."""
         remaining = max(self.lengths.mean_output_tokens - r.generated_tokens, 1.0)
