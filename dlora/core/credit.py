@@ -363,11 +363,20 @@ class CreditPolicy(WaitTrigger, CreditRepeats, AimdThresholds, PolicyBase):
         with requests in the batch (`in_batch`: requests per adapter), `credit_per_skip` per
         such request, not past start."""
         start = self.p.credit_start
-        low = min((k for k in in_batch if self.credit(k) < start),
-                  key=lambda k: (self.credit(k), _key_order(k)), default=None)
-        high = min(self._above, key=lambda k: (-self.credits[k], _key_order(k)), default=None)
-        if low is None or high is None:
+        above = self._above
+        if not above:
             return ()
+        get = self.credits.get
+        below = [k for k in in_batch if get(k, start) < start]  # (`credit`, inlined)
+        if not below:
+            return ()
+        # the lowest credit below start (ties: lowest id), the highest above it (ties: lowest
+        # id): the keys of the minimum are unique, so it is found whatever the sets' order
+        lowest = min([get(k, start) for k in below])
+        low = min([k for k in below if get(k, start) == lowest], key=_key_order)
+        credits = self.credits
+        highest = max([credits[k] for k in above])
+        high = min([k for k in above if credits[k] == highest], key=_key_order)
         amount = min(self.p.credit_per_skip * in_batch[low], self.credits[high] - start,
                      start - self.credit(low))
         return ((high, low, amount),)
