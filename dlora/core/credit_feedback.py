@@ -99,7 +99,9 @@ class CreditFeedback:
         """`_deltas(transfers)`, kept for the last transfers seen (a repeat moves the same ones
         every iteration)."""
         memo = self._parties
-        if memo is None or memo[0] is not transfers:
+        if memo is None or (memo[0] is not transfers and memo[0] != transfers):
+            # (equal transfers, built anew by each plan of a plain FCFS run, move the same
+            # deltas; their amounts are never zero, so equal floats are the same floats)
             memo = self._parties = (transfers, _deltas(transfers))
         return memo[1]
 

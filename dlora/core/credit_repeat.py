@@ -112,7 +112,7 @@ class CreditRepeats(CreditFeedback):
         changes' sizes), when every change is a whole number (else None); kept for the last
         transfers seen."""
         memo = self._nets
-        if memo is None or memo[0] is not transfers:
+        if memo is None or (memo[0] is not transfers and memo[0] != transfers):  # (as `_deltas_of`)
             deltas = self._deltas_of(transfers)
             whole = all(float(x).is_integer() for ds in deltas.values() for x in ds)
             memo = self._nets = (transfers, {k: (sum(ds), sum(map(abs, ds))) for k, ds in deltas.items()}
