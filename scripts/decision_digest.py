@@ -3,7 +3,7 @@
 For each of 15 scenarios (the scale benchmark's shape light and near capacity at 8-32 replicas,
 unmerged_only, memory pressure with swap and with recompute plus prefix groups, vllm, the
 quickstart and Fig. 11a) prints the sha256 of report.json plus every request's (id, first token,
-finish, generated tokens). Run it at two revisions and compare:
+finish, generated tokens, executing seconds). Run it at two revisions and compare:
 
     git worktree add /tmp/base <rev>
     PYTHONPATH=/tmp/base .venv/bin/python scripts/decision_digest.py > /tmp/before.json
@@ -66,7 +66,7 @@ def cases() -> dict[str, dict[str, Any]]:
 def digest(result: SimResult) -> str:
     h = hashlib.sha256(build_report(result).to_json().encode())
     for r in result.requests:
-        h.update(repr((r.id, r.first_token_s, r.finish_s, r.generated_tokens)).encode())
+        h.update(repr((r.id, r.first_token_s, r.finish_s, r.generated_tokens, r.executing_s)).encode())
     return h.hexdigest()[:16]
 
 

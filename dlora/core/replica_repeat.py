@@ -51,10 +51,22 @@ class RepeatedDecode:
     @staticmethod
     def advance_requests(batch: Batch, times: Sequence[float]) -> None:
         """The requests' side of `complete_repeated` for the same iterations (possibly later,
-        in pieces: the additions stay in order)."""
-        done = len(times)
+        in pieces: the additions stay in order): `advance_tokens` and `add_executing`."""
+        RepeatedDecode.advance_tokens(batch, len(times))
+        RepeatedDecode.add_executing(batch, times)
+
+    @staticmethod
+    def advance_tokens(batch: Batch, done: int) -> None:
+        """The requests' token counters after `done` more iterations of `batch`."""
         for r in batch.requests:
-            r.executing_s = reduce(add, times, r.executing_s)
             r.computed_tokens += done
             r.generated_tokens += done
+
+    @staticmethod
+    def add_executing(batch: Batch, times: Sequence[float]) -> None:
+        """The requests' executing seconds after iterations of these durations (in order; a
+        caller may add them later than the tokens, before anything reads `executing_s`, which
+        only the report does and `complete` adds to)."""
+        for r in batch.requests:
+            r.executing_s = reduce(add, times, r.executing_s)
 

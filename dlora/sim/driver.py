@@ -198,6 +198,7 @@ class _Sim:
         if self.fast is not None:
             for jump in self.jumps.values():
                 self.fast.materialize(jump, now)
+                self.fast.add_times(jump)
 
     def _wake(self, rid: int) -> None:
         ev = self.wake[rid]

@@ -75,6 +75,7 @@ class Jump:
     fills: dict[int, list[tuple[Request, int]]] | None = None  # iteration -> (request, start
     # tokens) whose block fills in it
     applied: int = 0  # iterations applied
+    timed: int = 0  # of them, those whose seconds the requests' `executing_s` hold (`add_times`)
     allocated: int = 0  # iterations whose KV blocks are allocated
     cut: bool = False
     finishing: bool = False  # the last iteration finishes a request (applied by `finish`)
@@ -324,8 +325,18 @@ class FastPath:
         if applied > first:
             times = jump.times[first:applied]
             rep.complete_repeated(jump.batch, times, self.starts(jump, first, applied), first)
-            rep.advance_requests(jump.batch, times)
+            rep.advance_tokens(jump.batch, applied - first)  # (their seconds: `add_times`)
             self.jumped_iterations += applied - first
+
+    @staticmethod
+    def add_times(jump: Jump) -> None:
+        """Add the seconds of the applied iterations to the requests' `executing_s`, which
+        `materialize` leaves behind (one sum per request per jump instead of one per
+        observation; the same additions in the same order): before the jump's last iteration
+        (`finish`) and whenever the driver brings every replica up to date (`observe_all`)."""
+        if jump.applied > jump.timed:
+            jump.rep.add_executing(jump.batch, jump.times[jump.timed:jump.applied])
+            jump.timed = jump.applied
 
     @staticmethod
     def starts(jump: Jump, first: int, last: int) -> list[float]:
@@ -347,6 +358,7 @@ class FastPath:
     def finish(self, jump: Jump, now: float) -> list[Request]:
         """Apply a finishing last iteration (ended by `now`, the others applied) through
         `ReplicaScheduler.complete`, exactly as stepping would; returns the finished requests."""
+        self.add_times(jump)
         k = len(jump.times)
         if not jump.finishing or jump.applied != k - 1 or jump.ends[-1] > now:
             return []

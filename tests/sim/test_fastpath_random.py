@@ -76,9 +76,14 @@ def _overrides(c: dict) -> list[str]:
     return out
 
 
-def _report(overrides: list[str], fast: bool) -> str:
+def _report(overrides: list[str], fast: bool) -> tuple[str, list[tuple[object, ...]]]:
+    """report.json and what requests.csv adds per request (the executing seconds among them),
+    as floats' exact bits."""
     sc = load_scenario(QUICKSTART, [*overrides, f"run.fast_path={'true' if fast else 'false'}"])
-    return build_report(simulate(sc)).to_json()
+    result = simulate(sc)
+    times = [(r.id, r.executing_s.hex(), r.first_scheduled_s, r.num_preemptions, r.num_migrations)
+             for r in result.requests]
+    return build_report(result).to_json(), times
 
 
 @settings(max_examples=CASES, deadline=None, derandomize=True,
