@@ -13,7 +13,7 @@ from ..views import Action, ClusterView, DropAdapter, LoadAdapter, MigrateReques
 from .context import AdapterCatalog
 from .dispatch import Dispatcher
 from .replica import AdmissionError, ReplicaScheduler
-from .snapshot import MigrationView
+from .snapshot import MigrationView, RequestSnapshot
 from .work import OutputLengthEstimate
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,31 @@ class LazyViews(Sequence[ReplicaView]):
             yield self[i]
 
 
+class LazySnapshots(Sequence[tuple[RequestSnapshot, ...]]):
+    """The replicas' request snapshots (`request_snapshots`), each built on first access: a
+    migration check reads those of the replicas it chooses (within the check, when nothing
+    changes)."""
+
+    __slots__ = ("_replicas", "_built")
+
+    def __init__(self, replicas: Sequence[ReplicaScheduler]) -> None:
+        self._replicas = replicas
+        self._built: list[tuple[RequestSnapshot, ...] | None] = [None] * len(replicas)
+
+    def __len__(self) -> int:
+        return len(self._built)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i = range(len(self._built))[i]
+        s = self._built[i]
+        if s is None:
+            s = self._built[i] = self._replicas[i].request_snapshots()
+        return s
+
+
 class Cluster:
     def __init__(self, replicas: Sequence[ReplicaScheduler], dispatcher: Dispatcher,
                  lengths: OutputLengthEstimate | None = None,
@@ -95,9 +120,10 @@ class Cluster:
         when a migrator checks, never per arrival)."""
         return MigrationView(
             self.view(now),
-            tuple(r.request_snapshots() for r in self.replicas),
+            LazySnapshots(self.replicas),
             tuple(r.memory_limits() for r in self.replicas),
             self.lengths.mean_output_tokens,
+            lambda i: self.replicas[i].total_work_s(),
         )
 
     def view(self, now: float) -> ClusterView:

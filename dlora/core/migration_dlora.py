@@ -145,7 +145,7 @@ class DloraMigrator:
     def build_problem(self, mv: MigrationView, kv_trigger: bool) -> MigrationProblem | None:
         p = self.params
         reps = {r.id: r for r in mv.cluster.replicas if r.is_alive}
-        work = {rid: sum(q.work_s for q in mv.requests[rid]) for rid in reps}
+        work = {rid: mv.work_s(rid) for rid in reps}
         chosen = list(choose_replicas(work, p.max_replicas, p.imbalance))
         if not chosen and kv_trigger:
             by_kv = sorted(reps.values(), key=lambda r: (-r.kv_usage, r.id))

@@ -7,6 +7,7 @@ decided to look (`Cluster.migration_view`).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -48,6 +49,16 @@ class ReplicaMemory:
 @dataclass(frozen=True, slots=True)
 class MigrationView:
     cluster: ClusterView
-    requests: tuple[tuple[RequestSnapshot, ...], ...]  # per replica, FCFS order
+    # per replica, FCFS order (a cluster builds a replica's on first read: `LazySnapshots`)
+    requests: Sequence[tuple[RequestSnapshot, ...]]
     memory: tuple[ReplicaMemory, ...]  # per replica
     mean_output_tokens: float
+    # replica -> the sum of its requests' `work_s` in FCFS order, without their snapshots
+    work_index: Callable[[int], float] | None = None
+
+    def work_s(self, replica: int) -> float:
+        """The sum of the replica's requests' `work_s`, in FCFS order (a migrator weighs every
+        replica by it and reads the requests of the few it chooses)."""
+        if self.work_index is not None:
+            return self.work_index(replica)
+        return sum(q.work_s for q in self.requests[replica])
