@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from ..types import Adapter, Batch, MigrateMode, Request, RequestStatus
 from ..views import Action, ClusterView, DropAdapter, LoadAdapter, MigrateRequest, ReplicaView
@@ -17,69 +18,75 @@ from .snapshot import MigrationView, RequestSnapshot
 from .work import OutputLengthEstimate
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-class LazyViews(Sequence[ReplicaView]):
-    """The replicas' views, each built (and brought up to date) on first access."""
+class _PerReplica(Sequence[T]):
+    """One value per replica, each built on first access (`_build`)."""
 
-    __slots__ = ("_cluster", "_now", "_views")
+    __slots__ = ("_items",)
 
-    def __init__(self, cluster: Cluster, now: float) -> None:
-        self._cluster = cluster
-        self._now = now
-        self._views: list[ReplicaView | None] = [None] * len(cluster.replicas)
+    def __init__(self, n: int) -> None:
+        self._items: list[T | None] = [None] * n
+
+    def _build(self, i: int) -> T:
+        raise NotImplementedError
 
     def __len__(self) -> int:
-        return len(self._views)
+        return len(self._items)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
         if i < 0:
-            i = range(len(self._views))[i]  # a negative index names the same replica
-        v = self._views[i]
+            i = range(len(self._items))[i]  # a negative index names the same replica
+        v = self._items[i]
         if v is None:
-            v = self._views[i] = self._cluster.view_of(i, self._now)
+            v = self._items[i] = self._build(i)
         return v
+
+    def __iter__(self) -> Iterator[T]:
+        for i in range(len(self._items)):
+            yield self[i]
+
+
+class LazyViews(_PerReplica[ReplicaView]):
+    """The replicas' views, each built (and brought up to date) on first access."""
+
+    __slots__ = ("_cluster", "_now")
+
+    def __init__(self, cluster: Cluster, now: float) -> None:
+        super().__init__(len(cluster.replicas))
+        self._cluster = cluster
+        self._now = now
+
+    def _build(self, i: int) -> ReplicaView:
+        return self._cluster.view_of(i, self._now)
 
     def many(self, ids: Sequence[int]) -> list[ReplicaView]:
         """The views of replicas `ids` (non-negative), in that order, those not yet built built
         together (`Cluster.views_of`)."""
-        views = self._views
+        views = self._items
         missing = [i for i in ids if views[i] is None]
         if missing:
             for i, v in zip(missing, self._cluster.views_of(missing, self._now), strict=True):
                 views[i] = v
         return [views[i] for i in ids]  # type: ignore[misc]
 
-    def __iter__(self) -> Iterator[ReplicaView]:
-        for i in range(len(self._views)):
-            yield self[i]
 
-
-class LazySnapshots(Sequence[tuple[RequestSnapshot, ...]]):
+class LazySnapshots(_PerReplica[tuple[RequestSnapshot, ...]]):
     """The replicas' request snapshots (`request_snapshots`), each built on first access: a
     migration check reads those of the replicas it chooses (within the check, when nothing
     changes)."""
 
-    __slots__ = ("_replicas", "_built")
+    __slots__ = ("_replicas",)
 
     def __init__(self, replicas: Sequence[ReplicaScheduler]) -> None:
+        super().__init__(len(replicas))
         self._replicas = replicas
-        self._built: list[tuple[RequestSnapshot, ...] | None] = [None] * len(replicas)
 
-    def __len__(self) -> int:
-        return len(self._built)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i = range(len(self._built))[i]
-        s = self._built[i]
-        if s is None:
-            s = self._built[i] = self._replicas[i].request_snapshots()
-        return s
+    def _build(self, i: int) -> tuple[RequestSnapshot, ...]:
+        return self._replicas[i].request_snapshots()
 
 
 class Cluster:
