@@ -70,11 +70,12 @@ class MemoryPool(PrefixCache):
     @property
     def free_bytes(self) -> int:
         """Bytes neither KV nor adapters hold (cached prefix blocks count as free)."""
-        return self.capacity_bytes - (self.kv_used_blocks * self.block_bytes + self.adapter_bytes)
+        return self.capacity_bytes - self.used_bytes
 
     @property
     def free_blocks(self) -> int:
-        return (self.capacity_bytes - (self.kv_used_blocks * self.block_bytes + self.adapter_bytes)) // self.block_bytes
+        # (`free_bytes // block_bytes` without its two property calls: admission reads it per request)
+        return (self.capacity_bytes - self.kv_used_blocks * self.block_bytes - self.adapter_bytes) // self.block_bytes
 
     @property
     def kv_capacity_blocks(self) -> int:

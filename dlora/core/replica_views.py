@@ -68,10 +68,9 @@ class ReplicaViews:
             return u, u + (cap - u * block - adapter_bytes) // block
 
         queued_s, backlog_s = self.work.drain_s(running + waiting + swapped, pending_tokens)
-        rpa = self._rpa  # (`_requests_per_adapter`'s cache, read inline: a view per holder per arrival)
         return ReplicaView.deferred(
             (self.id, self.is_alive, waiting, running, swapped, mem.resident,
-             self.merged_adapter, queued_s, self._requests_per_adapter() if rpa is None else rpa,
+             self.merged_adapter, queued_s, self._requests_per_adapter(),
              (slots - len(mem.adapters)) if slots is not None else 1 << 30, backlog_s), kv)
 
     def _requests_per_adapter(self) -> tuple[tuple[int | None, int], ...]:

@@ -87,19 +87,13 @@ class WorkEstimator:
         count = self.count
         if count <= 0:
             return 0.0, 0.0
-        lengths = self.lengths  # (`mean_output_tokens`, inlined: a view per holder per arrival)
-        mean = lengths.total_tokens / lengths.count if lengths.count else lengths.prior
-        remaining = count * mean - (self.generated_tokens + pending_tokens)
-        if count > remaining:  # (max(remaining, count), inlined)
+        remaining = count * self.lengths.mean_output_tokens - (self.generated_tokens + pending_tokens)
+        if count > remaining:  # (max(remaining, count))
             remaining = count
         prefill = self.prefill_tokens * self.prefill_s_per_token
-        per = self._decode_per_token
-        at_n = per.get(num_requests)
-        if at_n is None:
-            at_n = self.decode_s_per_token(num_requests)
-        at_full = per.get(self.config.max_batch_size)
-        if at_full is None:
-            at_full = self.decode_s_per_token(self.config.max_batch_size)
+        per = self._decode_per_token  # (the method's own cache read first: a view per holder per arrival)
+        at_n = per.get(num_requests) or self.decode_s_per_token(num_requests)
+        at_full = per.get(self.config.max_batch_size) or self.decode_s_per_token(self.config.max_batch_size)
         return prefill + remaining * at_n, prefill + remaining * at_full
 
     def seconds_for_each(self, requests: list[Request]) -> list[float]:
@@ -119,7 +113,8 @@ class WorkEstimator:
         return out
 
     def seconds_for(self, r: Request) -> float:
-        """Estimated seconds of one request's remaining work on a busy replica."""
+        """Estimated seconds of one request's remaining work on a busy replica (the one-request
+        form: `seconds_for_each` is what migration checks call, tested against this)."""
         remaining = max(self.lengths.mean_output_tokens - r.generated_tokens, 1.0)
         uncomputed = r.prompt_tokens + r.generated_tokens - r.computed_tokens  # (r.uncomputed_tokens)
         prefill = uncomputed if uncomputed > 1 else 0

@@ -158,7 +158,7 @@ class FastPath:
         if r is None:
             return False
         mem = rep.memory
-        return -(-(r.prompt_tokens + r.generated_tokens) // mem.block_tokens) - mem.held(r.id) <= mem.free_blocks
+        return mem.blocks_for(r.prompt_tokens + r.generated_tokens) - mem.held(r.id) <= mem.free_blocks
 
     def plan(self, rep: ReplicaScheduler, now: float, horizon: float | None) -> Jump | None:
         """The jump of identical decode iterations starting at `now`, or None."""
@@ -169,7 +169,7 @@ class FastPath:
         reqs = batch.requests
         # up to and including the iteration in which the first request finishes (that one is
         # applied by `ReplicaScheduler.complete` itself: `finish`)
-        until_finish = min([r.output_tokens - r.generated_tokens for r in reqs])  # (remaining_output_tokens)
+        until_finish = min(r.remaining_output_tokens for r in reqs)
         max_iters = min(until_finish, MAX_JUMP)
         if max_iters < MIN_JUMP:
             return None
@@ -188,7 +188,7 @@ class FastPath:
         ends: list[float] = []
         end = now
         decode_ctx = shape.decode_context_tokens - n  # the loop adds n before each iteration
-        total_need = sum([-(-(c + max_iters) // block) + (-c // block) for c in ctx])  # (`_new_blocks`)
+        total_need = sum(_new_blocks(c, 0, max_iters, block) for c in ctx)
         check_memory = total_need > free_blocks  # else every iteration's blocks fit
         for _ in range(max_iters):
             if check_memory:
@@ -268,15 +268,8 @@ class FastPath:
         jump = self.active.get(replica)
         if jump is None:
             return 0, None
-        k = len(jump.times)  # `_progress`, inlined (a view per holder per arrival)
-        applied = bisect_right(jump.ends, now, jump.applied)
-        if jump.finishing and applied >= k:
-            applied = k - 1
-        before = jump.allocated
-        allocated = applied + 1 if applied < k else k  # (max(before, min(applied + 1, k)), inlined)
-        if allocated < before:
-            allocated = before
-        start_tokens = jump.start_tokens  # (never changed in place)
+        applied, allocated = self._progress(jump, now)
+        start_tokens, before = jump.start_tokens, jump.allocated  # (never changed in place)
         bt = jump.rep.memory.block_tokens
 
         def blocks() -> int:
