@@ -33,7 +33,8 @@ written before they existed) has both at 0, i.e. decode attention costs the same
 without a prefill chunk beside it. `latency.lora`, `latency.merge` and `latency.unmerge` are required: a profile
 that leaves them out would silently price LoRA and switches at zero. A batch whose longest
 context exceeds `range.max_context_tokens` is outside the measured range like a batch with too
-many tokens.
+many tokens; the simulator checks every request's longest context before it starts
+(`check_contexts`).
 
 `baselines` (optional) prices the systems dLoRA is compared with where they cost more than
 this profile's kernels (issue 12; `core/baselines.py` says what each policy stands for). A
@@ -48,10 +49,11 @@ padded batch has its length) and a pure prefill of fresh prompts at prompts x th
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from .errors import ProfileError
 from .profile import BaselineCost, BaselineCosts, Curve, Latency, LoraCost, Profile
-from .types import BatchMode, BatchShape
+from .types import BatchMode, BatchShape, Request
 
 
 class LatencyModel:
@@ -81,7 +83,7 @@ class LatencyModel:
         if tokens == 0:
             return 0.0
         if not self.allow_extrapolation:
-            self._check_range(shape)
+            self.check_range(shape)
         if self.pads_static_batches and shape.prefill_seqs > 1 and not shape.decode_seqs:
             shape = padded_prefill(shape)
         return self.step_parts_s(shape, shape.decode_context_tokens)
@@ -148,7 +150,10 @@ class LatencyModel:
                   + lora.per_token_rank_s * shape.lora_token_rank)
         return t
 
-    def _check_range(self, shape: BatchShape) -> None:
+    def check_range(self, shape: BatchShape) -> None:
+        """Raise ProfileError if the shape is beyond the profile's measured range (what
+        `step_s` checks unless `allow_extrapolation`; the simulator's fast path checks the shape
+        of a jump with it, as stepping would check its first iteration)."""
         r = self.range
         if shape.total_tokens > r.max_batch_tokens:
             raise ProfileError(
@@ -171,6 +176,23 @@ class LatencyModel:
                 f"range ({r.max_context_tokens}); shorten the requests or set "
                 "model.allow_extrapolation: true"
             )
+
+    def check_contexts(self, requests: Sequence[Request]) -> None:
+        """Raise ProfileError, unless `allow_extrapolation`, if a request would reach a context
+        beyond the profile's measured range: prompt + output - 1 tokens (its last decode
+        iteration; a recompute or a migration never goes further). The simulator checks its
+        requests with it before any work: a step beyond the range would stop the run later."""
+        if self.allow_extrapolation or not requests:
+            return
+        limit = self.range.max_context_tokens
+        over = [r for r in requests if r.prompt_tokens + r.output_tokens - 1 > limit]
+        if over:
+            worst = max(over, key=lambda r: (r.prompt_tokens + r.output_tokens, -r.id))
+            raise ProfileError(
+                f"{len(over):,} of {len(requests):,} requests reach a context beyond the profile's "
+                f"measured range ({limit} tokens), up to {worst.prompt_tokens + worst.output_tokens - 1} "
+                f"(request {worst.id}: {worst.prompt_tokens} prompt + {worst.output_tokens} output tokens); "
+                "shorten the requests (workload.lengths) or set model.allow_extrapolation: true")
 
     def decode_step_s(self, batch_size: int, context_tokens: int, mode: BatchMode,
                       num_adapters: int = 1, rank: int = 16) -> float:

@@ -19,6 +19,7 @@ import simpy
 
 from ..build import load_latency, make_adapters, make_cluster
 from ..core.replica import ReplicaScheduler
+from ..errors import ProfileError
 from ..latency import LatencyModel
 from ..report import RunResult, note_queue_length
 from ..scenario import Scenario
@@ -237,7 +238,10 @@ class _Sim:
             self.stopped = env.event()
             env.process(self.watch(*self.stop_check))
             until = until | self.stopped
-        env.run(until=until)
+        try:
+            env.run(until=until)
+        except ProfileError as exc:  # a batch beyond the profile's measured range: say when
+            raise ProfileError(f"at {env.now:.9g} simulated seconds: {exc}") from exc
         self.observe_all(float(env.now))
         return float(env.now)
 
@@ -262,6 +266,7 @@ def simulate(
 
         names = scenario.adapters.adapter_names()
         requests = build_requests(scenario.workload, names, rng, Path(scenario.base_dir))
+    latency.check_contexts(requests)  # before any work: else a step beyond the range stops the run
     wall0 = time.perf_counter()
     sim = _Sim(scenario, latency, requests, executor_factory, record_batches, progress, prefix_caching)
     sim.measure = measure_scheduler

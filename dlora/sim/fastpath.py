@@ -175,6 +175,8 @@ class FastPath:
             return None
         mem = rep.memory
         shape = batch.shape(self.ranks)
+        if not self.latency.allow_extrapolation:  # as stepping checks the jump's first iteration
+            self.latency.check_range(shape)  # (the contexts: `check_contexts`, before the run)
         n = len(reqs)
         # LatencyModel.step_parts_s with its constant parts evaluated once (bit-identical)
         head = self.latency.head_s(shape)

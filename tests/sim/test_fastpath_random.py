@@ -1,7 +1,8 @@
 """The fast path against stepping every iteration, over random small scenarios.
 
 Every policy, dispatcher and migration, memory and token caps, adapter slots and static adapter
-memory: the whole report.json must be byte-identical. `DLORA_FASTPATH_CASES` sets the number of
+memory: the whole report.json must be byte-identical; on a profile whose measured range the
+batches leave (`range`: narrow), the same error. `DLORA_FASTPATH_CASES` sets the number of
 cases (a few dozen by default; run a few hundred or more before changing the fast path)."""
 
 from __future__ import annotations
@@ -10,14 +11,17 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dlora.errors import ProfileError
 from dlora.report import build_report
 from dlora.scenario import load_scenario
 from dlora.sim.driver import simulate
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "scenarios" / "quickstart.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
 CASES = int(os.environ.get("DLORA_FASTPATH_CASES", "30"))
 
 case_st = st.fixed_dictionaries({
@@ -39,10 +43,22 @@ case_st = st.fixed_dictionaries({
     "migration": st.sampled_from(["none", "dlora"]),
     "prefix": st.sampled_from(["none", "per_adapter", "groups"]),
     "caching": st.booleans(),
+    "range": st.sampled_from(["wide", "wide", "wide", "narrow"]),
 })
 
 
-def _overrides(c: dict) -> list[str]:
+@pytest.fixture(scope="module")
+def narrow_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The quickstart's profile measured over a narrow range: batches of more than 96 tokens
+    or 3 decoding sequences are beyond it (contexts stay inside: at most 128 + 48 - 1)."""
+    data = yaml.safe_load((ROOT / "profiles" / "a800-llama-2-7b.yaml").read_text())
+    data["range"] = {"max_batch_tokens": 96, "max_decode_seqs": 3, "max_context_tokens": 200}
+    path = tmp_path_factory.mktemp("profiles") / "narrow.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _overrides(c: dict, narrow: Path | None = None) -> list[str]:
     out = [
         f"seed={c['seed']}", f"cluster.replicas={c['replicas']}", f"adapters.count={c['adapters']}",
         f"adapters.ranks={c['ranks']}", f"workload.num_requests={c['requests']}",
@@ -73,14 +89,20 @@ def _overrides(c: dict) -> list[str]:
         out.append("cluster.adapter_memory_fraction=0.5")
     if c["migration"] == "dlora":
         out.append("policies.migration={name: dlora, params: {interval_s: 0.5}}")
+    if c["range"] == "narrow" and narrow is not None:
+        out.append(f"model.profile={narrow}")
     return out
 
 
 def _report(overrides: list[str], fast: bool) -> tuple[str, list[tuple[object, ...]]]:
     """report.json and what requests.csv adds per request (the executing seconds among them),
-    as floats' exact bits."""
+    as floats' exact bits; or the error that stopped the run (a batch beyond the profile's
+    range), which names the simulated time it was raised at."""
     sc = load_scenario(QUICKSTART, [*overrides, f"run.fast_path={'true' if fast else 'false'}"])
-    result = simulate(sc)
+    try:
+        result = simulate(sc)
+    except ProfileError as exc:
+        return f"error: {exc}", []
     times = [(r.id, r.executing_s.hex(), r.first_scheduled_s, r.num_preemptions, r.num_migrations)
              for r in result.requests]
     return build_report(result).to_json(), times
@@ -88,9 +110,9 @@ def _report(overrides: list[str], fast: bool) -> tuple[str, list[tuple[object, .
 
 @settings(max_examples=CASES, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow])
-@given(case_st)
-def test_fast_path_report_equals_stepping(case: dict) -> None:
-    overrides = _overrides(case)
+@given(case=case_st)
+def test_fast_path_report_equals_stepping(case: dict, narrow_profile: Path) -> None:
+    overrides = _overrides(case, narrow_profile)
     assert _report(overrides, True) == _report(overrides, False), overrides
 
 
@@ -135,3 +157,30 @@ def test_jumps_past_waiting_requests_equal_stepping(extra: list[str]) -> None:
     stepped = simulate(load_scenario(QUICKSTART, [*overrides, "run.fast_path=false"]))
     assert fast.fast_path is not None and fast.fast_path["waiting_jumps"] > 0
     assert build_report(fast).to_json() == build_report(stepped).to_json()
+
+
+def test_a_jump_beyond_the_profile_range_stops_the_run_as_stepping_does(narrow_profile: Path) -> None:
+    """Four requests on one replica whose profile was measured up to 3 decoding sequences: the
+    iteration after the fourth prefill decodes 4, which stepping refuses. The fast path used to
+    cover it with a jump (no view read the replica: round-robin dispatch) and finish the run."""
+    overrides = [f"model.profile={narrow_profile}", "cluster.replicas=1", "cluster.max_batch_size=4",
+                 "cluster.max_batched_tokens=64", "workload.num_requests=4", "workload.arrival.rate_per_s=10",
+                 "policies.dispatch=round_robin", "run.progress=false",
+                 "workload.lengths={kind: uniform, prompt_range: [10, 20], output_range: [40, 48]}"]
+    fast, stepped = _report(overrides, True), _report(overrides, False)
+    assert stepped[0].startswith("error: at ") and "batch of 4 decoding sequences" in stepped[0]
+    assert fast == stepped
+
+
+def test_requests_beyond_the_profile_context_stop_the_run_before_it_starts() -> None:
+    """A request whose last decode iteration would read more context than the profile measured
+    is refused before any work (stepping used to stop at that iteration, the fast path later),
+    unless the scenario allows extrapolation."""
+    overrides = ["workload.num_requests=20", "run.progress=false",
+                 "workload.lengths={kind: fixed, prompt_tokens: 4000, output_tokens: 120}"]
+    sc = load_scenario(QUICKSTART, overrides)
+    with pytest.raises(ProfileError, match=r"of 20 requests reach a context beyond the profile's measured "
+                                           r"range \(4096 tokens\), up to 4119 \(request 0: 4000 prompt"):
+        simulate(sc)
+    ok = simulate(load_scenario(QUICKSTART, [*overrides, "model.allow_extrapolation=true"]))
+    assert sum(r.finish_s is not None for r in ok.requests) == 20
