@@ -187,7 +187,7 @@ def _check_rows(
     for bad, what in checks:
         if bad.any():
             i = int(np.argmax(bad))
-            raise WorkloadError(f"{path}, line {i + first_line}: {what}, got {body[i]!r}")
+            raise WorkloadError(f"{path}, line {i + first_line}: {what} (the row: {body[i]!r})")
 
 
 def load_generic_trace(path: Path | str) -> RequestTrace:
@@ -282,8 +282,8 @@ def load_lengths_table(path: Path | str) -> LengthsTable:
             raise WorkloadError(f"{path}, line {i + 2}: cannot parse {line!r} ({exc})") from None
         if not all(0 <= v < 2**62 for v in values):  # also NaN and inf
             raise WorkloadError(
-                f"{path}, line {i + 2}: {needed[0]} and {needed[1]} must be finite numbers >= 0, "
-                f"got {line!r}"
+                f"{path}, line {i + 2}: {needed[0]} and {needed[1]} must be finite numbers >= 0 "
+                f"(the row: {line!r})"
             )
         prompt[i], output[i] = int(values[0]), int(values[1])
     return LengthsTable(prompt, output)
