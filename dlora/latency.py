@@ -49,7 +49,7 @@ padded batch has its length) and a pure prefill of fresh prompts at prompts x th
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from .errors import ProfileError
 from .profile import BaselineCost, BaselineCosts, Curve, Latency, LoraCost, Profile
@@ -177,15 +177,17 @@ class LatencyModel:
                 "model.allow_extrapolation: true"
             )
 
-    def check_contexts(self, requests: Sequence[Request]) -> None:
-        """Raise ProfileError, unless `allow_extrapolation`, if a request would reach a context
-        beyond the profile's measured range: prompt + output - 1 tokens (its last decode
-        iteration; a recompute or a migration never goes further). The simulator checks its
-        requests with it before any work: a step beyond the range would stop the run later."""
+    def check_contexts(self, requests: Sequence[Request],
+                       runs: Callable[[Request], bool] = lambda r: True) -> None:
+        """Raise ProfileError, unless `allow_extrapolation`, if a request that `runs` would
+        reach a context beyond the profile's measured range: prompt + output - 1 tokens (its
+        last decode iteration; a recompute or a migration never goes further). The simulator
+        checks its requests with it before any work (a step beyond the range would stop the run
+        later), leaving out those no replica could ever hold (rejected one by one, as before)."""
         if self.allow_extrapolation or not requests:
             return
         limit = self.range.max_context_tokens
-        over = [r for r in requests if r.prompt_tokens + r.output_tokens - 1 > limit]
+        over = [r for r in requests if r.prompt_tokens + r.output_tokens - 1 > limit and runs(r)]
         if over:
             worst = max(over, key=lambda r: (r.prompt_tokens + r.output_tokens, -r.id))
             raise ProfileError(

@@ -168,6 +168,14 @@ class Cluster:
             return [reps[i].view(now) for i in ids]
         return [reps[i].view(now, *unapplied(i, now)) for i in ids]
 
+    def could_run(self, request: Request) -> bool:
+        """Whether a replica could ever hold the request (else `submit` rejects it)."""
+        try:
+            self.replicas[0].check_fits(request)
+        except AdmissionError:
+            return False
+        return True
+
     def submit(self, request: Request, now: float) -> ReplicaScheduler | None:
         """Dispatch an arriving request; returns its replica, or None if rejected."""
         self.requests[request.id] = request

@@ -266,9 +266,10 @@ def simulate(
 
         names = scenario.adapters.adapter_names()
         requests = build_requests(scenario.workload, names, rng, Path(scenario.base_dir))
-    latency.check_contexts(requests)  # before any work: else a step beyond the range stops the run
     wall0 = time.perf_counter()
     sim = _Sim(scenario, latency, requests, executor_factory, record_batches, progress, prefix_caching)
+    latency.check_contexts(requests, sim.cluster.could_run)  # before any work (else a step beyond
+    # the profile's range stops the run there); those no replica could hold are rejected as ever
     sim.measure = measure_scheduler
     sim.stop_check = stop_check  # (check(now, requests) -> stop?, every so many simulated seconds)
     end_s = sim.run()

@@ -184,3 +184,6 @@ def test_requests_beyond_the_profile_context_stop_the_run_before_it_starts() -> 
         simulate(sc)
     ok = simulate(load_scenario(QUICKSTART, [*overrides, "model.allow_extrapolation=true"]))
     assert sum(r.finish_s is not None for r in ok.requests) == 20
+    # a request no replica could hold is rejected on its own, as before, beyond the range or not
+    small = simulate(load_scenario(QUICKSTART, [*overrides, "cluster.memory_fraction=0.003"]))
+    assert len(small.cluster.rejected) == 20
