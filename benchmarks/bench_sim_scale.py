@@ -42,7 +42,7 @@ COMPONENTS = {  # label -> (file suffix, function) whose cumulative time makes i
     "fast path (plan + jumps)": ("driver.py", "_jump"),
     "lazy catch-up of jumped iterations": ("fastpath.py", "materialize"),
     "arrivals + dispatch": ("driver.py", "arrivals"),
-    "replica views built for decisions": ("cluster.py", "__getitem__"),
+    "replica views built for decisions": ("replica_views.py", "view"),
     "placement re-planning": ("driver.py", "placement"),
 }
 
