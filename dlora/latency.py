@@ -152,47 +152,55 @@ class LatencyModel:
 
     def check_range(self, shape: BatchShape) -> None:
         """Raise ProfileError if the shape is beyond the profile's measured range (what
-        `step_s` checks unless `allow_extrapolation`; the simulator's fast path checks the shape
-        of a jump with it, as stepping would check its first iteration)."""
+        `step_s` checks unless `allow_extrapolation`)."""
+        problem = self.out_of_range(shape)
+        if problem is not None:
+            raise ProfileError(problem)
+
+    def out_of_range(self, shape: BatchShape) -> str | None:
+        """Why the shape is beyond the profile's measured range, or None (the simulator's fast
+        path leaves such an iteration to stepping, which stops the run there, or first preempts
+        and runs a smaller batch)."""
         r = self.range
         if shape.total_tokens > r.max_batch_tokens:
-            raise ProfileError(
-                f"batch of {shape.total_tokens} tokens is beyond the profile's measured range "
-                f"({r.max_batch_tokens}); lower cluster.max_batched_tokens or set "
-                "model.allow_extrapolation: true"
-            )
+            return (f"batch of {shape.total_tokens} tokens is beyond the profile's measured range "
+                    f"({r.max_batch_tokens}); lower cluster.max_batched_tokens or set "
+                    "model.allow_extrapolation: true")
         if shape.decode_seqs > r.max_decode_seqs:
-            raise ProfileError(
-                f"batch of {shape.decode_seqs} decoding sequences is beyond the profile's measured "
-                f"range ({r.max_decode_seqs}); lower cluster.max_batch_size or set "
-                "model.allow_extrapolation: true"
-            )
+            return (f"batch of {shape.decode_seqs} decoding sequences is beyond the profile's measured "
+                    f"range ({r.max_decode_seqs}); lower cluster.max_batch_size or set "
+                    "model.allow_extrapolation: true")
         context = shape.max_context_tokens
         if not context and shape.decode_seqs:  # a shape built without its longest context
             context = -(-shape.decode_context_tokens // shape.decode_seqs)
         if context > r.max_context_tokens:
-            raise ProfileError(
-                f"a request with {context} tokens of context is beyond the profile's measured "
-                f"range ({r.max_context_tokens}); shorten the requests or set "
-                "model.allow_extrapolation: true"
-            )
+            return (f"a request with {context} tokens of context is beyond the profile's measured "
+                    f"range ({r.max_context_tokens}); shorten the requests or set "
+                    "model.allow_extrapolation: true")
+        return None
 
     def check_contexts(self, requests: Sequence[Request],
                        runs: Callable[[Request], bool] = lambda r: True) -> None:
         """Raise ProfileError, unless `allow_extrapolation`, if a request that `runs` would
         reach a context beyond the profile's measured range: prompt + output - 1 tokens (its
-        last decode iteration; a recompute or a migration never goes further). The simulator
-        checks its requests with it before any work (a step beyond the range would stop the run
-        later), leaving out those no replica could ever hold (rejected one by one, as before)."""
+        last decode iteration; a recompute or a migration never goes further; a request asking
+        for no output still generates one token, its prompt is the context). The simulator
+        checks the requests it will run with it before any work (a step beyond the range would
+        stop the run later), leaving out those no replica could ever hold (rejected one by one,
+        as before)."""
         if self.allow_extrapolation or not requests:
             return
         limit = self.range.max_context_tokens
-        over = [r for r in requests if r.prompt_tokens + r.output_tokens - 1 > limit and runs(r)]
+
+        def longest(r: Request) -> int:
+            return r.prompt_tokens + max(r.output_tokens, 1) - 1
+
+        over = [r for r in requests if longest(r) > limit and runs(r)]
         if over:
-            worst = max(over, key=lambda r: (r.prompt_tokens + r.output_tokens, -r.id))
+            worst = max(over, key=lambda r: (longest(r), -r.id))
             raise ProfileError(
                 f"{len(over):,} of {len(requests):,} requests reach a context beyond the profile's "
-                f"measured range ({limit} tokens), up to {worst.prompt_tokens + worst.output_tokens - 1} "
+                f"measured range ({limit} tokens), up to {longest(worst)} "
                 f"(request {worst.id}: {worst.prompt_tokens} prompt + {worst.output_tokens} output tokens); "
                 "shorten the requests (workload.lengths) or set model.allow_extrapolation: true")
 

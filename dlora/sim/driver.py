@@ -268,8 +268,11 @@ def simulate(
         requests = build_requests(scenario.workload, names, rng, Path(scenario.base_dir))
     wall0 = time.perf_counter()
     sim = _Sim(scenario, latency, requests, executor_factory, record_batches, progress, prefix_caching)
-    latency.check_contexts(requests, sim.cluster.could_run)  # before any work (else a step beyond
-    # the profile's range stops the run there); those no replica could hold are rejected as ever
+    # before any work (else a step beyond the profile's range stops the run there), the requests
+    # that arrive before the horizon; those no replica could hold are rejected as ever
+    horizon = scenario.run.horizon_s
+    latency.check_contexts(requests if horizon is None else [r for r in requests if r.arrival_s < horizon],
+                           sim.cluster.could_run)
     sim.measure = measure_scheduler
     sim.stop_check = stop_check  # (check(now, requests) -> stop?, every so many simulated seconds)
     end_s = sim.run()

@@ -175,8 +175,9 @@ class FastPath:
             return None
         mem = rep.memory
         shape = batch.shape(self.ranks)
-        if not self.latency.allow_extrapolation:  # as stepping checks the jump's first iteration
-            self.latency.check_range(shape)  # (the contexts: `check_contexts`, before the run)
+        if not self.latency.allow_extrapolation and self.latency.out_of_range(shape) is not None:
+            return None  # stepping stops the run there, or preempts first and runs a smaller batch
+            # (the contexts a jump reaches: `LatencyModel.check_contexts`, before the run)
         n = len(reqs)
         # LatencyModel.step_parts_s with its constant parts evaluated once (bit-identical)
         head = self.latency.head_s(shape)

@@ -7,6 +7,7 @@ cases (a few dozen by default; run a few hundred or more before changing the fas
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -172,7 +173,24 @@ def test_a_jump_beyond_the_profile_range_stops_the_run_as_stepping_does(narrow_p
     assert fast == stepped
 
 
-def test_requests_beyond_the_profile_context_stop_the_run_before_it_starts() -> None:
+def test_a_batch_beyond_the_range_that_preemption_shrinks_runs_as_stepping(narrow_profile: Path,
+                                                                           tmp_path: Path) -> None:
+    """Four requests decode together where the profile measured 3 sequences, but their next
+    iteration's KV blocks do not fit: stepping preempts one and runs 3, inside the range. The
+    fast path must leave that iteration to stepping, not stop the run (a review found it did)."""
+    trace = tmp_path / "four.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens,adapter\n" + "0,16,40,\n" * 4)
+    overrides = [f"model.profile={narrow_profile}", "cluster.replicas=1", "cluster.max_batch_size=4",
+                 "cluster.max_batched_tokens=64", "cluster.kv_blocks=6", "cluster.prefix_caching=false",
+                 "adapters.count=1", "adapters.ranks=[1]", f"workload.arrival={{kind: trace, path: {trace}}}",
+                 "workload.lengths=null", "workload.num_requests=4", "policies.dispatch=round_robin",
+                 "run.progress=false"]
+    fast, stepped = _report(overrides, True), _report(overrides, False)
+    assert not stepped[0].startswith("error") and json.loads(stepped[0])["summary"]["preemptions"] > 0
+    assert fast == stepped
+
+
+def test_requests_beyond_the_profile_context_stop_the_run_before_it_starts(tmp_path: Path) -> None:
     """A request whose last decode iteration would read more context than the profile measured
     is refused before any work (stepping used to stop at that iteration, the fast path later),
     unless the scenario allows extrapolation."""
@@ -184,6 +202,18 @@ def test_requests_beyond_the_profile_context_stop_the_run_before_it_starts() -> 
         simulate(sc)
     ok = simulate(load_scenario(QUICKSTART, [*overrides, "model.allow_extrapolation=true"]))
     assert sum(r.finish_s is not None for r in ok.requests) == 20
+    # a request asking for no output still generates a token: its prompt alone is its context
+    table = tmp_path / "lengths.csv"
+    table.write_text("prompt_tokens,output_tokens\n4097,0\n")
+    with pytest.raises(ProfileError, match=r"up to 4097 \(request 0: 4097 prompt \+ 0 output"):
+        simulate(load_scenario(QUICKSTART, ["workload.num_requests=1", "run.progress=false",
+                                            f"workload.lengths={{kind: empirical, path: {table}}}"]))
+    # a request arriving after the horizon is never simulated: not checked
+    late = tmp_path / "late.csv"
+    late.write_text("arrival_s,prompt_tokens,output_tokens\n0.0,100,10\n50.0,4000,200\n")
+    cut = simulate(load_scenario(QUICKSTART, [f"workload.arrival={{kind: trace, path: {late}}}", "run.horizon_s=5",
+                                              "workload.lengths=null", "workload.num_requests=2", "run.progress=false"]))
+    assert sum(r.finish_s is not None for r in cut.requests) == 1
     # a request no replica could hold is rejected on its own, as before, beyond the range or not
     small = simulate(load_scenario(QUICKSTART, [*overrides, "cluster.memory_fraction=0.003"]))
     assert len(small.cluster.rejected) == 20
