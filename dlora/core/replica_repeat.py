@@ -42,18 +42,12 @@ class RepeatedDecode:
         request, for the replica's own counters: those of `complete`, through the same function
         (`ReplicaStats.record_iterations`), for the simulator's fast path (prefix blocks are
         registered by the caller between iterations, as `complete` would). The requests' own
-        counters follow in `advance_requests`, which must run before anything reads those
-        requests (views read only the replica's)."""
+        counters follow in `advance_tokens` (before anything reads those requests; views read
+        only the replica's) and `add_executing` (possibly later, in pieces: the additions stay
+        in order)."""
         self.stats.record_iterations(batch, times)
         self.work.generated_tokens += len(batch.requests) * len(times)
         self.policy.observe_repeated(batch, times, starts, first)
-
-    @staticmethod
-    def advance_requests(batch: Batch, times: Sequence[float]) -> None:
-        """The requests' side of `complete_repeated` for the same iterations (possibly later,
-        in pieces: the additions stay in order): `advance_tokens` and `add_executing`."""
-        RepeatedDecode.advance_tokens(batch, len(times))
-        RepeatedDecode.add_executing(batch, times)
 
     @staticmethod
     def advance_tokens(batch: Batch, done: int) -> None:
